@@ -205,7 +205,7 @@ def ec2(aws: None, clock: FakeClock) -> Ec2World:
         # Real EC2 sets LaunchTime at each start; moto keeps the first one.
         world.set_launch_time(clock.now())
 
-    client.meta.events.register("before-call.ec2", count)
+    client.meta.events.register("before-parameter-build.ec2", count)  # once per API call
     client.meta.events.register("before-call.ec2.StartInstances", start_like_real_ec2)
     client.meta.events.register("after-call.ec2.StartInstances", refresh_launch_time)
     return world

@@ -1,0 +1,157 @@
+"""start: one EC2 call on the happy path, waiting out a stop in progress, clear errors otherwise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import backend_orchestrator as bo
+import pytest
+
+from tests.conftest import FakeClock, FakeContext, Ec2World, Invoke, body_of, http_event
+
+
+@pytest.mark.parametrize(
+    ("state", "status", "previous", "mutations"),
+    [
+        pytest.param("stopped", 202, "stopped", ["StartInstances"], id="stopped-starts"),
+        pytest.param("pending", 200, "pending", ["StartInstances"], id="pending-already-up"),
+        pytest.param("running", 200, "running", ["StartInstances"], id="running-already-up"),
+    ],
+)
+def test_start_costs_exactly_one_ec2_call(
+    invoke: Invoke, ec2: Ec2World, state: str, status: int, previous: str, mutations: list[str]
+) -> None:
+    ec2.set_state(state)
+    response = invoke(http_event(body='{"action": "start"}'))
+    body = body_of(response)
+    assert response["statusCode"] == status
+    assert body["previous_state"] == previous
+    assert ec2.calls == ["StartInstances"]  # no Describe first
+    assert ec2.state() in ("pending", "running")
+
+
+@pytest.mark.parametrize("state", ["terminated", "shutting-down"])
+def test_start_on_a_gone_instance_names_it(invoke: Invoke, ec2: Ec2World, state: str) -> None:
+    # StartInstances answers IncorrectInstanceState here (injected: moto would start it).
+    ec2.set_state(state)
+    response = invoke(http_event())
+    body = body_of(response)
+    assert response["statusCode"] == 409
+    assert body["error"]["code"] == "instance_terminated"
+    assert ec2.instance_id in body["error"]["message"]
+    assert body["state"] == state
+    assert ec2.calls == ["StartInstances", "DescribeInstances"]
+
+
+def test_start_waits_for_a_stopping_instance_then_starts_it(
+    ec2: Ec2World, env: dict[str, str], clock: FakeClock
+) -> None:
+    ec2.set_state("stopping")
+    polls = 0
+
+    def sleep(seconds: float) -> None:
+        nonlocal polls
+        clock.sleep(seconds)
+        polls += 1
+        if polls == 4:  # EC2 finishes the stop after four polls
+            ec2.set_state("stopped")
+
+    fast = bo.Clock(now=clock.now, monotonic=clock.monotonic, sleep=sleep)
+    response = bo.handle(http_event(), FakeContext(clock, timeout_seconds=60), env, clock=fast)
+    body = body_of(response)
+    assert response["statusCode"] == 202, body
+    assert (body["previous_state"], body["state"]) == ("stopping", "pending")
+    assert clock.sleeps == [bo.STOPPING_POLL_SECONDS] * 4
+    assert ec2.calls == ["StartInstances"] + ["DescribeInstances"] * 5 + ["StartInstances"]
+
+
+def test_start_gives_up_within_the_invocation_time_with_retry_after(
+    ec2: Ec2World, env: dict[str, str], clock: FakeClock
+) -> None:
+    ec2.set_state("stopping")  # and it never finishes
+    context = FakeContext(clock, timeout_seconds=30)
+    response = bo.handle(http_event(), context, env, clock=clock.as_clock())
+    body = body_of(response)
+    assert response["statusCode"] == 503
+    assert response["headers"]["Retry-After"] == str(bo.RETRY_AFTER_SECONDS)
+    assert body["error"]["code"] == "still_stopping"
+    assert body["state"] == "stopping"
+    # It used the time it had, less the safety margin, and no more.
+    assert context.get_remaining_time_in_millis() >= bo.SAFETY_MARGIN_SECONDS * 1000
+    assert sum(clock.sleeps) >= 30 - bo.SAFETY_MARGIN_SECONDS - 2 * bo.STOPPING_POLL_SECONDS
+    assert ec2.mutations() == ["StartInstances"]
+    assert ec2.state() == "stopping"
+
+
+def test_someone_else_starts_it_while_we_wait(ec2: Ec2World, env: dict[str, str], clock: FakeClock) -> None:
+    ec2.set_state("stopping")
+
+    def sleep(seconds: float) -> None:
+        clock.sleep(seconds)
+        ec2.set_state("pending")
+
+    fast = bo.Clock(now=clock.now, monotonic=clock.monotonic, sleep=sleep)
+    response = bo.handle(http_event(), FakeContext(clock), env, clock=fast)
+    assert response["statusCode"] == 200
+    assert body_of(response)["state"] == "pending"
+    assert ec2.mutations() == ["StartInstances"]
+
+
+def test_missing_instance_says_check_instance_id_and_region(invoke: Invoke, ec2: Ec2World) -> None:
+    body = invoke({"action": "start"}, INSTANCE_ID="i-0123456789abcdef0")
+    assert body["error"]["code"] == "instance_not_found"
+    assert "i-0123456789abcdef0" in body["error"]["message"]
+    assert "INSTANCE_ID" in body["error"]["message"]
+    assert "AWS_REGION" in body["error"]["message"]
+
+
+def deny(ec2: Ec2World, operation: str, code: str = "UnauthorizedOperation") -> None:
+    """Make EC2 refuse one operation as IAM would (moto does not enforce IAM by default)."""
+    from tests.conftest import _error
+
+    def refuse(**_: Any) -> Any:
+        return _error(code, "You are not authorized to perform this operation.")
+
+    bo.ec2_client("us-east-1").meta.events.register(f"before-call.ec2.{operation}", refuse)
+
+
+@pytest.mark.parametrize(
+    ("event", "operation", "iam_action"),
+    [
+        pytest.param({"action": "start"}, "StartInstances", "ec2:StartInstances", id="start"),
+        pytest.param({"action": "check_idle"}, "DescribeInstances", "ec2:DescribeInstances", id="describe"),
+        pytest.param({"action": "stop"}, "StopInstances", "ec2:StopInstances", id="stop"),
+    ],
+)
+def test_access_denied_names_the_missing_iam_action(
+    invoke: Invoke, ec2: Ec2World, event: dict[str, str], operation: str, iam_action: str
+) -> None:
+    deny(ec2, operation)
+    response = invoke(http_event(body='{"action": "start"}') if event["action"] == "start" else event)
+    body = body_of(response)
+    assert body["error"]["code"] == "aws_access_denied"
+    assert body["iam_action"] == iam_action
+    assert iam_action in body["error"]["message"]
+    if "statusCode" in response:
+        assert response["statusCode"] == 502
+
+
+def test_other_aws_errors_are_502_with_the_aws_code(invoke: Invoke, ec2: Ec2World) -> None:
+    ec2.set_state("stopped")
+    deny(ec2, "StartInstances", code="InsufficientInstanceCapacity")
+    response = invoke(http_event())
+    body = body_of(response)
+    assert response["statusCode"] == 502
+    assert body["error"]["code"] == "aws_error"
+    assert body["aws_error_code"] == "InsufficientInstanceCapacity"
+    assert "InsufficientInstanceCapacity" in body["error"]["message"]
+
+
+def test_unreachable_ec2_endpoint_is_502(monkeypatch: pytest.MonkeyPatch, clock: FakeClock) -> None:
+    # No moto here: the client goes to a closed port on 127.0.0.1 and fails before AWS answers.
+    env = {"INSTANCE_ID": "i-0123456789abcdef0", "AWS_REGION": "us-east-1"}
+    monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", "http://127.0.0.1:9")
+    monkeypatch.setattr(bo, "EC2_CLIENT_CONFIG", bo.BotoConfig(retries={"mode": "standard", "max_attempts": 1}))
+    bo.ec2_client.cache_clear()
+    body = bo.handle({"action": "start"}, FakeContext(clock), env, clock=clock.as_clock())
+    assert body["error"]["code"] == "aws_unreachable"
