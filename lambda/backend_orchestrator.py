@@ -895,19 +895,20 @@ def handle(
     clock = clock or Clock()
     started = clock.monotonic()
     invocation = Invocation()
-    exc_info = False
+    bug: Exception | None = None
     try:
         outcome = _run(event, context, environ, clock=clock, client=client, invocation=invocation)
     except OrchestratorError as error:
         outcome = _failure(error)
-    except Exception:  # noqa: BLE001 - the one broad catch: an unknown bug is logged with its traceback, answered 500
+    except Exception as error:  # noqa: BLE001 - the one broad catch: a bug is logged with its traceback, answered 500
         outcome = _failure(OrchestratorError("Unexpected error: the function's log has the traceback."))
-        exc_info = True
+        bug = error
     config = invocation.config
     instance_id = config.instance_id if config else None
     body = {"ok": outcome.status_code < 400, "action": invocation.action, "instance_id": instance_id, **outcome.fields}
     duration_ms = round((clock.monotonic() - started) * 1000, 1)
-    _log(outcome, body, invocation.source, getattr(context, "aws_request_id", None), duration_ms, exc_info)
+    request_id = getattr(context, "aws_request_id", None)
+    _log(outcome, body, source=invocation.source, request_id=request_id, duration_ms=duration_ms, bug=bug)
     namespace = config.metrics_namespace if config else Config.metrics_namespace
     requested = {f"{invocation.action.title().replace('_', '')}Requested": 1} if invocation.action else {}
     emit_metrics(namespace, instance_id, {**requested, **outcome.metrics}, clock.now())
@@ -920,10 +921,11 @@ def handle(
 def _log(
     outcome: Outcome,
     body: dict[str, Any],
+    *,
     source: Source | None,
     request_id: str | None,
     duration_ms: float,
-    exc_info: bool,
+    bug: Exception | None,
 ) -> None:
     """The invocation's one log line: what was asked, what happened, why, and how long it took."""
     fields = {"source": source, **body, "status_code": outcome.status_code, "warnings": outcome.warnings or None}
@@ -934,7 +936,7 @@ def _log(
     elif message is None:
         message = f"{body['action']}: {body.get('decision') or body.get('state')}"
     clean = {key: value for key, value in fields.items() if value is not None}
-    LOG.log(outcome.level, message, exc_info=exc_info, extra={"fields": clean})
+    LOG.log(outcome.level, message, exc_info=bug, extra={"fields": clean})
 
 
 def _run(

@@ -15,13 +15,14 @@ from typing import Any
 
 os.environ["MOTO_EC2_LOAD_DEFAULT_AMIS"] = "false"  # before moto loads: saves a second per test
 
-import backend_orchestrator as bo
 import boto3
 import pytest
-from botocore.awsrequest import AWSResponse
+from botocore.awsrequest import AWSResponse, HTTPHeaders
 from moto import mock_aws
-from moto.core import DEFAULT_ACCOUNT_ID
+from moto.core.models import DEFAULT_ACCOUNT_ID
 from moto.ec2.models import ec2_backends
+
+import backend_orchestrator as bo
 
 EVENTS = Path(__file__).parent / "events"
 REGION = "us-east-1"
@@ -172,7 +173,7 @@ class Ec2World:
 
 
 def _error(code: str, message: str) -> tuple[AWSResponse, dict[str, Any]]:
-    return AWSResponse("https://ec2.test/", 400, {}, None), {
+    return AWSResponse("https://ec2.test/", 400, HTTPHeaders(), None), {
         "Error": {"Code": code, "Message": message},
         "ResponseMetadata": {"HTTPStatusCode": 400},
     }
@@ -206,7 +207,7 @@ def ec2(aws: None, clock: FakeClock) -> Ec2World:
         world.set_launch_time(clock.now())
 
     client.meta.events.register("before-parameter-build.ec2", count)  # once per API call
-    client.meta.events.register("before-call.ec2.StartInstances", start_like_real_ec2)
+    client.meta.events.register("before-call.ec2.StartInstances", start_like_real_ec2)  # type: ignore[arg-type]
     client.meta.events.register("after-call.ec2.StartInstances", refresh_launch_time)
     return world
 

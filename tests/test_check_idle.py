@@ -6,11 +6,11 @@ import json
 from datetime import timedelta, timezone
 from typing import Any
 
-import backend_orchestrator as bo
 import pytest
 import requests
 import responses
 
+import backend_orchestrator as bo
 from tests.conftest import BACKEND, REGION, Ec2World, FakeClock, Invoke, _error
 
 ACTIVITY = BACKEND + "/api/last-activity"

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import backend_orchestrator as bo
 import pytest
+from botocore.config import Config as BotoConfig
 
-from tests.conftest import FakeClock, FakeContext, Ec2World, Invoke, body_of, http_event
+import backend_orchestrator as bo
+from tests.conftest import Ec2World, FakeClock, FakeContext, Invoke, body_of, http_event
 
 
 @pytest.mark.parametrize(
@@ -151,7 +152,7 @@ def test_unreachable_ec2_endpoint_is_502(monkeypatch: pytest.MonkeyPatch, clock:
     # No moto here: the client goes to a closed port on 127.0.0.1 and fails before AWS answers.
     env = {"INSTANCE_ID": "i-0123456789abcdef0", "AWS_REGION": "us-east-1"}
     monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", "http://127.0.0.1:9")
-    monkeypatch.setattr(bo, "EC2_CLIENT_CONFIG", bo.BotoConfig(retries={"mode": "standard", "max_attempts": 1}))
+    monkeypatch.setattr(bo, "EC2_CLIENT_CONFIG", BotoConfig(retries={"mode": "standard", "max_attempts": 1}))
     bo.ec2_client.cache_clear()
     body = bo.handle({"action": "start"}, FakeContext(clock), env, clock=clock.as_clock())
     assert body["error"]["code"] == "aws_unreachable"

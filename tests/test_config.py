@@ -1,0 +1,107 @@
+"""Configuration: read in one place, and every bad value named with what to do, before any EC2 call."""
+
+from __future__ import annotations
+
+import pytest
+
+import backend_orchestrator as bo
+from tests.conftest import Ec2World, Invoke, body_of, http_event
+
+
+def test_defaults() -> None:
+    config = bo.Config.from_env({"INSTANCE_ID": "i-0abc123def4567890"})
+    assert config == bo.Config(instance_id="i-0abc123def4567890")
+    assert (config.idle_timeout_seconds, config.http_timeout_seconds) == (900, 5.0)
+    assert (config.last_activity_path, config.health_path) == ("/api/last-activity", "/health")
+    assert (config.stop_hibernate, config.dry_run, config.auth_token, config.backend_base_url) == (
+        False,
+        False,
+        None,
+        None,
+    )
+
+
+def test_every_variable_is_read() -> None:
+    config = bo.Config.from_env(
+        {
+            "INSTANCE_ID": "i-0abc1234",
+            "BACKEND_BASE_URL": "https://backend.example.com/",
+            "IDLE_TIMEOUT_SECONDS": "600",
+            "AWS_REGION": "eu-west-1",
+            "HTTP_TIMEOUT_SECONDS": "2.5",
+            "STOP_HIBERNATE": "Yes",
+            "DRY_RUN": "1",
+            "AUTH_TOKEN": "t0ken-value",
+            "LAST_ACTIVITY_PATH": "/idle",
+            "HEALTH_PATH": "/healthz",
+            "LOG_LEVEL": "debug",
+            "METRICS_NAMESPACE": "PyElli",
+        }
+    )
+    assert config.backend_base_url == "https://backend.example.com"  # trailing slash dropped
+    assert (config.idle_timeout_seconds, config.region, config.http_timeout_seconds) == (600, "eu-west-1", 2.5)
+    assert (config.stop_hibernate, config.dry_run, config.auth_token) == (True, True, "t0ken-value")
+    assert (config.last_activity_path, config.health_path, config.log_level) == ("/idle", "/healthz", "DEBUG")
+    assert config.metrics_namespace == "PyElli"
+    assert "t0ken-value" not in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        pytest.param("INSTANCE_ID", "", "not set", id="instance-id-missing"),
+        pytest.param("INSTANCE_ID", "i-123", "8 or 17", id="instance-id-short"),
+        pytest.param("INSTANCE_ID", "i-0ABC123DEF4567890", "lowercase", id="instance-id-uppercase"),
+        pytest.param("INSTANCE_ID", "0abc123def4567890", "i-", id="instance-id-no-prefix"),
+        pytest.param("INSTANCE_ID", "arn:aws:ec2:us-east-1:123456789012:instance/i-0abc123def4567890", "i-", id="arn"),
+        pytest.param("BACKEND_BASE_URL", "10.0.1.50:8000", "http", id="url-without-scheme"),
+        pytest.param("BACKEND_BASE_URL", "ftp://10.0.1.50", "http", id="url-ftp"),
+        pytest.param("BACKEND_BASE_URL", "http://", "http", id="url-without-host"),
+        pytest.param("BACKEND_BASE_URL", "http://host/?x=1", "http", id="url-with-query"),
+        pytest.param("IDLE_TIMEOUT_SECONDS", "15m", "positive whole number", id="timeout-with-unit"),
+        pytest.param("IDLE_TIMEOUT_SECONDS", "0", "positive", id="timeout-zero"),
+        pytest.param("IDLE_TIMEOUT_SECONDS", "-900", "positive", id="timeout-negative"),
+        pytest.param("IDLE_TIMEOUT_SECONDS", "900.5", "whole", id="timeout-fraction"),
+        pytest.param("HTTP_TIMEOUT_SECONDS", "fast", "positive number", id="http-timeout-word"),
+        pytest.param("HTTP_TIMEOUT_SECONDS", "0", "positive", id="http-timeout-zero"),
+        pytest.param("HTTP_TIMEOUT_SECONDS", "inf", "positive", id="http-timeout-infinite"),
+        pytest.param("HTTP_TIMEOUT_SECONDS", "nan", "positive", id="http-timeout-nan"),
+        pytest.param("STOP_HIBERNATE", "maybe", "true/false", id="hibernate-not-boolean"),
+        pytest.param("DRY_RUN", "on", "true/false", id="dry-run-not-boolean"),
+        pytest.param("LAST_ACTIVITY_PATH", "api/last-activity", "start with /", id="path-without-slash"),
+        pytest.param("HEALTH_PATH", "/health?full=1", "start with /", id="path-with-query"),
+        pytest.param("LOG_LEVEL", "VERBOSE", "DEBUG", id="log-level-unknown"),
+    ],
+)
+def test_config_error_names_the_variable_and_value_and_changes_nothing(
+    invoke: Invoke, ec2: Ec2World, variable: str, value: str, says: str
+) -> None:
+    ec2.set_state("stopped")
+    response = invoke(http_event(), **{variable: value})
+    body = body_of(response)
+    assert response["statusCode"] == 500
+    assert body["error"]["code"] == "config_error"
+    message = body["error"]["message"]
+    assert variable in message
+    assert value in message
+    assert says in message
+    assert ec2.calls == []
+    assert ec2.state() == "stopped"
+
+
+def test_start_works_without_backend_url(invoke: Invoke, ec2: Ec2World) -> None:
+    ec2.set_state("stopped")
+    assert invoke({"action": "start"}, BACKEND_BASE_URL="")["ok"] is True
+
+
+def test_the_token_is_never_echoed(invoke: Invoke, ec2: Ec2World, log_lines) -> None:
+    # A bad config with a token set: the error names the bad variable, never the token.
+    response = invoke(http_event(), AUTH_TOKEN="s3cret-token-1234", DRY_RUN="perhaps")
+    assert "s3cret-token-1234" not in str(response) + str(log_lines())
+
+
+def test_no_os_environ_read_outside_config() -> None:
+    import inspect
+
+    source = inspect.getsource(bo)
+    assert source.count("os.environ") == 1  # lambda_handler passes it to Config.from_env, once
