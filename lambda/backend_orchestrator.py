@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from functools import cache
-from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeGuard, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, NamedTuple, TypeGuard, TypeVar
 from urllib.parse import urlsplit
 
 import boto3
@@ -308,8 +308,7 @@ class HttpRequest:
     authorization: str | None = field(repr=False)
 
 
-@dataclass(frozen=True)
-class EventRequest:
+class EventRequest(NamedTuple):
     """A direct or scheduled invocation: its action is known from the event alone."""
 
     source: Source
@@ -321,7 +320,7 @@ def parse_event(event: object) -> HttpRequest | EventRequest:
     """Tell an HTTP request from a direct or scheduled invocation; an event of no known shape is a 400."""
     if not isinstance(event, dict):
         raise BadRequestError(
-            f"The event is a JSON {type(event).__name__}, not an object. "
+            f"The event is a JSON {_json_type(event)}, not an object. "
             'Invoke with an object such as {"action": "check_idle"}.',
             code="invalid_event",
         )
@@ -404,13 +403,13 @@ def http_action(request: HttpRequest) -> Action:
         ) from None
     if not isinstance(payload, dict):
         raise BadRequestError(
-            f'The body is a JSON {type(payload).__name__}, not an object. Send {{"action": "start"}}.',
+            f'The body is a JSON {_json_type(payload)}, not an object. Send {{"action": "start"}}.',
             code="invalid_body",
         )
     action = _action(payload.get("action", Action.START))
     if action not in HTTP_ACTIONS:
         raise ForbiddenError(
-            f"Action {action!r} is not allowed over HTTP, only start and status are: "
+            f"Action {action.value!r} is not allowed over HTTP, only start and status are: "
             f"{action} runs from the schedule or a direct invocation."
         )
     return action
@@ -440,36 +439,43 @@ def _decode_body(request: HttpRequest) -> str:
         ) from None
 
 
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
 def _action(value: object) -> Action:
     known = ", ".join(a.value for a in Action)
     if not isinstance(value, str):
         raise BadRequestError(
-            f"The action must be a string, one of {known}; got a JSON {type(value).__name__}.", code="invalid_action"
+            f"The action must be a string, one of {known}; got a JSON {_json_type(value)}.", code="invalid_action"
         )
     try:
         return Action(value)
     except ValueError:
-        raise BadRequestError(f"Unknown action {value[:40]!r}: use one of {known}.", code="unknown_action") from None
+        raise BadRequestError(f"Unknown action {_short(value)}: use one of {known}.", code="unknown_action") from None
 
 
 # --- The idle decision: pure, plain values in, a decision and its reason out -------------------
-@dataclass(frozen=True)
-class Activity:
+class Activity(NamedTuple):
     """What the backend reported: seconds idle (None if only busy was reported) and busy."""
 
     idle_seconds: float | None
     busy_reason: str | None = None
 
 
-@dataclass(frozen=True)
-class ActivityUnknown:
+class ActivityUnknown(NamedTuple):
     """The backend could not tell us how idle it is; the reason names the failure."""
 
     reason: str
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     decision: Decision
     reason: str
     idle_seconds: float | None = None
@@ -510,15 +516,15 @@ def decide(
 def parse_activity(payload: object, now: datetime) -> Activity | ActivityUnknown:
     """Read the activity contract (README) from the backend's JSON."""
     if not isinstance(payload, dict):
-        return ActivityUnknown(f"activity is a JSON {type(payload).__name__}, not an object")
+        return ActivityUnknown(f"activity is a JSON {_json_type(payload)}, not an object")
     busy = payload.get("busy", False)
     if not isinstance(busy, bool):
-        return ActivityUnknown(f"'busy' is {busy!r}, not true or false")
+        return ActivityUnknown(f"'busy' is {_short(busy)}, not true or false")
     busy_reason = "busy is true" if busy else None
     for name in IN_FLIGHT_FIELDS:
         count = payload.get(name, 0)
         if not _is_number(count) or count < 0:
-            return ActivityUnknown(f"{name!r} is {count!r}, not a number >= 0")
+            return ActivityUnknown(f"{name!r} is {_short(count)}, not a number >= 0")
         if count > 0 and busy_reason is None:
             busy_reason = f"{name}={count}"
     idle_seconds = _idle_seconds(payload, now)
@@ -536,13 +542,13 @@ def _idle_seconds(payload: Mapping[str, Any], now: datetime) -> float | Activity
         if name in payload:
             value = payload[name]
             if not _is_number(value) or value < 0:
-                return ActivityUnknown(f"{name!r} is {value!r}, not a number of seconds >= 0")
+                return ActivityUnknown(f"{name!r} is {_short(value)}, not a number of seconds >= 0")
             return float(value)
     for name in LAST_ACTIVITY_FIELDS:
         if name in payload:
             last_activity = _timestamp(payload[name])
             if last_activity is None:
-                return ActivityUnknown(f"{name!r} is {payload[name]!r}, not an ISO-8601 time or epoch seconds")
+                return ActivityUnknown(f"{name!r} is {_short(payload[name])}, not an ISO-8601 time or epoch seconds")
             return max(0.0, (now - last_activity).total_seconds())  # a future time (skew) is idle 0
     return None
 
@@ -568,14 +574,12 @@ def _is_number(value: object) -> TypeGuard[float]:
 
 
 # --- EC2: every call in one place, errors told apart by their code ----------------------------
-@dataclass(frozen=True)
-class InstanceInfo:
+class InstanceInfo(NamedTuple):
     state: str
     launch_time: datetime
 
 
-@dataclass(frozen=True)
-class Transition:
+class Transition(NamedTuple):
     previous_state: str
     state: str
 
@@ -805,7 +809,7 @@ def fetch_activity(url: str, timeout_seconds: float, clock: Clock) -> Activity |
     try:
         payload = json.loads(body)
     except ValueError:
-        return ActivityUnknown(f"GET {url} answered with something that is not JSON: {bytes(body[:40])!r}")
+        return ActivityUnknown(f"GET {url} answered with something that is not JSON: {_short(bytes(body[:60]))}")
     return parse_activity(payload, clock.now())
 
 
@@ -879,66 +883,6 @@ class Invocation:
     config: Config | None = None
 
 
-def lambda_handler(event: object, context: object) -> dict[str, Any]:
-    """The Lambda entry point: see handle()."""
-    return handle(event, context, os.environ)
-
-
-def handle(
-    event: object,
-    context: object,
-    environ: Mapping[str, str],
-    clock: Clock | None = None,
-    client: EC2Client | None = None,
-) -> dict[str, Any]:
-    """Parse, configure, authorise, act, log and render. No exception escapes."""
-    clock = clock or Clock()
-    started = clock.monotonic()
-    invocation = Invocation()
-    bug: Exception | None = None
-    try:
-        outcome = _run(event, context, environ, clock=clock, client=client, invocation=invocation)
-    except OrchestratorError as error:
-        outcome = _failure(error)
-    except Exception as error:  # noqa: BLE001 - the one broad catch: a bug is logged with its traceback, answered 500
-        outcome = _failure(OrchestratorError("Unexpected error: the function's log has the traceback."))
-        bug = error
-    config = invocation.config
-    instance_id = config.instance_id if config else None
-    body = {"ok": outcome.status_code < 400, "action": invocation.action, "instance_id": instance_id, **outcome.fields}
-    duration_ms = round((clock.monotonic() - started) * 1000, 1)
-    request_id = getattr(context, "aws_request_id", None)
-    _log(outcome, body, source=invocation.source, request_id=request_id, duration_ms=duration_ms, bug=bug)
-    namespace = config.metrics_namespace if config else Config.metrics_namespace
-    requested = {f"{invocation.action.title().replace('_', '')}Requested": 1} if invocation.action else {}
-    emit_metrics(namespace, instance_id, {**requested, **outcome.metrics}, clock.now())
-    if not _is_http(event):
-        return body
-    headers = {"Content-Type": "application/json", "Cache-Control": "no-store", **outcome.headers}
-    return {"statusCode": outcome.status_code, "headers": headers, "body": json.dumps(body), "isBase64Encoded": False}
-
-
-def _log(
-    outcome: Outcome,
-    body: dict[str, Any],
-    *,
-    source: Source | None,
-    request_id: str | None,
-    duration_ms: float,
-    bug: Exception | None,
-) -> None:
-    """The invocation's one log line: what was asked, what happened, why, and how long it took."""
-    fields = {"source": source, **body, "status_code": outcome.status_code, "warnings": outcome.warnings or None}
-    fields.update(aws_request_id=request_id, duration_ms=duration_ms)
-    message = fields.pop("message", None)
-    if "error" in body:
-        message = body["error"]["message"]
-    elif message is None:
-        message = f"{body['action']}: {body.get('decision') or body.get('state')}"
-    clean = {key: value for key, value in fields.items() if value is not None}
-    LOG.log(outcome.level, message, exc_info=bug, extra={"fields": clean})
-
-
 def _run(
     event: object,
     context: object,
@@ -988,3 +932,63 @@ def _failure(error: OrchestratorError) -> Outcome:
 def _remaining_seconds(context: object) -> float:
     remaining_ms = getattr(context, "get_remaining_time_in_millis", lambda: DEFAULT_REMAINING_MS)()
     return float(remaining_ms) / 1000
+
+
+def _log(
+    outcome: Outcome,
+    body: dict[str, Any],
+    *,
+    source: Source | None,
+    request_id: str | None,
+    duration_ms: float,
+    bug: Exception | None,
+) -> None:
+    """The invocation's one log line: what was asked, what happened, why, and how long it took."""
+    fields = {"source": source, **body, "status_code": outcome.status_code, "warnings": outcome.warnings or None}
+    fields.update(aws_request_id=request_id, duration_ms=duration_ms)
+    message = fields.pop("message", None)
+    if "error" in body:
+        message = body["error"]["message"]
+    elif message is None:
+        message = f"{body['action']}: {body.get('decision') or body.get('state')}"
+    clean = {key: value for key, value in fields.items() if value is not None}
+    LOG.log(outcome.level, message, exc_info=bug, extra={"fields": clean})
+
+
+def handle(
+    event: object,
+    context: object,
+    environ: Mapping[str, str],
+    clock: Clock | None = None,
+    client: EC2Client | None = None,
+) -> dict[str, Any]:
+    """Parse, configure, authorise, act, log and render. No exception escapes."""
+    clock = clock or Clock()
+    started = clock.monotonic()
+    invocation = Invocation()
+    bug: Exception | None = None
+    try:
+        outcome = _run(event, context, environ, clock=clock, client=client, invocation=invocation)
+    except OrchestratorError as error:
+        outcome = _failure(error)
+    except Exception as error:  # noqa: BLE001 - the one broad catch: a bug is logged with its traceback, answered 500
+        outcome = _failure(OrchestratorError("Unexpected error: the function's log has the traceback."))
+        bug = error
+    config = invocation.config
+    instance_id = config.instance_id if config else None
+    body = {"ok": outcome.status_code < 400, "action": invocation.action, "instance_id": instance_id, **outcome.fields}
+    duration_ms = round((clock.monotonic() - started) * 1000, 1)
+    request_id = getattr(context, "aws_request_id", None)
+    _log(outcome, body, source=invocation.source, request_id=request_id, duration_ms=duration_ms, bug=bug)
+    namespace = config.metrics_namespace if config else Config.metrics_namespace
+    requested = {f"{invocation.action.title().replace('_', '')}Requested": 1} if invocation.action else {}
+    emit_metrics(namespace, instance_id, {**requested, **outcome.metrics}, clock.now())
+    if not _is_http(event):
+        return body
+    headers = {"Content-Type": "application/json", "Cache-Control": "no-store", **outcome.headers}
+    return {"statusCode": outcome.status_code, "headers": headers, "body": json.dumps(body), "isBase64Encoded": False}
+
+
+def lambda_handler(event: object, context: object) -> dict[str, Any]:
+    """The Lambda entry point: see handle()."""
+    return handle(event, context, os.environ)

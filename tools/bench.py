@@ -1,0 +1,125 @@
+"""`make bench`: what a cold start costs beyond boto3, and each action's latency against moto.
+
+Timings live here, not in tests: they vary with the machine. Medians of several runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = 9
+
+IMPORT_PROBE = """
+import sys, time
+t0 = time.perf_counter(); import boto3; t1 = time.perf_counter()
+sys.path.insert(0, {lambda_dir!r}); import backend_orchestrator; t2 = time.perf_counter()
+heavy = sorted(m for m in ("requests", "urllib3", "hmac", "base64") if m in sys.modules and m not in {before})
+print((t1 - t0) * 1000, (t2 - t1) * 1000, ",".join(heavy))
+"""
+
+
+def import_cost() -> None:
+    before = subprocess.run(
+        [sys.executable, "-c", "import sys, boto3; print(sorted(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    # A fresh copy and -B: compiled from source each time, as on Lambda (the zip carries no .pyc).
+    fresh = Path(tempfile.mkdtemp())
+    shutil.copy(ROOT / "lambda" / "backend_orchestrator.py", fresh)
+    probe = IMPORT_PROBE.format(lambda_dir=str(fresh), before=before)
+    boto, ours, heavy = [], [], ""
+    for _ in range(RUNS):
+        out = subprocess.run(
+            [sys.executable, "-B", "-c", probe], capture_output=True, text=True, check=True
+        ).stdout.split()
+        boto.append(float(out[0]))
+        ours.append(float(out[1]))
+        heavy = out[2] if len(out) > 2 else ""
+    shutil.rmtree(fresh)
+    print(f"cold import, median of {RUNS} fresh interpreters:")
+    print(f"  import boto3                      {statistics.median(boto):7.1f} ms")
+    print(f"  import backend_orchestrator after {statistics.median(ours):7.1f} ms (compiled from source, as on Lambda)")
+    print(f"  heavy modules it pulled in: {heavy or 'none (requests is imported only by check_idle and status)'}")
+
+
+class Backend(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        payload = {"idle_seconds": 30} if self.path.endswith("last-activity") else {"status": "ok"}
+        body = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+def action_latency() -> None:
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        MOTO_EC2_LOAD_DEFAULT_AMIS="false",
+    )
+    sys.path.insert(0, str(ROOT / "lambda"))
+    import boto3
+    from moto import mock_aws
+
+    import backend_orchestrator as bo
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Backend)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    bo.LOG.disabled = bo.METRICS_LOG.disabled = True
+    try:
+        with mock_aws():
+            ec2 = boto3.client("ec2", region_name="us-east-1")
+            instance_id = ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1)["Instances"][0][
+                "InstanceId"
+            ]
+            env = {
+                "INSTANCE_ID": instance_id,
+                "AWS_REGION": "us-east-1",
+                "BACKEND_BASE_URL": f"http://127.0.0.1:{server.server_address[1]}",
+            }
+            cases = {
+                "start (running instance)": {"action": "start"},
+                "status (running, /health)": {"action": "status"},
+                "check_idle (running, keep)": {"action": "check_idle"},
+                "check_idle (stopped, skip)": {"action": "check_idle"},
+            }
+            print(f"handler latency against moto (in-process), median of {RUNS} warm calls:")
+            for name, event in cases.items():
+                if "stopped" in name:
+                    ec2.stop_instances(InstanceIds=[instance_id])
+                bo.handle(event, None, env)  # warm: the client is built once per container
+                samples = []
+                for _ in range(RUNS):
+                    t0 = time.perf_counter()
+                    result = bo.handle(event, None, env)
+                    samples.append((time.perf_counter() - t0) * 1000)
+                    assert result["ok"], result
+                print(f"  {name:32s} {statistics.median(samples):7.1f} ms")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+if __name__ == "__main__":
+    import_cost()
+    action_latency()
