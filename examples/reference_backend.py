@@ -1,0 +1,164 @@
+"""A reference backend that serves the activity contract the orchestrator reads.
+
+Standard library only, so it runs anywhere; the backend team ports the few lines of
+`ActivityTracker` to their framework (a middleware that calls `request_started`/`request_finished`,
+and `job()` around background work).
+
+    GET  /health              200 {"status": "ok"} once booted (503 before); not activity
+    GET  /api/last-activity   the contract: {"idle_seconds", "busy", "active_requests", ...}; not activity
+    POST /api/jobs?seconds=N  runs a simulated job for N seconds (busy meanwhile); activity
+    anything else             404, and counts as activity like any real request
+
+Run it: python examples/reference_backend.py --port 8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+# Requests to these paths are probes, not use: counting them would keep the backend awake for ever.
+PROBE_PATHS = frozenset({"/health", "/api/last-activity"})
+
+
+class ActivityTracker:
+    """Thread-safe record of the last request and of the work in flight."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = time.monotonic()  # a fresh start counts as activity
+        self._last_wall = datetime.now(UTC)
+        self._requests = 0
+        self._jobs = 0
+
+    def request_started(self) -> None:
+        with self._lock:
+            self._requests += 1
+            self._touch()
+
+    def request_finished(self) -> None:
+        with self._lock:
+            self._requests -= 1
+            self._touch()
+
+    @contextmanager
+    def job(self) -> Iterator[None]:
+        """Wrap background work (a grid search) so that the backend reads as busy while it runs."""
+        with self._lock:
+            self._jobs += 1
+            self._touch()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._jobs -= 1
+                self._touch()
+
+    def snapshot(self) -> dict[str, Any]:
+        """The activity contract's payload."""
+        with self._lock:
+            return {
+                "idle_seconds": round(time.monotonic() - self._last, 3),  # monotonic: immune to clock changes
+                "last_activity": self._last_wall.isoformat(),
+                "busy": self._jobs > 0 or self._requests > 0,
+                "active_requests": self._requests,
+                "active_jobs": self._jobs,
+            }
+
+    def _touch(self) -> None:
+        self._last = time.monotonic()
+        self._last_wall = datetime.now(UTC)
+
+
+class ReferenceBackend(ThreadingHTTPServer):
+    """The backend's HTTP server: the contract's endpoints plus a simulated job endpoint."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], boot_seconds: float = 0.0) -> None:
+        super().__init__(address, _Handler)
+        self.tracker = ActivityTracker()
+        self.ready_at = time.monotonic() + boot_seconds
+        self.jobs_done = 0
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def run_job(self, seconds: float) -> None:
+        with self.tracker.job():
+            time.sleep(seconds)
+        self.jobs_done += 1
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: ReferenceBackend
+
+    def do_GET(self) -> None:
+        self._serve()
+
+    def do_POST(self) -> None:
+        self._serve()
+
+    def _serve(self) -> None:
+        url = urlsplit(self.path)
+        if url.path in PROBE_PATHS:
+            self._probe(url.path)
+            return
+        tracker = self.server.tracker
+        tracker.request_started()
+        try:
+            if url.path == "/api/jobs" and self.command == "POST":
+                seconds = float(parse_qs(url.query).get("seconds", ["1"])[0])
+                threading.Thread(target=self.server.run_job, args=(seconds,), daemon=True).start()
+                self._send(202, {"accepted": True, "seconds": seconds})
+            else:
+                self._send(404, {"error": f"no route {url.path}"})
+        finally:
+            tracker.request_finished()
+
+    def _probe(self, path: str) -> None:
+        if path == "/health":
+            booted = time.monotonic() >= self.server.ready_at
+            self._send(200 if booted else 503, {"status": "ok" if booted else "booting"})
+        else:
+            self._send(200, self.server.tracker.snapshot())
+
+    def _send(self, status: int, payload: dict[str, Any]) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: Any) -> None:  # quiet: the demo prints its own timeline
+        pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--boot-seconds", type=float, default=0.0, help="answer /health 503 this long")
+    args = parser.parse_args()
+    server = ReferenceBackend(("127.0.0.1", args.port), args.boot_seconds)
+    print(f"reference backend on {server.url} (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The reference backend serves the activity contract the function reads, over real HTTP."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+import backend_orchestrator as bo
+from examples.reference_backend import ReferenceBackend
+
+
+@pytest.fixture
+def server() -> Iterator[ReferenceBackend]:
+    backend = ReferenceBackend(("127.0.0.1", 0))
+    thread = threading.Thread(target=backend.serve_forever, daemon=True)
+    thread.start()
+    yield backend
+    backend.shutdown()
+    backend.server_close()
+    thread.join(5)
+
+
+def activity(server: ReferenceBackend) -> bo.Activity | bo.ActivityUnknown:
+    return bo.fetch_activity(server.url + "/api/last-activity", 2.0, bo.Clock())
+
+
+def test_probes_do_not_count_as_activity(server: ReferenceBackend) -> None:
+    time.sleep(0.3)
+    for _ in range(3):
+        assert requests.get(server.url + "/health", timeout=2).status_code == 200
+        activity(server)
+    result = activity(server)
+    assert isinstance(result, bo.Activity)
+    assert result.idle_seconds is not None
+    assert result.idle_seconds >= 0.3
+    assert result.busy_reason is None
+
+
+def test_a_real_request_resets_the_idle_time(server: ReferenceBackend) -> None:
+    time.sleep(0.3)
+    requests.get(server.url + "/api/anything", timeout=2)
+    result = activity(server)
+    assert isinstance(result, bo.Activity)
+    assert result.idle_seconds is not None
+    assert result.idle_seconds < 0.3
+
+
+def test_a_running_job_reads_as_busy_then_idle(server: ReferenceBackend) -> None:
+    assert requests.post(server.url + "/api/jobs?seconds=0.5", timeout=2).status_code == 202
+    time.sleep(0.1)
+    busy = activity(server)
+    assert isinstance(busy, bo.Activity)
+    assert busy.busy_reason == "busy is true"
+    deadline = time.monotonic() + 5
+    while server.jobs_done == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    done = activity(server)
+    assert isinstance(done, bo.Activity)
+    assert done.busy_reason is None
+
+
+def test_health_is_503_while_booting() -> None:
+    backend = ReferenceBackend(("127.0.0.1", 0), boot_seconds=60)
+    thread = threading.Thread(target=backend.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert requests.get(backend.url + "/health", timeout=2).status_code == 503
+    finally:
+        backend.shutdown()
+        backend.server_close()
+        thread.join(5)
