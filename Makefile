@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
+LAMBDA_PYTHON ?= 3.12
+LAMBDA_ARCH ?= x86_64
+ZIP := dist/lambda_backend_orchestrator.zip
 
 test: lint typecheck unit
 
@@ -25,6 +28,10 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest
 
+# The deployment zip, for Lambda's platform: make package LAMBDA_PYTHON=3.13 LAMBDA_ARCH=arm64
+package: $(STAMP)
+	$(BIN)/python tools/package.py --python $(LAMBDA_PYTHON) --arch $(LAMBDA_ARCH) --output $(ZIP)
+
 bench: $(STAMP)
 	$(BIN)/python tools/bench.py
 
@@ -36,5 +43,5 @@ lock: $(STAMP)
 		requirements-dev.in -o requirements-dev.txt
 
 clean:
-	rm -rf dist build .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf dist build package .pytest_cache .mypy_cache .ruff_cache .hypothesis .aws-sam
 	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +

@@ -246,3 +246,45 @@ def log_lines(capsys: pytest.CaptureFixture[str]) -> Callable[[], list[dict[str,
         return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
 
     return read
+
+
+# --- moto's real HTTP server on 127.0.0.1 -------------------------------------------------------------
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """moto's EC2 over real HTTP on a free loopback port; its state is reset per test by `moto_url`."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+    if server._server is not None:
+        server._server.server_close()  # stop() leaves the socket listening
+
+
+@pytest.fixture
+def moto_url(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A clean moto server, and the function's EC2 client pointed at it."""
+    import requests
+
+    requests.post(f"{moto_server}/moto-api/reset", timeout=5).raise_for_status()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", moto_server)
+    bo.ec2_client.cache_clear()
+    return moto_server
+
+
+def stopped_instance(endpoint: str) -> str:
+    """A stopped instance in moto's server, as the backend sits between uses."""
+    client = boto3.client("ec2", region_name=REGION, endpoint_url=endpoint)
+    instance_id: str = client.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1)["Instances"][0][
+        "InstanceId"
+    ]
+    client.stop_instances(InstanceIds=[instance_id])
+    return instance_id
+
+
+def instance_state(endpoint: str, instance_id: str) -> str:
+    client = boto3.client("ec2", region_name=REGION, endpoint_url=endpoint)
+    reservations = client.describe_instances(InstanceIds=[instance_id])["Reservations"]
+    return str(reservations[0]["Instances"][0]["State"]["Name"])

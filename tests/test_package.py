@@ -1,0 +1,165 @@
+"""`make package`: a reproducible zip for Lambda's platform, smoke-tested the way the runtime loads it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import boto3
+import pytest
+from tools import package
+
+from tests.conftest import REGION, instance_state, stopped_instance
+
+HOST_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+HOST_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}.get(
+    platform.machine().lower()
+)
+NETWORK_FAILURES = ("NewConnectionError", "Failed to establish", "Temporary failure in name resolution",
+                    "Network is unreachable", "ConnectTimeoutError", "Max retries exceeded")  # fmt: skip
+RUNTIME_PACKAGES = ("boto3", "botocore", "s3transfer", "jmespath", "dateutil", "six.py", "urllib3")
+
+
+def build(python: str, arch: str, output: Path) -> Path:
+    try:
+        return package.build(python, arch, output)
+    except package.PackageError as error:
+        if any(marker in str(error) for marker in NETWORK_FAILURES):
+            pytest.skip(f"pip cannot reach the package index here: {str(error).splitlines()[-1]}")
+        raise
+
+
+@pytest.fixture(scope="module")
+def host_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The zip for this machine's CPython and architecture, so that it can run here."""
+    if HOST_PYTHON not in package.PYTHONS or HOST_ARCH is None:
+        pytest.skip(f"no Lambda runtime matches this Python {HOST_PYTHON} on {platform.machine()}")
+    return build(HOST_PYTHON, HOST_ARCH, tmp_path_factory.mktemp("zip") / "lambda.zip")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_two_builds_are_byte_identical(host_zip: Path, tmp_path: Path) -> None:
+    again = build(HOST_PYTHON, HOST_ARCH or "x86_64", tmp_path / "again.zip")
+    assert sha256(again) == sha256(host_zip)
+
+
+def test_the_zip_holds_the_handler_and_requests_and_nothing_else(host_zip: Path) -> None:
+    with zipfile.ZipFile(host_zip) as archive:
+        infos = archive.infolist()
+    names = [info.filename for info in infos]
+    assert names == sorted(names)
+    top = {name.split("/")[0] for name in names}
+    packages = {name for name in top if not name.endswith(".dist-info")}
+    assert packages == {"backend_orchestrator.py", "requests", "urllib3", "idna", "charset_normalizer", "certifi"}
+    assert {name.split("-")[0] for name in top if name.endswith(".dist-info")} == packages - {"backend_orchestrator.py"}
+    for name in names:
+        assert "__pycache__" not in name, name
+        assert not name.endswith(".pyc"), name
+        assert "/tests/" not in name, name
+        assert name.rsplit("/", 1)[-1] not in ("RECORD", "INSTALLER", "REQUESTED", "direct_url.json"), name
+    assert not top & {"boto3", "botocore", "s3transfer", "jmespath", "bin"}
+    assert {info.date_time for info in infos} == {package.FIXED_TIME}
+    assert {info.external_attr >> 16 for info in infos} <= {0o100644, 0o100755}
+    assert (host_zip.parent / "lambda.zip").stat().st_size < 1024 * 1024
+
+
+def test_the_pinned_versions_are_the_ones_shipped(host_zip: Path) -> None:
+    pins = dict(
+        line.split(" ")[0].split("==")
+        for line in (package.REQUIREMENTS).read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
+    with zipfile.ZipFile(host_zip) as archive:
+        shipped = {name.split("/")[0] for name in archive.namelist() if ".dist-info/" in name}
+    assert {f"{name.replace('-', '_')}-{version}.dist-info" for name, version in pins.items()} == shipped
+
+
+SMOKE = r"""
+import importlib, json, sys
+task, runtime = sys.argv[1], sys.argv[2]
+sys.path[:0] = [task, runtime]  # Lambda puts /var/task before the runtime's own packages
+module_name, function_name = "backend_orchestrator.lambda_handler".rsplit(".", 1)
+handler = getattr(importlib.import_module(module_name), function_name)
+result = handler(json.loads(sys.argv[3]), None)
+import requests, urllib3, charset_normalizer.md
+print(json.dumps({"result": result, "requests": requests.__file__, "urllib3": urllib3.__file__,
+                  "charset_md": charset_normalizer.md.__file__}))
+"""
+
+
+def run_from_zip(extracted: Path, runtime: Path, event: dict[str, str], env: dict[str, str]) -> dict[str, object]:
+    """The handler in a fresh interpreter that sees only the zip, boto3 and its dependencies."""
+    base = {"PATH": os.environ["PATH"], "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_REGION": REGION, "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": "/dev/null",
+            "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}  # fmt: skip
+    # -I: no user site, no PYTHONPATH; -S: no site-packages, so requests can come only from the zip.
+    command = [sys.executable, "-I", "-S", "-B", "-c", SMOKE, str(extracted), str(runtime), json.dumps(event)]
+    done = subprocess.run(command, env={**base, **env}, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    output: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return output
+
+
+@pytest.fixture(scope="module")
+def lambda_dirs(host_zip: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    task = tmp_path_factory.mktemp("task")
+    with zipfile.ZipFile(host_zip) as archive:
+        archive.extractall(task)
+    runtime = tmp_path_factory.mktemp("runtime")  # what the Lambda runtime ships: boto3 and its dependencies
+    site = Path(boto3.__file__).parent.parent
+    for name in RUNTIME_PACKAGES:
+        (runtime / name).symlink_to(site / name)
+    return task, runtime
+
+
+def test_smoke_config_error_comes_back_clearly(lambda_dirs: tuple[Path, Path]) -> None:
+    task, runtime = lambda_dirs
+    output = run_from_zip(task, runtime, {"action": "start"}, {})
+    result = output["result"]
+    assert isinstance(result, dict)
+    assert result["error"]["code"] == "config_error"
+    assert "INSTANCE_ID" in result["error"]["message"]
+    assert str(output["requests"]).startswith(str(task))
+    assert str(output["urllib3"]).startswith(str(task))
+    assert str(output["charset_md"]).endswith(".so")  # the compiled module for this platform loaded
+
+
+def test_smoke_starts_a_stopped_instance_in_moto_server(lambda_dirs: tuple[Path, Path], moto_url: str) -> None:
+    task, runtime = lambda_dirs
+    instance_id = stopped_instance(moto_url)
+    env = {"INSTANCE_ID": instance_id, "AWS_ENDPOINT_URL_EC2": moto_url}
+    result = run_from_zip(task, runtime, {"action": "start"}, env)["result"]
+    assert isinstance(result, dict)
+    assert (result["ok"], result["previous_state"]) == (True, "stopped"), result
+    assert instance_state(moto_url, instance_id) in ("pending", "running")
+
+
+def test_arm64_zip_holds_only_aarch64_modules(tmp_path: Path) -> None:
+    archive = build("3.12", "arm64", tmp_path / "arm64.zip")
+    machines = package.native_modules(archive)
+    assert machines  # charset_normalizer ships compiled modules: the check has something to check
+    assert set(machines.values()) == {"aarch64"}
+
+
+def test_x86_64_zip_holds_only_x86_64_modules(tmp_path: Path) -> None:
+    machines = package.native_modules(build("3.14", "x86_64", tmp_path / "x86.zip"))
+    assert machines
+    assert set(machines.values()) == {"x86_64"}
+
+
+@pytest.mark.parametrize(
+    ("python", "arch", "says"), [("3.10", "x86_64", "LAMBDA_PYTHON"), ("3.12", "amd64", "LAMBDA_ARCH")]
+)
+def test_bad_build_settings_are_refused_clearly(tmp_path: Path, python: str, arch: str, says: str) -> None:
+    with pytest.raises(package.PackageError, match=says):
+        package.build(python, arch, tmp_path / "x.zip")
+    assert not (tmp_path / "x.zip").exists()
