@@ -1,5 +1,5 @@
 # make test: what CI runs. Everything installs into .venv from pinned requirements.
-.PHONY: test lint typecheck unit bench package clean venv lock
+.PHONY: test lint typecheck unit demo serve bench package clean venv lock
 
 PYTHON ?= python3
 VENV := .venv
@@ -28,12 +28,20 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest
 
+# The whole life cycle on 127.0.0.1, no AWS account: moto, a reference backend, a local Function URL.
+demo: $(STAMP)
+	PYTHONPATH=lambda:. $(BIN)/python -m tools.demo
+
+# The same pieces left running, to develop the app against (BACKEND_START_LAMBDA_URL=<printed URL>).
+serve: $(STAMP)
+	PYTHONPATH=lambda:. $(BIN)/python -m tools.demo --serve
+
 # The deployment zip, for Lambda's platform: make package LAMBDA_PYTHON=3.13 LAMBDA_ARCH=arm64
 package: $(STAMP)
-	$(BIN)/python tools/package.py --python $(LAMBDA_PYTHON) --arch $(LAMBDA_ARCH) --output $(ZIP)
+	$(BIN)/python -m tools.package --python $(LAMBDA_PYTHON) --arch $(LAMBDA_ARCH) --output $(ZIP)
 
 bench: $(STAMP)
-	$(BIN)/python tools/bench.py
+	PYTHONPATH=lambda:. $(BIN)/python -m tools.bench
 
 # Re-pin after editing a *.in file: exact versions; the zip's dependencies also with hashes.
 lock: $(STAMP)

@@ -506,11 +506,15 @@ def decide(
     idle_seconds = min(activity.idle_seconds, uptime_seconds)
     if idle_seconds > idle_timeout_seconds:
         return Verdict(
-            Decision.STOP, f"idle for {idle_seconds:.0f}s, over the {idle_timeout_seconds}s timeout", idle_seconds
+            Decision.STOP, f"idle for {_seconds(idle_seconds)}, over the {idle_timeout_seconds}s timeout", idle_seconds
         )
     return Verdict(
-        Decision.KEEP, f"idle for {idle_seconds:.0f}s, within the {idle_timeout_seconds}s timeout", idle_seconds
+        Decision.KEEP, f"idle for {_seconds(idle_seconds)}, within the {idle_timeout_seconds}s timeout", idle_seconds
     )
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f}s" if value >= 60 else f"{value:.1f}s"
 
 
 def parse_activity(payload: object, now: datetime) -> Activity | ActivityUnknown:

@@ -1,0 +1,147 @@
+"""`make demo`: the function's whole life cycle on 127.0.0.1, as a timeline. `make serve`: keep it up.
+
+demo:  the app wakes the backend through the local Function URL and runs a job on it; check_idle
+       runs every second with a 3 s idle timeout: keep (busy), keep (recent activity), stop.
+serve: the same pieces, left running for developing the app against them, with check_idle every
+       CHECK_EVERY seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from examples.wake_backend import Progress, WakeError, wake_backend
+from tools.sandbox import Sandbox
+
+
+class DemoFailure(Exception):
+    """A step of the life cycle did not happen as it should; the message says which."""
+
+
+@dataclass
+class Timeline:
+    """Rows of (time, actor, action, EC2 state, result), printed as they happen."""
+
+    out: Callable[[str], None] = print
+    started: float = field(default_factory=time.monotonic)
+    rows: list[tuple[str, str, str, str]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def header(self) -> None:
+        self.out(f"{'time':>6}  {'actor':<9} {'action':<16} {'EC2':<9} result")
+
+    def row(self, actor: str, action: str, state: str, result: str) -> None:
+        with self._lock:
+            self.rows.append((actor, action, state, result))
+            self.out(f"{time.monotonic() - self.started:5.1f}s  {actor:<9} {action:<16} {state:<9} {result}")
+
+
+def run_demo(
+    timeline: Timeline,
+    *,
+    idle_timeout_seconds: int = 3,
+    job_seconds: float = 3.0,
+    check_every: float = 1.0,
+    deadline_seconds: float = 50.0,
+    function_log: Path | None = None,
+) -> None:
+    """The life cycle; raises DemoFailure if any step goes wrong."""
+    give_up_at = time.monotonic() + deadline_seconds
+    with Sandbox(
+        idle_timeout_seconds=idle_timeout_seconds,
+        function_log=function_log,
+        on_change=lambda state, message: timeline.row("instance", "power", state, message),
+    ) as sandbox:
+        timeline.row(
+            "demo", "setup", sandbox.state(), f"moto EC2 on {sandbox.moto_url}, instance {sandbox.instance_id}"
+        )
+        timeline.row("demo", "setup", sandbox.state(), f"local Function URL {sandbox.function_url}")
+
+        def progress(update: Progress) -> None:
+            timeline.row("app", update.phase, sandbox.state(), update.message)
+
+        try:
+            wake_backend(sandbox.function_url, sandbox.backend_url, deadline_seconds=20, on_progress=progress)
+        except WakeError as error:
+            raise DemoFailure(f"the app could not wake the backend: {error}") from error
+        job = requests.post(f"{sandbox.backend_url}/api/jobs?seconds={job_seconds:g}", timeout=5)
+        if job.status_code != 202:
+            raise DemoFailure(f"the backend refused the job: HTTP {job.status_code}")
+        timeline.row("app", "POST /api/jobs", sandbox.state(), f"{job.status_code}: a {job_seconds:g}s simulated job")
+
+        seen: list[str] = []
+        while "stop" not in seen:
+            if time.monotonic() > give_up_at:
+                raise DemoFailure(f"no stop within {deadline_seconds:g}s; decisions so far: {seen}")
+            time.sleep(check_every)
+            result = sandbox.invoke({"action": "check_idle"})
+            if not result.get("ok"):
+                raise DemoFailure(f"check_idle failed: {result.get('error')}")
+            decision = result["decision"]
+            seen.append("keep-busy" if "busy" in result["reason"] else decision)
+            timeline.row("schedule", "check_idle", result["state"], f"{decision}: {result['reason']}")
+        expected = ["keep-busy", "keep", "stop"]
+        order = [kind for i, kind in enumerate(seen) if i == 0 or seen[i - 1] != kind]
+        if order != expected:
+            raise DemoFailure(f"check_idle should go {' -> '.join(expected)}; it went {' -> '.join(order)}")
+        while sandbox.backend_host.backend is not None and time.monotonic() < give_up_at:
+            time.sleep(0.1)
+        final = sandbox.state()
+        if final != "stopped":
+            raise DemoFailure(f"the instance ended {final}, not stopped")
+        timeline.row("demo", "done", final, "the instance is stopped: woken, used, idle, stopped")
+
+
+def serve(check_every: float, idle_timeout_seconds: int) -> None:
+    stop = threading.Event()
+    with Sandbox(idle_timeout_seconds=idle_timeout_seconds, boot_seconds=3.0) as sandbox:
+        print(f"""Local stand-in of the whole system (Ctrl-C to stop):
+  Function URL   {sandbox.function_url}      BACKEND_START_LAMBDA_URL={sandbox.function_url}
+  backend        {sandbox.backend_url}   (serves only while the instance runs)
+  moto EC2       {sandbox.moto_url}   instance {sandbox.instance_id} (stopped)
+  check_idle     every {check_every:g}s, idle timeout {idle_timeout_seconds}s
+Try: curl -s -X POST {sandbox.function_url} -d '{{"action": "start"}}'""")
+        try:
+            while not stop.wait(check_every):
+                result = sandbox.invoke({"action": "check_idle"})
+                print(f"check_idle: {result.get('decision')} ({result.get('reason') or result.get('error')})")
+        except KeyboardInterrupt:
+            pass
+    print("stopped: moto, the backend and the Function URL are down")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--serve", action="store_true", help="keep everything running (make serve)")
+    parser.add_argument("--check-every", type=float, default=30.0, help="seconds between check_idle (serve)")
+    parser.add_argument("--idle-timeout", type=int, default=120, help="IDLE_TIMEOUT_SECONDS (serve)")
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.check_every, args.idle_timeout)
+        return 0
+    timeline = Timeline()
+    log = Path(tempfile.gettempdir()) / "backend-orchestrator-demo.jsonl"
+    timeline.header()
+    try:
+        run_demo(timeline, function_log=log)
+    except DemoFailure as error:
+        print(f"\ndemo FAILED: {error}\nthe function's own log lines are in {log}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: everything is stopped", file=sys.stderr)
+        return 130
+    print(f"\ndemo passed; the function's JSON log and metric lines are in {log}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,381 @@
+"""The whole system on 127.0.0.1, with no AWS account: for `make demo`, `make serve` and the tests.
+
+- moto's server as the EC2 endpoint, with one stopped instance;
+- a `BackendHost` that plays the instance: it serves the reference backend while moto says the
+  instance is running (booting for a moment first), and nothing while it is stopped;
+- the function behind a local Function URL: each HTTP request becomes a payload 2.0 event for
+  `lambda_handler`, with a context whose remaining time is honest, and the answer goes back as HTTP.
+
+Everything binds to 127.0.0.1 and stops when the `Sandbox` context exits.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import boto3
+
+import backend_orchestrator as bo
+from examples.reference_backend import ReferenceBackend
+
+REGION = "us-east-1"
+FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing"}
+TEXT_TYPES = ("text/", "application/json", "application/xml", "application/x-www-form-urlencoded")
+Handler = Callable[[object, object], dict[str, Any]]
+
+
+# --- The local Function URL -------------------------------------------------------------------------------
+class LocalContext:
+    """The parts of the Lambda context the function reads; the remaining time counts down for real."""
+
+    def __init__(self, timeout_seconds: float) -> None:
+        self.aws_request_id = str(uuid.uuid4())
+        self.function_name = "backend-orchestrator-local"
+        self.memory_limit_in_mb = 128
+        self._deadline = time.monotonic() + timeout_seconds
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+class LocalFunctionUrl(ThreadingHTTPServer):
+    """An HTTP server that calls the handler as a Lambda Function URL would (payload format 2.0)."""
+
+    daemon_threads = True
+
+    def __init__(self, handler: Handler = bo.lambda_handler, timeout_seconds: float = 60.0) -> None:
+        super().__init__(("127.0.0.1", 0), _FunctionUrlRequest)
+        self.handler = handler
+        self.timeout_seconds = timeout_seconds
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/"
+
+
+class _FunctionUrlRequest(BaseHTTPRequestHandler):
+    server: LocalFunctionUrl
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self._invoke()
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET
+
+    def _invoke(self) -> None:
+        result = self.server.handler(self._event(), LocalContext(self.server.timeout_seconds))
+        if "statusCode" not in result:  # a Function URL turns a plain object into a 200 JSON answer
+            result = {"statusCode": 200, "headers": {"Content-Type": "application/json"}, "body": json.dumps(result)}
+        body = result.get("body") or ""
+        raw = base64.b64decode(body) if result.get("isBase64Encoded") else body.encode()
+        self.send_response(int(result["statusCode"]))
+        for name, value in (result.get("headers") or {}).items():
+            self.send_header(name, str(value))
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def _event(self) -> dict[str, Any]:
+        """https://docs.aws.amazon.com/lambda/latest/dg/urls-invocation.html#urls-request-payload"""
+        url = urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        headers: dict[str, str] = {}
+        for name, value in self.headers.items():  # lower-cased, repeated headers joined by commas
+            key = name.lower()
+            headers[key] = f"{headers[key]},{value}" if key in headers else value
+        is_text = headers.get("content-type", "text/plain").startswith(TEXT_TYPES)
+        now = datetime.now(UTC)
+        event: dict[str, Any] = {
+            "version": "2.0",
+            "routeKey": "$default",
+            "rawPath": url.path or "/",
+            "rawQueryString": url.query,
+            "headers": headers,
+            "requestContext": {
+                "accountId": "anonymous",
+                "apiId": "local",
+                "domainName": headers.get("host", "127.0.0.1"),
+                "domainPrefix": "local",
+                "http": {
+                    "method": self.command,
+                    "path": url.path or "/",
+                    "protocol": self.request_version,
+                    "sourceIp": self.client_address[0],
+                    "userAgent": headers.get("user-agent", ""),
+                },
+                "requestId": str(uuid.uuid4()),
+                "routeKey": "$default",
+                "stage": "$default",
+                "time": now.strftime("%d/%b/%Y:%H:%M:%S +0000"),
+                "timeEpoch": int(now.timestamp() * 1000),
+            },
+            "isBase64Encoded": bool(raw) and not is_text,
+        }
+        if url.query:
+            event["queryStringParameters"] = dict(parse_qsl(url.query))
+        if raw:
+            event["body"] = raw.decode() if is_text else base64.b64encode(raw).decode()
+        return event
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+# --- The instance's stand-in ------------------------------------------------------------------------------
+class BackendHost:
+    """Serves the reference backend on a fixed port while moto says the instance is running."""
+
+    def __init__(self, ec2: Any, instance_id: str, boot_seconds: float, on_change: Callable[[str, str], None]) -> None:
+        self.ec2, self.instance_id, self.boot_seconds, self.on_change = ec2, instance_id, boot_seconds, on_change
+        self.port = _free_port()
+        self.backend: ReferenceBackend | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="backend-host", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._power_off()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.1):
+            state = self.ec2.describe_instances(InstanceIds=[self.instance_id])["Reservations"][0]["Instances"][0][
+                "State"
+            ]["Name"]
+            if state == "running" and self.backend is None:
+                self._power_on()
+            elif state != "running" and self.backend is not None:
+                self._power_off()
+                self.on_change(state, "backend down: connections refused")
+
+    def _power_on(self) -> None:
+        _refresh_launch_time(self.instance_id)
+        self.backend = ReferenceBackend(("127.0.0.1", self.port), self.boot_seconds)
+        threading.Thread(target=self.backend.serve_forever, name="reference-backend", daemon=True).start()
+        self.on_change("running", f"backend booting on {self.url} ({self.boot_seconds:g}s)")
+
+    def _power_off(self) -> None:
+        if self.backend is not None:
+            self.backend.shutdown()
+            self.backend.server_close()
+            self.backend = None
+
+
+def _refresh_launch_time(instance_id: str) -> None:
+    # Real EC2 sets LaunchTime at each start; moto keeps the first one. moto's server runs in this
+    # process, so set it as EC2 would.
+    from moto.core.models import DEFAULT_ACCOUNT_ID
+    from moto.ec2.models import ec2_backends
+
+    instance = ec2_backends[DEFAULT_ACCOUNT_ID][REGION].get_instance(instance_id)
+    instance.launch_time = datetime.now(UTC).replace(tzinfo=None)
+
+
+@contextmanager
+def _atomic_state_changes() -> Iterator[None]:
+    """Real EC2 changes an instance's state atomically: of concurrent StartInstances calls on a
+    stopped instance, exactly one sees it stopped. moto's threaded server reads and writes the state
+    without a lock; take one around its start and stop while the sandbox runs."""
+    from moto.ec2.models.instances import InstanceBackend
+
+    lock = threading.Lock()
+    originals = {name: getattr(InstanceBackend, name) for name in ("start_instances", "stop_instances")}
+
+    def locked(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with lock:
+                return original(*args, **kwargs)
+
+        return call
+
+    for name, original in originals.items():
+        setattr(InstanceBackend, name, locked(original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(InstanceBackend, name, original)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# --- All of it together ------------------------------------------------------------------------------------
+class Sandbox:
+    """moto + the backend host + the local Function URL, configured for one another."""
+
+    def __init__(
+        self,
+        *,
+        idle_timeout_seconds: int = 3,
+        http_timeout_seconds: float = 1.0,
+        boot_seconds: float = 1.0,
+        function_timeout_seconds: float = 60.0,
+        environment: dict[str, str] | None = None,
+        function_log: Path | None = None,
+        on_change: Callable[[str, str], None] = lambda _state, _message: None,
+    ) -> None:
+        self.idle_timeout_seconds = idle_timeout_seconds
+        self.http_timeout_seconds = http_timeout_seconds
+        self.boot_seconds = boot_seconds
+        self.function_timeout_seconds = function_timeout_seconds
+        self.extra_environment = environment or {}
+        self.function_log = function_log
+        self.on_change = on_change
+
+    def __enter__(self) -> Sandbox:
+        self._stack = _Stack()
+        try:
+            self._start()
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stack.close()
+
+    def invoke(self, event: object) -> dict[str, Any]:
+        """A direct invocation, as EventBridge with constant input makes it."""
+        return bo.lambda_handler(event, LocalContext(self.function_timeout_seconds))
+
+    def state(self) -> str:
+        reservations = self.ec2.describe_instances(InstanceIds=[self.instance_id])["Reservations"]
+        return str(reservations[0]["Instances"][0]["State"]["Name"])
+
+    def _start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request otherwise
+        moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        moto.start()
+        self._stack.push(lambda: _stop_moto(moto))
+        host, port = moto.get_host_and_port()
+        self.moto_url = f"http://{host}:{port}"
+        self._stack.enter(_atomic_state_changes())
+        self._stack.enter(_environment({**FAKE_CREDENTIALS, "AWS_DEFAULT_REGION": REGION}))
+        self.ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=self.moto_url)
+        launched = self.ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1, InstanceType="c6i.xlarge")
+        self.instance_id = launched["Instances"][0]["InstanceId"]
+        self.ec2.stop_instances(InstanceIds=[self.instance_id])
+
+        host_ = BackendHost(self.ec2, self.instance_id, self.boot_seconds, self.on_change)
+        host_.start()
+        self._stack.push(host_.close)
+        self.backend_host = host_
+        self.backend_url = host_.url
+
+        self._stack.enter(
+            _environment(
+                {
+                    "AWS_REGION": REGION,
+                    "AWS_ENDPOINT_URL_EC2": self.moto_url,
+                    "AWS_EC2_METADATA_DISABLED": "true",
+                    "INSTANCE_ID": self.instance_id,
+                    "BACKEND_BASE_URL": self.backend_url,
+                    "IDLE_TIMEOUT_SECONDS": str(self.idle_timeout_seconds),
+                    "HTTP_TIMEOUT_SECONDS": str(self.http_timeout_seconds),
+                    **self.extra_environment,
+                },
+                unset=("AWS_PROFILE",),
+            )
+        )
+        if self.function_log is not None:
+            self._stack.enter(_function_logs_to(self.function_log))
+        function_url = LocalFunctionUrl(timeout_seconds=self.function_timeout_seconds)
+        threading.Thread(target=function_url.serve_forever, name="function-url", daemon=True).start()
+        self._stack.push(function_url.server_close)
+        self._stack.push(function_url.shutdown)
+        self.function_url = function_url.url
+
+
+class _Stack:
+    """Undo actions run last-in, first-out, each even if another fails."""
+
+    def __init__(self) -> None:
+        self._undo: list[Callable[[], object]] = []
+
+    def push(self, undo: Callable[[], object]) -> None:
+        self._undo.append(undo)
+
+    def enter(self, context: Any) -> None:
+        context.__enter__()
+        self.push(lambda: context.__exit__(None, None, None))
+
+    def close(self) -> None:
+        while self._undo:
+            try:
+                self._undo.pop()()
+            except Exception as error:  # teardown goes on: leave nothing running
+                logging.getLogger(__name__).warning("teardown step failed: %s", error)
+
+
+@contextmanager
+def _environment(values: dict[str, str], unset: tuple[str, ...] = ()) -> Iterator[None]:
+    """Set (and unset) environment variables, and rebuild the function's EC2 client; restore on exit."""
+    saved = {name: os.environ.get(name) for name in (*values, *unset)}
+    os.environ.update(values)
+    for name in unset:
+        os.environ.pop(name, None)
+    bo.ec2_client.cache_clear()
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        bo.ec2_client.cache_clear()
+
+
+@contextmanager
+def _function_logs_to(path: Path) -> Iterator[None]:
+    """Send the function's JSON log and metric lines to a file, to keep a demo's timeline readable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as stream:
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(bo.JsonFormatter())
+        saved = {logger: logger.handlers[:] for logger in (bo.LOG, bo.METRICS_LOG)}
+        bo.LOG.handlers = [handler]
+        metrics = logging.StreamHandler(stream)
+        metrics.setFormatter(logging.Formatter("%(message)s"))
+        bo.METRICS_LOG.handlers = [metrics]
+        try:
+            yield
+        finally:
+            for logger, handlers in saved.items():
+                logger.handlers = handlers
+
+
+def _stop_moto(moto: Any) -> None:
+    moto.stop()
+    if moto._server is not None:
+        moto._server.server_close()  # stop() leaves the socket listening
