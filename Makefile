@@ -1,5 +1,5 @@
 # make test: what CI runs. Everything installs into .venv from pinned requirements.
-.PHONY: test lint typecheck unit demo serve bench package clean venv lock
+.PHONY: test lint typecheck unit demo serve bench package validate deploy clean venv lock
 
 PYTHON ?= python3
 VENV := .venv
@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed-dev
 LAMBDA_PYTHON ?= 3.12
 LAMBDA_ARCH ?= x86_64
 ZIP := dist/lambda_backend_orchestrator.zip
+DEPLOY_VENV := .venv-deploy
 
 test: lint typecheck unit
 
@@ -40,6 +41,21 @@ serve: $(STAMP)
 package: $(STAMP)
 	$(BIN)/python -m tools.package --python $(LAMBDA_PYTHON) --arch $(LAMBDA_ARCH) --output $(ZIP)
 
+# Lint template.yaml (cfn-lint) and the IAM policies (parliament: nothing above LOW).
+validate: $(STAMP)
+	$(BIN)/cfn-lint template.yaml
+	$(BIN)/python -m tools.lint_policy
+
+# Build, check, and deploy with AWS SAM: guided the first time (it writes samconfig.toml).
+deploy: package validate $(DEPLOY_VENV)/.installed
+	@if [ -f samconfig.toml ]; then $(DEPLOY_VENV)/bin/sam deploy; \
+	else $(DEPLOY_VENV)/bin/sam deploy --guided --capabilities CAPABILITY_IAM; fi
+
+$(DEPLOY_VENV)/.installed: requirements-deploy.txt
+	test -x $(DEPLOY_VENV)/bin/python || $(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-deploy.txt
+	touch $@
+
 bench: $(STAMP)
 	PYTHONPATH=lambda:. $(BIN)/python -m tools.bench
 
@@ -49,6 +65,8 @@ lock: $(STAMP)
 		--no-emit-find-links lambda/requirements.in -o lambda/requirements.txt
 	$(BIN)/pip-compile --quiet --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
 		requirements-dev.in -o requirements-dev.txt
+	$(BIN)/pip-compile --quiet --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
+		requirements-deploy.in -o requirements-deploy.txt
 
 clean:
 	rm -rf dist build package .pytest_cache .mypy_cache .ruff_cache .hypothesis .aws-sam

@@ -1,0 +1,176 @@
+"""template.yaml and iam-policy-example.json: linted, least privilege, and in step with the code."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cfnlint.decode import cfn_yaml
+from tools import lint_policy, package
+
+import backend_orchestrator as bo
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = ROOT / "template.yaml"
+POLICY = ROOT / "iam-policy-example.json"
+INSTANCE_ARN = "arn:aws:ec2:us-east-1:123456789012:instance/i-0abc123def4567890"
+
+
+def load_template() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(json.dumps(cfn_yaml.load(str(TEMPLATE))))
+    return loaded
+
+
+def load_policy() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(POLICY.read_text())
+    return loaded
+
+
+def actions_by_resource(policy: dict[str, Any]) -> dict[str, set[str]]:
+    """{resource: actions allowed on it}, with the template's !Sub ARN shown as INSTANCE_ARN."""
+    grants: dict[str, set[str]] = {}
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow"
+        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        resource = statement["Resource"]
+        if isinstance(resource, dict):
+            resource = INSTANCE_ARN if resource["Fn::Sub"].endswith(":instance/${InstanceId}") else str(resource)
+        grants.setdefault(resource, set()).update(actions)
+    return grants
+
+
+def drift(template: dict[str, Any], policy: dict[str, Any]) -> list[str]:
+    """Where the template, the example policy and the code disagree; empty when in step."""
+    problems = []
+    function = template["Resources"]["Function"]["Properties"]
+    module_name, handler_name = function["Handler"].rsplit(".", 1)
+    if module_name != bo.__name__ or not callable(getattr(bo, handler_name, None)):
+        problems.append(f"Handler {function['Handler']} is not a function of {bo.__name__}")
+    known = {value for name, value in vars(bo).items() if name.startswith("ENV_")}
+    variables = function["Environment"]["Variables"]
+    problems += [
+        f"the template sets {name}, which the function does not read" for name in variables if name not in known
+    ]
+    required = (bo.ENV_INSTANCE_ID, bo.ENV_BACKEND_BASE_URL)
+    problems += [f"the template does not set {name}" for name in required if name not in variables]
+    code_actions = {"*": {bo.IAM_ACTIONS["DescribeInstances"]},
+                    INSTANCE_ARN: {bo.IAM_ACTIONS["StartInstances"], bo.IAM_ACTIONS["StopInstances"]}}  # fmt: skip
+    role = template["Resources"]["Role"]["Properties"]["Policies"][0]["PolicyDocument"]
+    for name, grants in (("template Role", actions_by_resource(role)), (POLICY.name, actions_by_resource(policy))):
+        if grants != code_actions:
+            problems.append(f"{name} grants {grants}, the code calls {code_actions}")
+    schedule = function["Events"]["CheckIdle"]["Properties"]
+    if json.loads(schedule["Input"]) != {"action": bo.Action.CHECK_IDLE.value}:
+        problems.append(f"the schedule's input {schedule['Input']} is not check_idle")
+    if function["CodeUri"] != "dist/lambda_backend_orchestrator.zip":
+        problems.append(f"CodeUri {function['CodeUri']} is not what make package writes")
+    parameters = template["Parameters"]
+    if parameters["Runtime"]["AllowedValues"] != [f"python{version}" for version in package.PYTHONS]:
+        problems.append("the template's runtimes are not the ones make package builds for")
+    if parameters["Architecture"]["AllowedValues"] != list(package.PLATFORMS):
+        problems.append("the template's architectures are not the ones make package builds for")
+    return problems
+
+
+def test_template_policy_and_code_are_in_step() -> None:
+    assert drift(load_template(), load_policy()) == []
+
+
+def rename_env_var(template: dict[str, Any], policy: dict[str, Any]) -> None:
+    variables = template["Resources"]["Function"]["Properties"]["Environment"]["Variables"]
+    variables["IDLE_TIMEOUT"] = variables.pop("IDLE_TIMEOUT_SECONDS")
+
+
+def rename_template_action(template: dict[str, Any], policy: dict[str, Any]) -> None:
+    template["Resources"]["Role"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"][1]["Action"][0] = (
+        "ec2:StartInstance"
+    )
+
+
+def rename_policy_action(template: dict[str, Any], policy: dict[str, Any]) -> None:
+    policy["Statement"][1]["Action"] = ["ec2:StartInstances", "ec2:StopInstance"]
+
+
+def scope_describe_to_the_instance(template: dict[str, Any], policy: dict[str, Any]) -> None:
+    policy["Statement"][0]["Resource"] = INSTANCE_ARN
+
+
+def rename_handler(template: dict[str, Any], policy: dict[str, Any]) -> None:
+    template["Resources"]["Function"]["Properties"]["Handler"] = "backend_orchestrator.handler"
+
+
+def drop_schedule_input(template: dict[str, Any], policy: dict[str, Any]) -> None:
+    template["Resources"]["Function"]["Properties"]["Events"]["CheckIdle"]["Properties"]["Input"] = (
+        '{"action": "start"}'
+    )
+
+
+@pytest.mark.parametrize(
+    "break_it",
+    [
+        rename_env_var,
+        rename_template_action,
+        rename_policy_action,
+        scope_describe_to_the_instance,
+        rename_handler,
+        drop_schedule_input,
+    ],
+)
+def test_drift_is_caught_when_one_place_changes(break_it: Any) -> None:
+    template, policy = copy.deepcopy(load_template()), copy.deepcopy(load_policy())
+    break_it(template, policy)
+    assert drift(template, policy) != []
+
+
+def test_cfn_lint_reports_nothing() -> None:
+    cfn_lint = Path(sys.executable).parent / "cfn-lint"
+    done = subprocess.run([str(cfn_lint), str(TEMPLATE)], capture_output=True, text=True, check=False, timeout=120)
+    assert (done.returncode, done.stdout) == (0, ""), done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "policy"),
+    [("iam-policy-example.json", load_policy()), ("template Role", lint_policy.template_role_policy())],
+)
+def test_parliament_finds_nothing_above_low(name: str, policy: dict[str, Any]) -> None:
+    found = lint_policy.findings(policy)
+    assert [finding for finding in found if finding[0] not in ("INFO", "LOW", None)] == [], name
+
+
+def test_parliament_would_catch_describe_scoped_to_an_instance() -> None:
+    policy = load_policy()
+    scope_describe_to_the_instance({}, policy)
+    assert ("MEDIUM", "RESOURCE_MISMATCH") in [(severity, issue) for severity, issue, _ in lint_policy.findings(policy)]
+
+
+def test_policy_placeholders_are_valid_arns() -> None:
+    statement = load_policy()["Statement"][1]
+    partition, service, region, account, resource = statement["Resource"].split(":")[1:]
+    assert (partition, service, region, account) == ("aws", "ec2", "us-east-1", "123456789012")
+    assert resource.startswith("instance/")
+    assert bo.INSTANCE_ID_PATTERN.fullmatch(resource.removeprefix("instance/"))
+
+
+def test_a_public_url_gets_both_permissions_and_needs_a_token() -> None:
+    template = load_template()
+    resources = template["Resources"]
+    url_permission, invoke_permission = resources["PublicUrlInvokeFunctionUrl"], resources["PublicUrlInvokeFunction"]
+    assert url_permission["Condition"] == invoke_permission["Condition"] == "UrlIsPublic"
+    assert url_permission["Properties"]["Action"] == "lambda:InvokeFunctionUrl"
+    assert url_permission["Properties"]["FunctionUrlAuthType"] == "NONE"
+    assert invoke_permission["Properties"]["Action"] == "lambda:InvokeFunction"
+    assert invoke_permission["Properties"]["InvokedViaFunctionUrl"] is True
+    rule = template["Rules"]["PublicUrlNeedsToken"]
+    assert rule["RuleCondition"] == {"Fn::Equals": [{"Ref": "FunctionUrlAuthType"}, "NONE"]}
+    assert template["Parameters"]["FunctionUrlAuthType"]["Default"] == "AWS_IAM"
+    assert template["Parameters"]["AuthToken"]["NoEcho"] is True
+
+
+def test_the_timeout_leaves_start_time_to_wait_out_a_stop() -> None:
+    timeout = load_template()["Resources"]["Function"]["Properties"]["Timeout"]
+    assert timeout - bo.SAFETY_MARGIN_SECONDS >= 10 * bo.STOPPING_POLL_SECONDS

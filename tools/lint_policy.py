@@ -1,0 +1,65 @@
+"""`make validate`, IAM half: lint the example policy and the template's role policy with parliament.
+
+Prints each finding; exits non-zero on any finding above LOW severity.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SEVERITIES = ("INFO", "LOW", "MEDIUM", "HIGH", "CRITICAL")
+# What the template's ${...} placeholders become, so that parliament sees a concrete ARN.
+PLACEHOLDERS = {"${AWS::Partition}": "aws", "${AWS::Region}": "us-east-1", "${AWS::AccountId}": "123456789012",
+                "${InstanceId}": "i-0abc123def4567890"}  # fmt: skip
+
+
+def template_role_policy(template_path: Path = ROOT / "template.yaml") -> dict[str, Any]:
+    """The role's inline policy from template.yaml, its !Sub placeholders filled in."""
+    from cfnlint.decode import cfn_yaml
+
+    template = cfn_yaml.load(str(template_path))
+    document: dict[str, Any] = json.loads(
+        json.dumps(template["Resources"]["Role"]["Properties"]["Policies"][0]["PolicyDocument"])
+    )
+    for statement in document["Statement"]:
+        resource = statement["Resource"]
+        if isinstance(resource, dict):
+            text = resource["Fn::Sub"]
+            for placeholder, value in PLACEHOLDERS.items():
+                text = text.replace(placeholder, value)
+            statement["Resource"] = text
+    return document
+
+
+def findings(policy: dict[str, Any]) -> list[tuple[str, str, object]]:
+    """(severity, issue, detail) for each of parliament's findings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # parliament imports the deprecated pkg_resources
+        import parliament
+
+    analyzed = parliament.analyze_policy_string(json.dumps(policy))
+    return [(parliament.config[f.issue]["severity"], f.issue, f.detail) for f in analyzed.findings]
+
+
+def main() -> int:
+    policies = {
+        "iam-policy-example.json": json.loads((ROOT / "iam-policy-example.json").read_text()),
+        "template.yaml Role": template_role_policy(),
+    }
+    worst = 0
+    for name, policy in policies.items():
+        found = findings(policy)
+        for severity, issue, detail in found:
+            print(f"{name}: {severity} {issue}: {detail}")
+            worst = max(worst, SEVERITIES.index(severity or "INFO"))
+        print(f"{name}: parliament found {len(found)} issue(s)")
+    return 1 if worst > SEVERITIES.index("LOW") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
