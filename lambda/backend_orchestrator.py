@@ -67,7 +67,7 @@ RETRY_AFTER_SECONDS: Final = 10
 DEFAULT_REMAINING_MS: Final = 60_000  # invoked without a Lambda context (local use)
 EPOCH_MILLISECONDS_ABOVE: Final = 1e11  # 1e11 s is the year 5138; 1e11 ms is 1973
 EC2_CLIENT_CONFIG: Final = BotoConfig(
-    retries={"mode": "standard", "max_attempts": 3}, connect_timeout=3, read_timeout=10
+    retries={"mode": "standard", "total_max_attempts": 3}, connect_timeout=3, read_timeout=10
 )
 
 INSTANCE_ID_PATTERN: Final = re.compile(r"i-(?:[0-9a-f]{8}|[0-9a-f]{17})")
@@ -168,6 +168,7 @@ class PayloadTooLargeError(OrchestratorError):
 class ConfigError(OrchestratorError):
     STATUS_CODE = 500
     CODE = "config_error"
+    auth_token: str | None = None  # read before the failure, to authenticate HTTP callers first
 
 
 class AwsError(OrchestratorError):
@@ -207,25 +208,31 @@ class Config:
             raw = environ.get(name, "").strip()
             return parse(name, raw) if raw else default
 
-        instance_id = read(ENV_INSTANCE_ID, _parse_instance_id, "")
-        if not instance_id:
+        auth_token = read(ENV_AUTH_TOKEN, _parse_text, None)
+        try:
+            return cls(
+                instance_id=read(ENV_INSTANCE_ID, _parse_instance_id, ""),
+                backend_base_url=read(ENV_BACKEND_BASE_URL, _parse_base_url, None),
+                idle_timeout_seconds=read(ENV_IDLE_TIMEOUT_SECONDS, _parse_positive_int, 900),
+                region=read(ENV_AWS_REGION, _parse_text, None),
+                http_timeout_seconds=read(ENV_HTTP_TIMEOUT_SECONDS, _parse_positive_float, 5.0),
+                stop_hibernate=read(ENV_STOP_HIBERNATE, _parse_bool, False),
+                dry_run=read(ENV_DRY_RUN, _parse_bool, False),
+                auth_token=auth_token,
+                last_activity_path=read(ENV_LAST_ACTIVITY_PATH, _parse_path, "/api/last-activity"),
+                health_path=read(ENV_HEALTH_PATH, _parse_path, "/health"),
+                log_level=read(ENV_LOG_LEVEL, _parse_log_level, "INFO"),
+                metrics_namespace=read(ENV_METRICS_NAMESPACE, _parse_text, "BackendOrchestrator"),
+            )
+        except ConfigError as error:
+            error.auth_token = auth_token
+            raise
+
+    def __post_init__(self) -> None:
+        if not self.instance_id:
             raise ConfigError(
                 f"{ENV_INSTANCE_ID} is not set. Set it to the backend's EC2 instance ID, e.g. i-0abc123def4567890."
             )
-        return cls(
-            instance_id=instance_id,
-            backend_base_url=read(ENV_BACKEND_BASE_URL, _parse_base_url, None),
-            idle_timeout_seconds=read(ENV_IDLE_TIMEOUT_SECONDS, _parse_positive_int, 900),
-            region=read(ENV_AWS_REGION, _parse_text, None),
-            http_timeout_seconds=read(ENV_HTTP_TIMEOUT_SECONDS, _parse_positive_float, 5.0),
-            stop_hibernate=read(ENV_STOP_HIBERNATE, _parse_bool, False),
-            dry_run=read(ENV_DRY_RUN, _parse_bool, False),
-            auth_token=read(ENV_AUTH_TOKEN, _parse_text, None),
-            last_activity_path=read(ENV_LAST_ACTIVITY_PATH, _parse_path, "/api/last-activity"),
-            health_path=read(ENV_HEALTH_PATH, _parse_path, "/health"),
-            log_level=read(ENV_LOG_LEVEL, _parse_log_level, "INFO"),
-            metrics_namespace=read(ENV_METRICS_NAMESPACE, _parse_text, "BackendOrchestrator"),
-        )
 
     def require_backend_url(self, action: Action) -> str:
         if self.backend_base_url is None:
@@ -885,6 +892,7 @@ class Invocation:
     source: Source | None = None
     action: Action | None = None
     config: Config | None = None
+    authorized: bool = False  # an HTTP caller who is not learns nothing about the instance
 
 
 def _run(
@@ -898,11 +906,18 @@ def _run(
 ) -> Outcome:
     request = parse_event(event)
     invocation.source = Source.HTTP if isinstance(request, HttpRequest) else request.source
-    config = invocation.config = Config.from_env(environ)
+    try:
+        config = Config.from_env(environ)
+    except ConfigError as error:  # show what is misconfigured only to a caller who may know
+        if isinstance(request, HttpRequest):
+            authorize(request, error.auth_token)
+        raise
+    invocation.config = config
     LOG.setLevel(config.log_level)
     warning = None
     if isinstance(request, HttpRequest):
         authorize(request, config.auth_token)
+        invocation.authorized = True
         action = invocation.action = http_action(request)
     else:
         action = invocation.action = request.action
@@ -980,7 +995,8 @@ def handle(
         bug = error
     config = invocation.config
     instance_id = config.instance_id if config else None
-    body = {"ok": outcome.status_code < 400, "action": invocation.action, "instance_id": instance_id, **outcome.fields}
+    shown_id = instance_id if invocation.authorized or invocation.source is not Source.HTTP else None
+    body = {"ok": outcome.status_code < 400, "action": invocation.action, "instance_id": shown_id, **outcome.fields}
     duration_ms = round((clock.monotonic() - started) * 1000, 1)
     request_id = getattr(context, "aws_request_id", None)
     _log(outcome, body, source=invocation.source, request_id=request_id, duration_ms=duration_ms, bug=bug)

@@ -94,10 +94,16 @@ def test_start_works_without_backend_url(invoke: Invoke, ec2: Ec2World) -> None:
     assert invoke({"action": "start"}, BACKEND_BASE_URL="")["ok"] is True
 
 
-def test_the_token_is_never_echoed(invoke: Invoke, ec2: Ec2World, log_lines) -> None:
-    # A bad config with a token set: the error names the bad variable, never the token.
-    response = invoke(http_event(), AUTH_TOKEN="s3cret-token-1234", DRY_RUN="perhaps")
-    assert "s3cret-token-1234" not in str(response) + str(log_lines())
+def test_a_config_error_is_shown_only_to_an_authenticated_http_caller(invoke: Invoke, ec2: Ec2World, log_lines) -> None:
+    broken = {"AUTH_TOKEN": "s3cret-token-1234", "BACKEND_BASE_URL": "10.0.1.50:8000"}
+    anonymous = invoke(http_event(), **broken)
+    assert anonymous["statusCode"] == 401
+    assert "10.0.1.50" not in anonymous["body"]
+    known = invoke(http_event(headers={"authorization": "Bearer s3cret-token-1234"}), **broken)
+    assert known["statusCode"] == 500
+    assert "BACKEND_BASE_URL='10.0.1.50:8000'" in body_of(known)["error"]["message"]
+    assert "s3cret-token-1234" not in str(anonymous) + str(known) + str(log_lines())
+    assert ec2.calls == []
 
 
 def test_no_os_environ_read_outside_config() -> None:

@@ -136,6 +136,7 @@ def test_wrong_or_missing_token_is_401_and_touches_nothing(
     assert response["statusCode"] == 401, why
     assert response["headers"]["WWW-Authenticate"] == "Bearer"
     assert body_of(response)["error"]["code"] == "unauthorized"
+    assert body_of(response)["instance_id"] is None  # an anonymous caller learns nothing about the instance
     assert ec2.calls == []
     assert "s3cret-token-1234" not in str(response) + str(log_lines())
 

@@ -6,6 +6,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+import requests
 import responses
 
 import backend_orchestrator as bo
@@ -39,17 +40,15 @@ def test_status_of_a_stopped_instance_makes_no_http_request(invoke: Invoke, ec2:
         ),
         pytest.param({"status": 503}, {"reachable": True, "healthy": False, "status_code": 503}, id="booting"),
         pytest.param(
-            {"body": ConnectionError("refused")}, {"reachable": False, "healthy": False, "status_code": None}, id="down"
+            {"body": requests.ConnectionError("refused")},
+            {"reachable": False, "healthy": False, "status_code": None},
+            id="down",
         ),
     ],
 )
 def test_status_of_a_running_instance_probes_health(
     invoke: Invoke, ec2: Ec2World, backend: Any, respond: dict[str, Any], expected: dict[str, Any]
 ) -> None:
-    if isinstance(respond.get("body"), Exception):
-        import requests
-
-        respond = {"body": requests.ConnectionError("refused")}
     backend.get(BACKEND + "/health", **respond)
     body = body_of(invoke(http_event(body='{"action": "status"}')))
     assert body["state"] == "running"
@@ -140,6 +139,15 @@ def test_an_unexpected_bug_is_a_500_with_the_traceback_in_the_log(
     log = log_lines()[0]
     assert log["level"] == "ERROR"
     assert "KeyError: 'StartingInstances'" in log["exception"]
+
+
+def test_the_ec2_client_is_built_once_per_container(invoke: Invoke, ec2: Ec2World) -> None:
+    for event in ({"action": "stop"}, {"action": "start"}, {"action": "stop"}):
+        assert invoke(event)["ok"] is True
+    assert bo.ec2_client.cache_info().misses == 1
+    config: Any = bo.ec2_client("us-east-1").meta.config  # botocore sets these options dynamically
+    assert config.retries == {"mode": "standard", "total_max_attempts": 3}
+    assert (config.connect_timeout, config.read_timeout) == (3, 10)
 
 
 def test_the_handler_reads_os_environ(ec2: Ec2World, monkeypatch: pytest.MonkeyPatch) -> None:
