@@ -332,16 +332,15 @@ def parse_event(event: object) -> HttpRequest | EventRequest:
             code="invalid_event",
         )
     if _is_http(event):
-        http = event["requestContext"].get("http") if "httpMethod" not in event else None
-        method = str(http.get("method", "") if isinstance(http, dict) else event.get("httpMethod", ""))
-        headers = event.get("headers") or {}
+        http = event if "httpMethod" in event else event["requestContext"]["http"]
+        headers = _member(event, "headers", dict, {})
         # Function URLs lower-case header names; REST APIs pass them as the client sent them.
         authorization = next((str(v) for k, v in headers.items() if str(k).lower() == "authorization"), None)
         return HttpRequest(
-            method=method.upper(),
-            body=str(event.get("body") or ""),
-            is_base64=event.get("isBase64Encoded") is True,
-            query=event.get("queryStringParameters") or {},
+            method=_member(http, "httpMethod" if http is event else "method", str, "").upper(),
+            body=_member(event, "body", str, ""),
+            is_base64=_member(event, "isBase64Encoded", bool, False),
+            query=_member(event, "queryStringParameters", dict, {}),
             authorization=authorization,
         )
     if "requestContext" in event:
@@ -365,6 +364,20 @@ def parse_event(event: object) -> HttpRequest | EventRequest:
             code="unsupported_event",
         )
     return EventRequest(Source.DIRECT, Action.START)
+
+
+def _member(event: Mapping[str, Any], name: str, kind: type[T], default: T) -> T:
+    """A field of an HTTP event, of the type AWS sends; null means the default."""
+    value = event.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, kind):
+        raise BadRequestError(
+            f"The HTTP event's {name} is a JSON {_json_type(value)}, which AWS never sends: "
+            "invoke through the Function URL or API Gateway.",
+            code="unsupported_event",
+        )
+    return value
 
 
 def _is_http(event: object) -> bool:
@@ -999,14 +1012,20 @@ def handle(
     body = {"ok": outcome.status_code < 400, "action": invocation.action, "instance_id": shown_id, **outcome.fields}
     duration_ms = round((clock.monotonic() - started) * 1000, 1)
     request_id = getattr(context, "aws_request_id", None)
-    _log(outcome, body, source=invocation.source, request_id=request_id, duration_ms=duration_ms, bug=bug)
+    logged = {**body, "instance_id": instance_id}  # the log is private: it always names the instance
+    _log(outcome, logged, source=invocation.source, request_id=request_id, duration_ms=duration_ms, bug=bug)
     namespace = config.metrics_namespace if config else Config.metrics_namespace
     requested = {f"{invocation.action.title().replace('_', '')}Requested": 1} if invocation.action else {}
     emit_metrics(namespace, instance_id, {**requested, **outcome.metrics}, clock.now())
     if not _is_http(event):
         return body
     headers = {"Content-Type": "application/json", "Cache-Control": "no-store", **outcome.headers}
-    return {"statusCode": outcome.status_code, "headers": headers, "body": json.dumps(body), "isBase64Encoded": False}
+    return {
+        "statusCode": outcome.status_code,
+        "headers": headers,
+        "body": json.dumps(body, default=str),
+        "isBase64Encoded": False,
+    }
 
 
 def lambda_handler(event: object, context: object) -> dict[str, Any]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import Ec2World, Invoke, body_of, http_event, load_event
 
@@ -137,8 +139,10 @@ def test_wrong_or_missing_token_is_401_and_touches_nothing(
     assert response["headers"]["WWW-Authenticate"] == "Bearer"
     assert body_of(response)["error"]["code"] == "unauthorized"
     assert body_of(response)["instance_id"] is None  # an anonymous caller learns nothing about the instance
+    lines = log_lines()
+    assert lines[0]["instance_id"] == ec2.instance_id  # the private log still names it
     assert ec2.calls == []
-    assert "s3cret-token-1234" not in str(response) + str(log_lines())
+    assert "s3cret-token-1234" not in str(response) + str(lines)
 
 
 def test_right_token_in_any_header_case_is_accepted(invoke: Invoke, ec2: Ec2World, log_lines) -> None:
@@ -169,3 +173,37 @@ def test_no_event_whatsoever_raises(invoke: Invoke, ec2: Ec2World, event: object
     body = body_of(invoke(event))
     assert body["ok"] is False
     assert ec2.mutations() == []
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=12,
+)
+SHAPED = st.fixed_dictionaries(
+    {},
+    optional={
+        "action": JSON | st.sampled_from(["start", "status", "check_idle", "stop"]),
+        "requestContext": JSON | st.fixed_dictionaries({"http": st.fixed_dictionaries({}, optional={"method": JSON})}),
+        "httpMethod": JSON,
+        "headers": JSON,
+        "body": JSON,
+        "isBase64Encoded": JSON,
+        "queryStringParameters": JSON,
+        "detail-type": JSON | st.just("Scheduled Event"),
+        "source": JSON,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(event=JSON | SHAPED)
+def test_no_exception_escapes_for_any_event(invoke: Invoke, ec2: Ec2World, event: object) -> None:
+    response = invoke(event, DRY_RUN="true")
+    assert isinstance(response, dict)
+    body = body_of(response)
+    assert isinstance(body["ok"], bool)
+    if not body["ok"]:
+        assert body["error"]["code"] != "internal_error", body
+    if "statusCode" in response:
+        assert response["statusCode"] in {200, 202, 400, 401, 403, 405, 409, 413, 500, 502, 503}
