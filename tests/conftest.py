@@ -172,7 +172,8 @@ class Ec2World:
         return [c for c in self.calls if c in ("StartInstances", "StopInstances")]
 
 
-def _error(code: str, message: str) -> tuple[AWSResponse, dict[str, Any]]:
+def ec2_error(code: str, message: str) -> tuple[AWSResponse, dict[str, Any]]:
+    """What a botocore before-call hook returns to make the call fail with EC2's error `code`."""
     return AWSResponse("https://ec2.test/", 400, HTTPHeaders(), None), {
         "Error": {"Code": code, "Message": message},
         "ResponseMetadata": {"HTTPStatusCode": 400},
@@ -196,7 +197,7 @@ def ec2(aws: None, clock: FakeClock) -> Ec2World:
         # stopping, shutting-down and terminated (EC2 API reference, StartInstances).
         state = world.state()
         if state in ("stopping", "shutting-down", "terminated"):
-            return _error(
+            return ec2_error(
                 "IncorrectInstanceState",
                 f"The instance '{instance_id}' is not in a state from which it can be started.",
             )

@@ -11,7 +11,7 @@ import requests
 import responses
 
 import backend_orchestrator as bo
-from tests.conftest import BACKEND, REGION, Ec2World, FakeClock, Invoke, _error
+from tests.conftest import BACKEND, REGION, Ec2World, FakeClock, Invoke, ec2_error
 
 ACTIVITY = BACKEND + "/api/last-activity"
 CHECK = {"action": "check_idle"}
@@ -118,7 +118,7 @@ def test_hibernation_refused_falls_back_to_a_plain_stop_with_a_warning(
     # instance launched without hibernation: inject that answer for Hibernate=True only.
     def refuse_hibernate(params: dict[str, Any], **_: Any) -> Any:
         if params["body"].get("Hibernate") == "true":
-            return _error("UnsupportedHibernationConfiguration", "The instance is not configured for hibernation.")
+            return ec2_error("UnsupportedHibernationConfiguration", "The instance is not configured for hibernation.")
         return None
 
     bo.ec2_client(REGION).meta.events.register("before-call.ec2.StopInstances", refuse_hibernate)

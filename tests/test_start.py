@@ -8,7 +8,7 @@ import pytest
 from botocore.config import Config as BotoConfig
 
 import backend_orchestrator as bo
-from tests.conftest import Ec2World, FakeClock, FakeContext, Invoke, body_of, http_event
+from tests.conftest import Ec2World, FakeClock, FakeContext, Invoke, body_of, ec2_error, http_event
 
 
 @pytest.mark.parametrize(
@@ -106,12 +106,11 @@ def test_missing_instance_says_check_instance_id_and_region(invoke: Invoke, ec2:
     assert "AWS_REGION" in body["error"]["message"]
 
 
-def deny(ec2: Ec2World, operation: str, code: str = "UnauthorizedOperation") -> None:
-    """Make EC2 refuse one operation as IAM would (moto does not enforce IAM by default)."""
-    from tests.conftest import _error
+def fail_like_ec2(ec2: Ec2World, operation: str, code: str = "UnauthorizedOperation") -> None:
+    """Make one EC2 operation fail with a real EC2 error code (moto enforces no IAM and has capacity)."""
 
     def refuse(**_: Any) -> Any:
-        return _error(code, "You are not authorized to perform this operation.")
+        return ec2_error(code, "You are not authorized to perform this operation.")
 
     bo.ec2_client("us-east-1").meta.events.register(f"before-call.ec2.{operation}", refuse)
 
@@ -127,7 +126,7 @@ def deny(ec2: Ec2World, operation: str, code: str = "UnauthorizedOperation") -> 
 def test_access_denied_names_the_missing_iam_action(
     invoke: Invoke, ec2: Ec2World, event: dict[str, str], operation: str, iam_action: str
 ) -> None:
-    deny(ec2, operation)
+    fail_like_ec2(ec2, operation)
     response = invoke(http_event(body='{"action": "start"}') if event["action"] == "start" else event)
     body = body_of(response)
     assert body["error"]["code"] == "aws_access_denied"
@@ -139,7 +138,7 @@ def test_access_denied_names_the_missing_iam_action(
 
 def test_other_aws_errors_are_502_with_the_aws_code(invoke: Invoke, ec2: Ec2World) -> None:
     ec2.set_state("stopped")
-    deny(ec2, "StartInstances", code="InsufficientInstanceCapacity")
+    fail_like_ec2(ec2, "StartInstances", code="InsufficientInstanceCapacity")
     response = invoke(http_event())
     body = body_of(response)
     assert response["statusCode"] == 502
