@@ -23,6 +23,7 @@ from moto.core.models import DEFAULT_ACCOUNT_ID
 from moto.ec2.models import ec2_backends
 
 import backend_orchestrator as bo
+from tools.sandbox import set_moto_launch_time, stop_moto_server
 
 EVENTS = Path(__file__).parent / "events"
 REGION = "us-east-1"
@@ -161,8 +162,7 @@ class Ec2World:
         instance._state.name, instance._state.code = name, STATE_CODES[name]
 
     def set_launch_time(self, when: datetime) -> None:
-        instance = ec2_backends[DEFAULT_ACCOUNT_ID][REGION].get_instance(self.instance_id)
-        instance.launch_time = when.astimezone(UTC).replace(tzinfo=None)  # moto keeps naive UTC
+        set_moto_launch_time(self.instance_id, when)
 
     def state(self) -> str:
         reservations = self.client.describe_instances(InstanceIds=[self.instance_id])["Reservations"]
@@ -259,9 +259,7 @@ def moto_server() -> Iterator[str]:
     server.start()
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
-    server.stop()
-    if server._server is not None:
-        server._server.server_close()  # stop() leaves the socket listening
+    stop_moto_server(server)
 
 
 @pytest.fixture

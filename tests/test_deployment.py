@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 from cfnlint.decode import cfn_yaml
-from tools import lint_policy, package
 
 import backend_orchestrator as bo
+from tools import lint_policy, package
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "template.yaml"

@@ -18,12 +18,12 @@ from typing import Any
 import boto3
 import pytest
 import requests
-from tools.demo import Timeline, run_demo
-from tools.sandbox import LocalContext, Sandbox
 
 import backend_orchestrator as bo
 from examples.wake_backend import WakeAuthError, WakeServerError, WakeTimeout, wake_backend
 from tests.conftest import REGION, instance_state, stopped_instance
+from tools.demo import Timeline, run_demo
+from tools.sandbox import LocalContext, Sandbox
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent

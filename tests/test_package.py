@@ -13,9 +13,9 @@ from pathlib import Path
 
 import boto3
 import pytest
-from tools import package
 
 from tests.conftest import REGION, instance_state, stopped_instance
+from tools import package
 
 HOST_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 HOST_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}.get(

@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -172,7 +172,8 @@ class BackendHost:
                 self.on_change(state, "backend down: connections refused")
 
     def _power_on(self) -> None:
-        _refresh_launch_time(self.instance_id)
+        # Real EC2 sets LaunchTime at each start; moto keeps the first one.
+        set_moto_launch_time(self.instance_id, datetime.now(UTC))
         self.backend = ReferenceBackend(("127.0.0.1", self.port), self.boot_seconds)
         threading.Thread(target=self.backend.serve_forever, name="reference-backend", daemon=True).start()
         self.on_change("running", f"backend booting on {self.url} ({self.boot_seconds:g}s)")
@@ -184,14 +185,13 @@ class BackendHost:
             self.backend = None
 
 
-def _refresh_launch_time(instance_id: str) -> None:
-    # Real EC2 sets LaunchTime at each start; moto keeps the first one. moto's server runs in this
-    # process, so set it as EC2 would.
+def set_moto_launch_time(instance_id: str, when: datetime) -> None:
+    """Set an instance's LaunchTime in moto (in this process, as its threaded server is)."""
     from moto.core.models import DEFAULT_ACCOUNT_ID
     from moto.ec2.models import ec2_backends
 
     instance = ec2_backends[DEFAULT_ACCOUNT_ID][REGION].get_instance(instance_id)
-    instance.launch_time = datetime.now(UTC).replace(tzinfo=None)
+    instance.launch_time = when.astimezone(UTC).replace(tzinfo=None)  # moto keeps naive UTC
 
 
 @contextmanager
@@ -251,7 +251,7 @@ class Sandbox:
         self.on_change = on_change
 
     def __enter__(self) -> Sandbox:
-        self._stack = _Stack()
+        self._stack = ExitStack()
         try:
             self._start()
         except BaseException:
@@ -276,11 +276,13 @@ class Sandbox:
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request otherwise
         moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         moto.start()
-        self._stack.push(lambda: _stop_moto(moto))
+        self._stack.callback(stop_moto_server, moto)
         host, port = moto.get_host_and_port()
         self.moto_url = f"http://{host}:{port}"
-        self._stack.enter(_atomic_state_changes())
-        self._stack.enter(_environment({**FAKE_CREDENTIALS, "AWS_DEFAULT_REGION": REGION}))
+        self._stack.enter_context(_atomic_state_changes())
+        # No default AMIs: moto would spend a second loading them, and any image ID will do here.
+        setup = {**FAKE_CREDENTIALS, "AWS_DEFAULT_REGION": REGION, "MOTO_EC2_LOAD_DEFAULT_AMIS": "false"}
+        self._stack.enter_context(_environment(setup))
         self.ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=self.moto_url)
         launched = self.ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1, InstanceType="c6i.xlarge")
         self.instance_id = launched["Instances"][0]["InstanceId"]
@@ -288,11 +290,11 @@ class Sandbox:
 
         host_ = BackendHost(self.ec2, self.instance_id, self.boot_seconds, self.on_change)
         host_.start()
-        self._stack.push(host_.close)
+        self._stack.callback(host_.close)
         self.backend_host = host_
         self.backend_url = host_.url
 
-        self._stack.enter(
+        self._stack.enter_context(
             _environment(
                 {
                     "AWS_REGION": REGION,
@@ -308,33 +310,12 @@ class Sandbox:
             )
         )
         if self.function_log is not None:
-            self._stack.enter(_function_logs_to(self.function_log))
+            self._stack.enter_context(_function_logs_to(self.function_log))
         function_url = LocalFunctionUrl(timeout_seconds=self.function_timeout_seconds)
         threading.Thread(target=function_url.serve_forever, name="function-url", daemon=True).start()
-        self._stack.push(function_url.server_close)
-        self._stack.push(function_url.shutdown)
+        self._stack.callback(function_url.server_close)
+        self._stack.callback(function_url.shutdown)
         self.function_url = function_url.url
-
-
-class _Stack:
-    """Undo actions run last-in, first-out, each even if another fails."""
-
-    def __init__(self) -> None:
-        self._undo: list[Callable[[], object]] = []
-
-    def push(self, undo: Callable[[], object]) -> None:
-        self._undo.append(undo)
-
-    def enter(self, context: Any) -> None:
-        context.__enter__()
-        self.push(lambda: context.__exit__(None, None, None))
-
-    def close(self) -> None:
-        while self._undo:
-            try:
-                self._undo.pop()()
-            except Exception as error:  # teardown goes on: leave nothing running
-                logging.getLogger(__name__).warning("teardown step failed: %s", error)
 
 
 @contextmanager
@@ -375,7 +356,8 @@ def _function_logs_to(path: Path) -> Iterator[None]:
                 logger.handlers = handlers
 
 
-def _stop_moto(moto: Any) -> None:
+def stop_moto_server(moto: Any) -> None:
+    """Stop moto's threaded server and close its socket."""
     moto.stop()
     if moto._server is not None:
         moto._server.server_close()  # stop() leaves the socket listening
