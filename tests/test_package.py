@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -96,34 +98,64 @@ print(json.dumps({"result": result, "requests": requests.__file__, "urllib3": ur
 """
 
 
-def run_from_zip(extracted: Path, runtime: Path, event: dict[str, str], env: dict[str, str]) -> dict[str, object]:
+def run_from_zip(
+    python: str, extracted: Path, runtime: Path, event: dict[str, str], env: dict[str, str]
+) -> dict[str, object]:
     """The handler in a fresh interpreter that sees only the zip, boto3 and its dependencies."""
     base = {"PATH": os.environ["PATH"], "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_REGION": REGION, "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": "/dev/null",
             "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}  # fmt: skip
     # -I: no user site, no PYTHONPATH; -S: no site-packages, so requests can come only from the zip.
-    command = [sys.executable, "-I", "-S", "-B", "-c", SMOKE, str(extracted), str(runtime), json.dumps(event)]
+    command = [python, "-I", "-S", "-B", "-c", SMOKE, str(extracted), str(runtime), json.dumps(event)]
     done = subprocess.run(command, env={**base, **env}, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     output: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
     return output
 
 
+def lambda_python(version: str) -> str | None:
+    """An interpreter of this version here: the running one, one on PATH, or pyenv's; None if none."""
+    if version == HOST_PYTHON:
+        return sys.executable
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    candidates = [
+        shutil.which(f"python{version}"),
+        *sorted(glob.glob(f"{pyenv}/versions/{version}.*/bin/python{version}")),
+    ]
+    check = f"import sys; sys.exit(sys.version_info[:2] != {tuple(map(int, version.split('.')))})"
+    for candidate in filter(None, candidates):
+        if subprocess.run([candidate, "-c", check], capture_output=True, check=False, timeout=30).returncode == 0:
+            return candidate
+    return None
+
+
 @pytest.fixture(scope="module")
-def lambda_dirs(host_zip: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    task = tmp_path_factory.mktemp("task")
-    with zipfile.ZipFile(host_zip) as archive:
-        archive.extractall(task)
-    runtime = tmp_path_factory.mktemp("runtime")  # what the Lambda runtime ships: boto3 and its dependencies
+def runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What the Lambda runtime ships besides the standard library: boto3 and its dependencies."""
+    runtime = tmp_path_factory.mktemp("runtime")
     site = Path(boto3.__file__).parent.parent
     for name in RUNTIME_PACKAGES:
         (runtime / name).symlink_to(site / name)
-    return task, runtime
+    return runtime
 
 
-def test_smoke_config_error_comes_back_clearly(lambda_dirs: tuple[Path, Path]) -> None:
-    task, runtime = lambda_dirs
-    output = run_from_zip(task, runtime, {"action": "start"}, {})
+@pytest.fixture(scope="module", params=package.PYTHONS, ids=[f"python{v}" for v in package.PYTHONS])
+def lambda_task(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """(interpreter, extracted zip) for one Lambda Python version, built for this machine's architecture."""
+    version: str = request.param
+    python = lambda_python(version)
+    if python is None or HOST_ARCH is None:
+        pytest.skip(f"no python{version} for {platform.machine()} on this machine to run its zip with")
+    archive = build(version, HOST_ARCH, tmp_path_factory.mktemp("zip") / f"lambda-{version}.zip")
+    task = tmp_path_factory.mktemp("task")
+    with zipfile.ZipFile(archive) as zipped:
+        zipped.extractall(task)
+    return python, task
+
+
+def test_smoke_config_error_comes_back_clearly(lambda_task: tuple[str, Path], runtime_dir: Path) -> None:
+    python, task = lambda_task
+    output = run_from_zip(python, task, runtime_dir, {"action": "start"}, {})
     result = output["result"]
     assert isinstance(result, dict)
     assert result["error"]["code"] == "config_error"
@@ -133,11 +165,13 @@ def test_smoke_config_error_comes_back_clearly(lambda_dirs: tuple[Path, Path]) -
     assert str(output["charset_md"]).endswith(".so")  # the compiled module for this platform loaded
 
 
-def test_smoke_starts_a_stopped_instance_in_moto_server(lambda_dirs: tuple[Path, Path], moto_url: str) -> None:
-    task, runtime = lambda_dirs
+def test_smoke_starts_a_stopped_instance_in_moto_server(
+    lambda_task: tuple[str, Path], runtime_dir: Path, moto_url: str
+) -> None:
+    python, task = lambda_task
     instance_id = stopped_instance(moto_url)
     env = {"INSTANCE_ID": instance_id, "AWS_ENDPOINT_URL_EC2": moto_url}
-    result = run_from_zip(task, runtime, {"action": "start"}, env)["result"]
+    result = run_from_zip(python, task, runtime_dir, {"action": "start"}, env)["result"]
     assert isinstance(result, dict)
     assert (result["ok"], result["previous_state"]) == (True, "stopped"), result
     assert instance_state(moto_url, instance_id) in ("pending", "running")
