@@ -58,3 +58,27 @@ def test_reasons_say_why() -> None:
     assert "busy" in bo.decide("running", launched, bo.Activity(5000, "busy is true"), NOW, 900).reason
     assert "refused" in bo.decide("running", launched, bo.ActivityUnknown("GET x refused"), NOW, 900).reason
     assert bo.decide("running", launched, bo.Activity(1000), NOW, 900).reason == "idle for 1000s, over the 900s timeout"
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=20), children, max_size=5),
+    max_leaves=15,
+)
+FIELDS = st.sampled_from([*bo.IDLE_SECONDS_FIELDS, *bo.LAST_ACTIVITY_FIELDS, *bo.IN_FLIGHT_FIELDS, "busy"])
+CONTRACT_LIKE = st.dictionaries(FIELDS, JSON | st.floats(min_value=-1e13, max_value=1e13), max_size=5)
+
+
+@given(payload=JSON | CONTRACT_LIKE)
+def test_any_payload_is_read_without_raising(payload: object) -> None:
+    result = bo.parse_activity(payload, NOW)
+    assert isinstance(result, bo.Activity | bo.ActivityUnknown)
+    if isinstance(result, bo.Activity) and result.idle_seconds is not None:
+        assert result.idle_seconds >= 0
+
+
+@given(payload=CONTRACT_LIKE, busy_field=st.sampled_from(["busy", "active_requests", "active_jobs"]))
+def test_a_busy_backend_is_never_stopped(payload: dict[str, object], busy_field: str) -> None:
+    payload = {**payload, busy_field: True if busy_field == "busy" else 1}
+    verdict = bo.decide("running", NOW - timedelta(days=30), bo.parse_activity(payload, NOW), NOW, 1)
+    assert verdict.decision is bo.Decision.KEEP
