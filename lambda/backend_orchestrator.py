@@ -905,7 +905,7 @@ class Invocation:
     source: Source | None = None
     action: Action | None = None
     config: Config | None = None
-    authorized: bool = False  # an HTTP caller who is not learns nothing about the instance
+    authorized: bool = False  # may see the instance; an HTTP caller without the token may not
 
 
 def _run(
@@ -932,7 +932,8 @@ def _run(
         authorize(request, config.auth_token)
         invocation.authorized = True
         action = invocation.action = http_action(request)
-    else:
+    else:  # direct and scheduled invocations need no token
+        invocation.authorized = True
         action = invocation.action = request.action
         warning = request.warning
     ec2 = Ec2(client or ec2_client(config.region), config.instance_id, clock.now)
@@ -1008,7 +1009,7 @@ def handle(
         bug = error
     config = invocation.config
     instance_id = config.instance_id if config else None
-    shown_id = instance_id if invocation.authorized or invocation.source is not Source.HTTP else None
+    shown_id = instance_id if invocation.authorized else None
     body = {"ok": outcome.status_code < 400, "action": invocation.action, "instance_id": shown_id, **outcome.fields}
     duration_ms = round((clock.monotonic() - started) * 1000, 1)
     request_id = getattr(context, "aws_request_id", None)

@@ -5,7 +5,6 @@ Timings live here, not in tests: they vary with the machine. Medians of several 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
@@ -14,9 +13,7 @@ import sys
 import tempfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = 9
@@ -56,20 +53,6 @@ def import_cost() -> None:
     print(f"  heavy modules it pulled in: {heavy or 'none (requests is imported only by check_idle and status)'}")
 
 
-class Backend(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        payload = {"idle_seconds": 30} if self.path.endswith("last-activity") else {"status": "ok"}
-        body = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *_: Any) -> None:
-        pass
-
-
 def action_latency() -> None:
     os.environ.update(
         AWS_ACCESS_KEY_ID="testing",
@@ -82,8 +65,9 @@ def action_latency() -> None:
     from moto import mock_aws
 
     import backend_orchestrator as bo
+    from examples.reference_backend import ReferenceBackend
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Backend)
+    server = ReferenceBackend(("127.0.0.1", 0))  # the same backend the demo and the README use
     threading.Thread(target=server.serve_forever, daemon=True).start()
     bo.LOG.disabled = bo.METRICS_LOG.disabled = True
     try:
@@ -95,7 +79,7 @@ def action_latency() -> None:
             env = {
                 "INSTANCE_ID": instance_id,
                 "AWS_REGION": "us-east-1",
-                "BACKEND_BASE_URL": f"http://127.0.0.1:{server.server_address[1]}",
+                "BACKEND_BASE_URL": server.url,
             }
             cases = {
                 "start (running instance)": {"action": "start"},
