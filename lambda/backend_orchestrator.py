@@ -20,12 +20,17 @@ Events accepted:
 
 from __future__ import annotations
 
+import http.client
+import io
 import json
 import logging
 import math
 import os
 import re
+import socket
+import ssl
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -33,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from functools import cache
-from typing import TYPE_CHECKING, Any, ClassVar, Final, NamedTuple, TypeGuard, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 import boto3
@@ -58,18 +63,25 @@ ENV_LOG_LEVEL: Final = "LOG_LEVEL"
 ENV_METRICS_NAMESPACE: Final = "METRICS_NAMESPACE"
 
 # --- Limits and timings ----------------------------------------------------------------------
-MAX_BODY_BYTES: Final = 16 * 1024
-MAX_ACTIVITY_BYTES: Final = 64 * 1024
-HEALTH_TIMEOUT_SECONDS: Final = 2.0  # status is polled while the instance boots: answer fast
+MAX_BODY_BYTES: Final = 16 * 1024  # an HTTP event's body
+MAX_ACTIVITY_BYTES: Final = 64 * 1024  # the whole activity answer: status line, headers and body
+MAX_STATUS_LINE_BYTES: Final = 1024  # all the health probe reads
+HEALTH_TIMEOUT_SECONDS: Final = 2.0
 STOPPING_POLL_SECONDS: Final = 3.0
-SAFETY_MARGIN_SECONDS: Final = 5.0  # time kept back from the invocation to answer 503 cleanly
+ANSWER_MARGIN_SECONDS: Final = 2.0  # kept back from the context's remaining time, to log and answer
 RETRY_AFTER_SECONDS: Final = 10
 DEFAULT_REMAINING_MS: Final = 60_000  # invoked without a Lambda context (local use)
 EPOCH_MILLISECONDS_ABOVE: Final = 1e11  # 1e11 s is the year 5138; 1e11 ms is 1973
-EC2_CLIENT_CONFIG: Final = BotoConfig(
-    retries={"mode": "standard", "total_max_attempts": 3}, connect_timeout=3, read_timeout=10
-)
+EC2_CONNECT_TIMEOUT_SECONDS: Final = 2
+EC2_READ_TIMEOUT_SECONDS: Final = 5
+EC2_MAX_ATTEMPTS: Final = 3
+# botocore's standard retry mode sleeps rand(0, 1) * min(2**i, 20) s before retry i + 1 (1 s scale for
+# throttling), raised by an x-amz-retry-after header by at most 5 s more (botocore/retries/standard.py).
+EC2_BACKOFF_CAP_SECONDS: Final = 20
+EC2_RETRY_AFTER_EXTRA_SECONDS: Final = 5
+MIN_BACKEND_SECONDS: Final = 1.0  # a backend request given less than this is not worth making
 
+MIN_TOKEN_CHARS: Final = 16
 INSTANCE_ID_PATTERN: Final = re.compile(r"i-(?:[0-9a-f]{8}|[0-9a-f]{17})")
 BOOLEANS: Final = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -175,6 +187,12 @@ class AwsError(OrchestratorError):
     STATUS_CODE = 502
     CODE = "aws_error"
 
+    def __init__(self, message: str, *, code: str | None = None, aws_error_code: str | None = None, **details: Any):
+        if aws_error_code is not None:
+            details["aws_error_code"] = aws_error_code
+        super().__init__(message, code=code, **details)
+        self.aws_error_code = aws_error_code  # EC2's own error code, when EC2 answered
+
 
 class StillStoppingError(OrchestratorError):
     """The instance is still stopping; safe to retry after Retry-After seconds."""
@@ -182,6 +200,22 @@ class StillStoppingError(OrchestratorError):
     STATUS_CODE = 503
     CODE = "still_stopping"
     HEADERS: ClassVar[Mapping[str, str]] = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+
+
+class OutOfTimeError(OrchestratorError):
+    """Too little of the invocation's time is left for the next step; nothing half-done, safe to retry."""
+
+    STATUS_CODE = 503
+    CODE = "out_of_time"
+    HEADERS: ClassVar[Mapping[str, str]] = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+
+    def __init__(self, step: str, left_seconds: float, needed_seconds: float) -> None:
+        self.step = step
+        self.brief = f"{max(left_seconds, 0):.1f}s left, it may take {needed_seconds:.1f}s"
+        super().__init__(
+            f"Out of time before {step} ({self.brief}). Retry after {RETRY_AFTER_SECONDS} seconds; if this "
+            "repeats, raise the function's timeout (the README's worst-case table says what each action needs)."
+        )
 
 
 # --- Configuration ---------------------------------------------------------------------------
@@ -208,7 +242,7 @@ class Config:
             raw = environ.get(name, "").strip()
             return parse(name, raw) if raw else default
 
-        auth_token = read(ENV_AUTH_TOKEN, _parse_text, None)
+        raw_token = environ.get(ENV_AUTH_TOKEN, "")
         try:
             return cls(
                 instance_id=read(ENV_INSTANCE_ID, _parse_instance_id, ""),
@@ -218,14 +252,14 @@ class Config:
                 http_timeout_seconds=read(ENV_HTTP_TIMEOUT_SECONDS, _parse_positive_float, 5.0),
                 stop_hibernate=read(ENV_STOP_HIBERNATE, _parse_bool, False),
                 dry_run=read(ENV_DRY_RUN, _parse_bool, False),
-                auth_token=auth_token,
+                auth_token=_parse_token(ENV_AUTH_TOKEN, raw_token),
                 last_activity_path=read(ENV_LAST_ACTIVITY_PATH, _parse_path, "/api/last-activity"),
                 health_path=read(ENV_HEALTH_PATH, _parse_path, "/health"),
                 log_level=read(ENV_LOG_LEVEL, _parse_log_level, "INFO"),
                 metrics_namespace=read(ENV_METRICS_NAMESPACE, _parse_text, "BackendOrchestrator"),
             )
         except ConfigError as error:
-            error.auth_token = auth_token
+            error.auth_token = raw_token.strip() if raw_token else None  # blank: no HTTP caller gets through
             raise
 
     def __post_init__(self) -> None:
@@ -258,11 +292,37 @@ def _parse_instance_id(name: str, raw: str) -> str:
 
 def _parse_base_url(name: str, raw: str) -> str:
     parts = urlsplit(raw)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+    if parts.username is not None or parts.password is not None:
+        shown = f"{parts.scheme}://***@{parts.netloc.rpartition('@')[2]}{parts.path}"  # never the password
+        raise ConfigError(
+            f"{name}={shown!r} carries a user name or password, which would travel in clear and reach the logs: "
+            "remove them, and restrict who reaches the backend with its security group instead."
+        )
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:  # not a number from 0 to 65535
+        port_ok = False
+    if not port_ok or parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ConfigError(
             f"{name}={raw!r} is not an http(s) base URL: expected e.g. http://10.0.1.50:8000 or https://backend.example.com."
         )
     return raw.rstrip("/")
+
+
+def _parse_token(name: str, raw: str) -> str | None:
+    if not raw:
+        return None
+    token = raw.strip()
+    if not token:
+        raise ConfigError(
+            f"{name} is set but blank, which would turn authentication off: set a token of at least "
+            f"{MIN_TOKEN_CHARS} characters (openssl rand -base64 32), or remove the variable."
+        )
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ConfigError(
+            f"{name} is {len(token)} characters long: use at least {MIN_TOKEN_CHARS} (openssl rand -base64 32)."
+        )
+    return token
 
 
 def _parse_positive_int(name: str, raw: str) -> int:
@@ -292,8 +352,11 @@ def _parse_bool(name: str, raw: str) -> bool:
 
 
 def _parse_path(name: str, raw: str) -> str:
-    if not raw.startswith("/") or "?" in raw or "#" in raw:
-        raise ConfigError(f"{name}={raw!r} is not a URL path: expected it to start with /, e.g. /api/last-activity.")
+    if not raw.startswith("/") or "?" in raw or "#" in raw or not all("!" <= char <= "~" for char in raw):
+        raise ConfigError(
+            f"{name}={raw!r} is not a URL path: expected it to start with / and hold printable ASCII "
+            "with no spaces, no ? and no #, e.g. /api/last-activity."
+        )
     return raw
 
 
@@ -393,10 +456,10 @@ def authorize(request: HttpRequest, token: str | None) -> None:
     """With AUTH_TOKEN set, require `Authorization: Bearer <token>`, compared in constant time."""
     if token is None:
         return
-    import hmac  # only paid by HTTP calls with a token
+    import hmac
 
     scheme, _, given = (request.authorization or "").strip().partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    if not token or scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
         raise UnauthorizedError("Missing or wrong bearer token: send the header 'Authorization: Bearer <AUTH_TOKEN>'.")
 
 
@@ -416,7 +479,7 @@ def http_action(request: HttpRequest) -> Action:
     if not body.strip():
         return Action.START
     try:
-        payload = json.loads(body)
+        payload = strict_json(body)
     except ValueError as error:
         raise BadRequestError(
             f'The body is not valid JSON ({error}). Send {{"action": "start"}}.', code="malformed_json"
@@ -460,8 +523,28 @@ def _decode_body(request: HttpRequest) -> str:
 
 
 def _short(value: object) -> str:
+    if isinstance(value, dict | list):  # never the repr of a nested value: it can be deep and long
+        return f"a JSON {_json_type(value)}"
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def strict_json(text: str | bytes) -> object:
+    """json.loads that refuses what it would read ambiguously or not at all: a repeated key (the last one
+    would win silently) and nesting too deep for the parser; both raise ValueError."""
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in obj:
+                raise ValueError(f"the key {_short(key)} appears more than once")
+            obj[key] = value
+        return obj
+
+    try:
+        return json.loads(text, object_pairs_hook=unique)
+    except RecursionError:
+        raise ValueError("nested too deep") from None
 
 
 def _json_type(value: object) -> str:
@@ -537,20 +620,28 @@ def _seconds(value: float) -> str:
     return f"{value:.0f}s" if value >= 60 else f"{value:.1f}s"
 
 
-def parse_activity(payload: object, now: datetime) -> Activity | ActivityUnknown:
-    """Read the activity contract (README) from the backend's JSON."""
+def parse_activity(body: str | bytes, now: datetime) -> Activity | ActivityUnknown:
+    """Read the activity contract (README) from the backend's answer; never raises.
+
+    A null field counts as absent; a repeated key, nesting too deep or a number too large for a float
+    make the activity unknown (so the backend is kept), never an error."""
+    try:
+        payload = strict_json(body)
+    except ValueError as error:  # UnicodeDecodeError and the integer digit limit are ValueErrors too
+        return ActivityUnknown(f"the answer is not JSON the contract can read ({error}): {_short(body[:60])}")
     if not isinstance(payload, dict):
         return ActivityUnknown(f"activity is a JSON {_json_type(payload)}, not an object")
+    payload = {name: value for name, value in payload.items() if value is not None}
     busy = payload.get("busy", False)
     if not isinstance(busy, bool):
         return ActivityUnknown(f"'busy' is {_short(busy)}, not true or false")
     busy_reason = "busy is true" if busy else None
     for name in IN_FLIGHT_FIELDS:
-        count = payload.get(name, 0)
-        if not _is_number(count) or count < 0:
-            return ActivityUnknown(f"{name!r} is {_short(count)}, not a number >= 0")
+        count = _number(payload.get(name, 0))
+        if count is None or count < 0:
+            return ActivityUnknown(f"{name!r} is {_short(payload[name])}, not a number >= 0")
         if count > 0 and busy_reason is None:
-            busy_reason = f"{name}={count}"
+            busy_reason = f"{name}={payload[name]}"
     idle_seconds = _idle_seconds(payload, now)
     if isinstance(idle_seconds, ActivityUnknown):
         return idle_seconds
@@ -564,10 +655,10 @@ def parse_activity(payload: object, now: datetime) -> Activity | ActivityUnknown
 def _idle_seconds(payload: Mapping[str, Any], now: datetime) -> float | ActivityUnknown | None:
     for name in IDLE_SECONDS_FIELDS:
         if name in payload:
-            value = payload[name]
-            if not _is_number(value) or value < 0:
-                return ActivityUnknown(f"{name!r} is {_short(value)}, not a number of seconds >= 0")
-            return float(value)
+            seconds = _number(payload[name])
+            if seconds is None or seconds < 0:
+                return ActivityUnknown(f"{name!r} is {_short(payload[name])}, not a number of seconds >= 0")
+            return seconds
     for name in LAST_ACTIVITY_FIELDS:
         if name in payload:
             last_activity = _timestamp(payload[name])
@@ -578,8 +669,9 @@ def _idle_seconds(payload: Mapping[str, Any], now: datetime) -> float | Activity
 
 
 def _timestamp(value: object) -> datetime | None:
-    if _is_number(value) and value >= 0:
-        seconds = value / 1000 if value > EPOCH_MILLISECONDS_ABOVE else value
+    number = _number(value)
+    if number is not None and number >= 0:
+        seconds = number / 1000 if number > EPOCH_MILLISECONDS_ABOVE else number
         try:
             return datetime.fromtimestamp(seconds, UTC)
         except (OverflowError, OSError, ValueError):
@@ -593,8 +685,53 @@ def _timestamp(value: object) -> datetime | None:
     return None
 
 
-def _is_number(value: object) -> TypeGuard[float]:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def _number(value: object) -> float | None:
+    """A JSON number as a finite float; None for anything else, or an integer too large for a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+# --- Time: one deadline per invocation ------------------------------------------------------
+@dataclass(frozen=True)
+class Clock:
+    """Wall time for decisions, monotonic time for deadlines, and sleep: injected, so tests never wait."""
+
+    now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    monotonic: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When the invocation must have answered: the context's remaining time less ANSWER_MARGIN_SECONDS.
+
+    Lambda kills a function at its timeout with no log line and no answer, so every wait (EC2 calls with
+    their retries, backend requests, sleeps) is given only the time that fits before this deadline."""
+
+    at: float
+    clock: Clock
+
+    @classmethod
+    def from_context(cls, context: object, clock: Clock) -> Deadline:
+        remaining_ms = getattr(context, "get_remaining_time_in_millis", lambda: DEFAULT_REMAINING_MS)()
+        return cls(clock.monotonic() + float(remaining_ms) / 1000 - ANSWER_MARGIN_SECONDS, clock)
+
+    def left(self) -> float:
+        return self.at - self.clock.monotonic()
+
+    def grant(self, step: str, wanted: float, *, at_least: float | None = None, keep: float = 0.0) -> float:
+        """The seconds `step` may take: `wanted`, cut to what is left once `keep` is set aside for the steps
+        after it. OutOfTimeError if that is less than `at_least` (by default, all of `wanted`)."""
+        needed = wanted if at_least is None else at_least
+        granted = min(wanted, self.left() - keep)
+        if granted < needed:
+            raise OutOfTimeError(step, self.left() - keep, needed)
+        return granted
 
 
 # --- EC2: every call in one place, errors told apart by their code ----------------------------
@@ -608,32 +745,47 @@ class Transition(NamedTuple):
     state: str
 
 
+def ec2_call_seconds(attempts: int) -> float:
+    """The longest one EC2 call can take with this many attempts: each attempt's connect and read
+    timeouts, and botocore's longest backoff before each retry."""
+    backoff = sum(
+        min(2.0**retry, EC2_BACKOFF_CAP_SECONDS) + EC2_RETRY_AFTER_EXTRA_SECONDS for retry in range(attempts - 1)
+    )
+    return attempts * (EC2_CONNECT_TIMEOUT_SECONDS + EC2_READ_TIMEOUT_SECONDS) + backoff
+
+
 @cache
-def ec2_client(region: str | None) -> EC2Client:
-    """One client per container and region: standard retries, explicit timeouts."""
-    return boto3.client("ec2", region_name=region, config=EC2_CLIENT_CONFIG)
+def ec2_client(region: str | None, attempts: int = EC2_MAX_ATTEMPTS) -> EC2Client:
+    """One client per container, region and number of attempts: a call late in an invocation gets fewer."""
+    config = BotoConfig(
+        retries={"mode": "standard", "total_max_attempts": attempts},
+        connect_timeout=EC2_CONNECT_TIMEOUT_SECONDS,
+        read_timeout=EC2_READ_TIMEOUT_SECONDS,
+    )
+    return boto3.client("ec2", region_name=region, config=config)
 
 
 class Ec2:
-    """The three EC2 calls the function makes, on one instance."""
+    """The three EC2 calls the function makes, on one instance, each within the invocation's deadline."""
 
-    def __init__(self, client: EC2Client, instance_id: str, now: Callable[[], datetime]) -> None:
-        self.client = client
+    def __init__(self, region: str | None, instance_id: str, deadline: Deadline) -> None:
+        self.region = region
         self.instance_id = instance_id
-        self.now = now
+        self.deadline = deadline
 
     def describe(self) -> InstanceInfo:
-        with self._call("DescribeInstances"):
-            reservations = self.client.describe_instances(InstanceIds=[self.instance_id])["Reservations"]
+        with self._call("DescribeInstances") as client:
+            reservations = client.describe_instances(InstanceIds=[self.instance_id])["Reservations"]
         instances = [instance for reservation in reservations for instance in reservation.get("Instances", [])]
         if not instances:
             raise self._not_found()
         # Real EC2 always sends LaunchTime; were it missing, count the instance as just started (safe).
-        return InstanceInfo(instances[0]["State"]["Name"], instances[0].get("LaunchTime") or self.now())
+        launch_time = instances[0].get("LaunchTime") or self.deadline.clock.now()
+        return InstanceInfo(instances[0]["State"]["Name"], launch_time)
 
     def start(self) -> Transition:
-        with self._call("StartInstances"):
-            change = self.client.start_instances(InstanceIds=[self.instance_id])["StartingInstances"][0]
+        with self._call("StartInstances") as client:
+            change = client.start_instances(InstanceIds=[self.instance_id])["StartingInstances"][0]
         return Transition(change["PreviousState"]["Name"], change["CurrentState"]["Name"])
 
     def stop(self, hibernate: bool) -> tuple[Transition, str | None]:
@@ -641,7 +793,7 @@ class Ec2:
         try:
             return self._stop(hibernate), None
         except AwsError as error:
-            if not hibernate or error.details.get("aws_error_code") != "UnsupportedHibernationConfiguration":
+            if not hibernate or error.aws_error_code != "UnsupportedHibernationConfiguration":
                 raise
         warning = (
             f"EC2 refused to hibernate instance {self.instance_id}, so it was stopped normally: "
@@ -650,8 +802,8 @@ class Ec2:
         return self._stop(hibernate=False), warning
 
     def _stop(self, hibernate: bool) -> Transition:
-        with self._call("StopInstances"):
-            response = self.client.stop_instances(InstanceIds=[self.instance_id], Hibernate=hibernate)
+        with self._call("StopInstances") as client:
+            response = client.stop_instances(InstanceIds=[self.instance_id], Hibernate=hibernate)
         change = response["StoppingInstances"][0]
         return Transition(change["PreviousState"]["Name"], change["CurrentState"]["Name"])
 
@@ -663,9 +815,14 @@ class Ec2:
         )
 
     @contextmanager
-    def _call(self, operation: str) -> Iterator[None]:
+    def _call(self, operation: str) -> Iterator[EC2Client]:
+        """The client for one call, with as many attempts as fit before the deadline; AWS errors translated."""
+        left = self.deadline.left()
+        attempts = next((n for n in range(EC2_MAX_ATTEMPTS, 0, -1) if ec2_call_seconds(n) <= left), 0)
+        if attempts == 0:
+            raise OutOfTimeError(f"EC2 {operation}", left, ec2_call_seconds(1))
         try:
-            yield
+            yield ec2_client(self.region, attempts)
         except ClientError as error:
             raise self._client_error(operation, str(error.response.get("Error", {}).get("Code"))) from error
         except BotoCoreError as error:
@@ -695,13 +852,6 @@ class Ec2:
 
 
 # --- Actions -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Clock:
-    now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
-    monotonic: Callable[[], float] = time.monotonic
-    sleep: Callable[[float], None] = time.sleep
-
-
 @dataclass
 class Outcome:
     """What an action did: the response's fields (logged too), its metrics and warnings."""
@@ -714,14 +864,14 @@ class Outcome:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def start(ec2: Ec2, remaining_seconds: float, clock: Clock) -> Outcome:
-    """One StartInstances; if the instance is stopping, wait for stopped within the time left."""
+def start(ec2: Ec2) -> Outcome:
+    """One StartInstances; if the instance is stopping, wait for stopped within the deadline."""
     try:
         transition = ec2.start()
     except AwsError as error:
-        if error.details.get("aws_error_code") != "IncorrectInstanceState":
+        if error.aws_error_code != "IncorrectInstanceState":
             raise
-        transition = _start_once_stopped(ec2, remaining_seconds, clock)
+        transition = _start_once_stopped(ec2)
     started = transition.previous_state in ("stopped", "stopping")
     message = "Instance is starting: poll the backend's health endpoint." if started else "Instance is already up."
     return Outcome(
@@ -731,18 +881,19 @@ def start(ec2: Ec2, remaining_seconds: float, clock: Clock) -> Outcome:
     )
 
 
-def _start_once_stopped(ec2: Ec2, remaining_seconds: float, clock: Clock) -> Transition:
+def _start_once_stopped(ec2: Ec2) -> Transition:
     # StartInstances on a stopping instance fails with IncorrectInstanceState (so do shutting-down
     # and terminated): look at the state, and wait out a stop in progress.
-    deadline = clock.monotonic() + remaining_seconds - SAFETY_MARGIN_SECONDS
+    deadline = ec2.deadline
     state = ec2.describe().state
     while state == "stopping":
-        if clock.monotonic() + STOPPING_POLL_SECONDS > deadline:
+        # A wait is worth it only if a Describe and a StartInstances still fit after it.
+        if deadline.left() < STOPPING_POLL_SECONDS + 2 * ec2_call_seconds(1):
             raise StillStoppingError(
                 f"Instance {ec2.instance_id} is still stopping. Retry start after {RETRY_AFTER_SECONDS} seconds.",
                 state=state,
             )
-        clock.sleep(STOPPING_POLL_SECONDS)
+        deadline.clock.sleep(STOPPING_POLL_SECONDS)
         state = ec2.describe().state
     if state in GONE_STATES:
         raise InstanceGoneError(
@@ -750,28 +901,46 @@ def _start_once_stopped(ec2: Ec2, remaining_seconds: float, clock: Clock) -> Tra
             state=state,
         )
     if state == "stopped":
-        return Transition("stopping", ec2.start().state)
+        return ec2.start()
     return Transition(state, state)  # someone else started it meanwhile
 
 
-def check_idle(ec2: Ec2, config: Config, clock: Clock) -> Outcome:
+def check_idle(ec2: Ec2, config: Config) -> Outcome:
+    """Stop the instance if its backend is known to be idle past the timeout; keep it whenever in doubt."""
     activity_url = config.require_backend_url(Action.CHECK_IDLE) + config.last_activity_path
-    info = ec2.describe()
-    activity = None
-    if info.state == "running":
-        activity = fetch_activity(activity_url, config.http_timeout_seconds, clock)
-    verdict = decide(info.state, info.launch_time, activity, clock.now(), config.idle_timeout_seconds)
-    outcome = Outcome({"state": info.state, "launch_time": info.launch_time.isoformat()})
-    if isinstance(activity, ActivityUnknown):
-        outcome.metrics["BackendUnreachable"] = 1
-        outcome.level = logging.ERROR
-    if verdict.idle_seconds is not None:
-        outcome.metrics["IdleSeconds"] = round(verdict.idle_seconds, 1)
-    decision = _stop(ec2, config, outcome) if verdict.decision is Decision.STOP else verdict.decision
+    outcome = Outcome({})
+    verdict: Verdict | None = None
+    try:
+        info = ec2.describe()
+        outcome.fields.update(state=info.state, launch_time=info.launch_time.isoformat())
+        activity = None
+        if info.state == "running":
+            # The answer is worth reading only if a StopInstances still fits after it.
+            seconds = ec2.deadline.grant(
+                f"GET {activity_url}",
+                config.http_timeout_seconds,
+                at_least=min(MIN_BACKEND_SECONDS, config.http_timeout_seconds),
+                keep=ec2_call_seconds(1),
+            )
+            activity = fetch_activity(activity_url, seconds, ec2.deadline.clock)
+        verdict = decide(info.state, info.launch_time, activity, ec2.deadline.clock.now(), config.idle_timeout_seconds)
+        if isinstance(activity, ActivityUnknown):
+            outcome.metrics["BackendUnreachable"] = 1
+            outcome.level = logging.ERROR
+        decision = _stop(ec2, config, outcome) if verdict.decision is Decision.STOP else verdict.decision
+        reason = verdict.reason
+    except OutOfTimeError as error:
+        decision = Decision.KEEP
+        reason = f"out of time before {error.step} ({error.brief}); the next check decides again"
+        reason = f"{verdict.reason}, but {reason}" if verdict else reason
+        outcome.level = max(outcome.level, logging.WARNING)
+    idle_seconds = None if verdict is None or verdict.idle_seconds is None else round(verdict.idle_seconds, 1)
+    if idle_seconds is not None:
+        outcome.metrics["IdleSeconds"] = idle_seconds
     outcome.fields.update(
         decision=decision.value,
-        reason=verdict.reason,
-        idle_seconds=None if verdict.idle_seconds is None else round(verdict.idle_seconds, 1),
+        reason=reason,
+        idle_seconds=idle_seconds,
         idle_timeout_seconds=config.idle_timeout_seconds,
         dry_run=config.dry_run,
     )
@@ -797,55 +966,160 @@ def _stop(ec2: Ec2, config: Config, outcome: Outcome) -> Decision:
 
 
 def status(ec2: Ec2, config: Config) -> Outcome:
+    """The instance's state and, when it runs, whether the backend's health endpoint answers 2xx."""
     health_url = config.require_backend_url(Action.STATUS) + config.health_path
     info = ec2.describe()
-    backend: dict[str, Any] = {"reachable": False, "healthy": False, "status_code": None}
+    outcome = Outcome({"state": info.state, "launch_time": info.launch_time.isoformat()})
+    backend: dict[str, Any] | None = {"reachable": False, "healthy": False, "status_code": None}
     if info.state == "running":
-        backend = probe_health(health_url, min(HEALTH_TIMEOUT_SECONDS, config.http_timeout_seconds))
-    return Outcome({"state": info.state, "launch_time": info.launch_time.isoformat(), "backend": backend})
+        wanted = min(HEALTH_TIMEOUT_SECONDS, config.http_timeout_seconds)
+        try:
+            seconds = ec2.deadline.grant(f"GET {health_url}", wanted, at_least=min(MIN_BACKEND_SECONDS, wanted))
+            backend = probe_health(health_url, seconds, ec2.deadline.clock)
+        except OutOfTimeError as error:  # answer what is known: the state
+            backend = None
+            outcome.warnings.append(error.message)
+    outcome.fields["backend"] = backend
+    return outcome
 
 
-# --- The backend: GETs with explicit (connect, read) timeouts --------------------------------
-def fetch_activity(url: str, timeout_seconds: float, clock: Clock) -> Activity | ActivityUnknown:
-    """GET the activity endpoint; every failure becomes an ActivityUnknown that names it."""
-    import requests  # paid only by the actions that call the backend
+# --- The backend: one HTTP exchange, bounded in time and bytes whatever the server does ----------
+class ResponseTooLargeError(Exception):
+    """The server sent more bytes than the exchange allows."""
 
-    give_up_at = clock.monotonic() + 2 * timeout_seconds  # also bounds a backend that trickles bytes
-    body = bytearray()
+
+def fetch_activity(url: str, seconds: float, clock: Clock) -> Activity | ActivityUnknown:
+    """GET the activity endpoint within `seconds`; every failure becomes an ActivityUnknown that names it."""
     try:
-        with requests.get(
-            url,
-            timeout=(timeout_seconds, timeout_seconds),
-            stream=True,
-            allow_redirects=False,
-            headers={"Accept": "application/json"},
-        ) as response:
-            if not 200 <= response.status_code < 300:
-                return ActivityUnknown(f"GET {url} answered HTTP {response.status_code}")
-            for chunk in response.iter_content(8192):
-                body += chunk
-                if len(body) > MAX_ACTIVITY_BYTES or clock.monotonic() > give_up_at:
-                    return ActivityUnknown(f"GET {url} sent too much, too slowly")
-    except requests.Timeout:
-        return ActivityUnknown(f"GET {url} timed out after {timeout_seconds:g}s")
-    except requests.RequestException as error:
+        status_code, body = http_exchange("GET", url, seconds, MAX_ACTIVITY_BYTES, clock.monotonic)
+    except TimeoutError:
+        return ActivityUnknown(f"GET {url} timed out after {seconds:.1f}s")
+    except ResponseTooLargeError:
+        return ActivityUnknown(f"GET {url} sent more than {MAX_ACTIVITY_BYTES // 1024} KiB")
+    except (OSError, http.client.HTTPException) as error:
         return ActivityUnknown(f"GET {url} failed: {type(error).__name__}")
+    if not 200 <= status_code < 300:
+        return ActivityUnknown(f"GET {url} answered HTTP {status_code}")
+    return parse_activity(body, clock.now())
+
+
+def probe_health(url: str, seconds: float, clock: Clock) -> dict[str, Any]:
+    """GET the health endpoint within `seconds`, reading its status line and nothing more."""
     try:
-        payload = json.loads(body)
-    except ValueError:
-        return ActivityUnknown(f"GET {url} answered with something that is not JSON: {_short(bytes(body[:60]))}")
-    return parse_activity(payload, clock.now())
-
-
-def probe_health(url: str, timeout_seconds: float) -> dict[str, Any]:
-    import requests
-
-    try:
-        response = requests.get(url, timeout=(timeout_seconds, timeout_seconds), allow_redirects=False)
-    except requests.RequestException:
+        status_code, _ = http_exchange("GET", url, seconds, MAX_STATUS_LINE_BYTES, clock.monotonic, status_only=True)
+    except (OSError, http.client.HTTPException, ResponseTooLargeError):
         return {"reachable": False, "healthy": False, "status_code": None}
-    response.close()
-    return {"reachable": True, "healthy": 200 <= response.status_code < 300, "status_code": response.status_code}
+    return {"reachable": True, "healthy": 200 <= status_code < 300, "status_code": status_code}
+
+
+def http_exchange(
+    method: str, url: str, seconds: float, max_bytes: int, monotonic: Callable[[], float], *, status_only: bool = False
+) -> tuple[int, bytes]:
+    """One HTTP/1.1 request that ends within `seconds` and receives at most `max_bytes`, whatever the server does.
+
+    requests cannot promise this: its timeouts apply to each socket operation, so a server that trickles
+    a byte at a time holds it for ever (requests/requests#4276). Here DNS, connect, TLS, sending and every
+    receive share one deadline. Redirects are not followed."""
+    deadline = monotonic() + seconds
+    parts = urlsplit(url)
+    https = parts.scheme == "https"
+    sock = _connect(parts.hostname or "", parts.port or (443 if https else 80), https, deadline, monotonic)
+    try:
+        stream = _DeadlineStream(sock, deadline, monotonic, max_bytes)
+        request = f"{method} {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        stream.sendall(f"{request}Accept: application/json\r\nConnection: close\r\n\r\n".encode())
+        if status_only:
+            return _status_code(stream.makefile().readline(max_bytes)), b""
+        response = http.client.HTTPResponse(stream, method=method)  # type: ignore[arg-type]
+        response.begin()
+        return response.status, response.read()
+    finally:
+        sock.close()
+
+
+class _DeadlineStream(io.RawIOBase):
+    """A connected socket on which every send and receive ends by one deadline, and that yields at most
+    `max_bytes` (status line and headers included); http.client reads the response from it."""
+
+    def __init__(self, sock: socket.socket, deadline: float, monotonic: Callable[[], float], max_bytes: int) -> None:
+        super().__init__()
+        self._sock, self._deadline, self._monotonic, self._bytes_left = sock, deadline, monotonic, max_bytes
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._bytes_left <= 0:
+            raise ResponseTooLargeError
+        self._sock.settimeout(_seconds_left(self._deadline, self._monotonic))
+        received = self._sock.recv_into(buffer, min(len(buffer), self._bytes_left))
+        self._bytes_left -= received
+        return received
+
+    def sendall(self, data: bytes) -> None:
+        self._sock.settimeout(_seconds_left(self._deadline, self._monotonic))  # sendall's total since 3.5
+        self._sock.sendall(data)
+
+    def makefile(self, mode: str = "rb") -> io.BufferedReader:
+        return io.BufferedReader(self)
+
+
+def _connect(host: str, port: int, https: bool, deadline: float, monotonic: Callable[[], float]) -> socket.socket:
+    """DNS, TCP and TLS, all before the deadline; the first address that answers wins."""
+    failure: OSError = ConnectionError(f"no address found for {host}")
+    for family, kind, protocol, _, address in _resolve(host, port, deadline - monotonic()):
+        sock = socket.socket(family, kind, protocol)
+        try:
+            sock.settimeout(_seconds_left(deadline, monotonic))
+            sock.connect(address)
+            if https:  # the socket's timeout bounds the whole handshake (Python 3.5+)
+                sock = _tls_context().wrap_socket(sock, server_hostname=host)
+            return sock
+        except OSError as error:
+            sock.close()
+            failure = error
+    raise failure
+
+
+def _resolve(host: str, port: int, seconds: float) -> list[Any]:
+    """getaddrinfo, which takes no timeout: it runs in a daemon thread that we wait for at most `seconds`."""
+    answers: list[Any] = []
+
+    def lookup() -> None:
+        try:
+            answers.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as error:
+            answers.append(error)
+
+    worker = threading.Thread(target=lookup, name="resolve-backend", daemon=True)
+    worker.start()
+    worker.join(max(seconds, 0.0))
+    if not answers:
+        raise TimeoutError(f"resolving {host} took longer than {seconds:.1f}s")
+    if isinstance(answers[0], OSError):
+        raise answers[0]
+    return list(answers[0])
+
+
+@cache
+def _tls_context() -> ssl.SSLContext:
+    from botocore.httpsession import where  # the CA bundle botocore itself trusts, in every Lambda runtime
+
+    return ssl.create_default_context(cafile=where())
+
+
+def _seconds_left(deadline: float, monotonic: Callable[[], float]) -> float:
+    left = deadline - monotonic()
+    if left <= 0:
+        raise TimeoutError("the deadline passed")
+    return left
+
+
+def _status_code(line: bytes) -> int:
+    version, _, rest = line.partition(b" ")
+    if not version.startswith(b"HTTP/") or not rest[:3].isdigit():
+        raise http.client.BadStatusLine(repr(line[:60]))
+    return int(rest[:3])
 
 
 # --- Logs and metrics ------------------------------------------------------------------------
@@ -910,11 +1184,9 @@ class Invocation:
 
 def _run(
     event: object,
-    context: object,
     environ: Mapping[str, str],
     *,
-    clock: Clock,
-    client: EC2Client | None,
+    deadline: Deadline,
     invocation: Invocation,
 ) -> Outcome:
     request = parse_event(event)
@@ -936,11 +1208,11 @@ def _run(
         invocation.authorized = True
         action = invocation.action = request.action
         warning = request.warning
-    ec2 = Ec2(client or ec2_client(config.region), config.instance_id, clock.now)
+    ec2 = Ec2(config.region, config.instance_id, deadline)
     if action is Action.START:
-        outcome = start(ec2, _remaining_seconds(context), clock)
+        outcome = start(ec2)
     elif action is Action.CHECK_IDLE:
-        outcome = check_idle(ec2, config, clock)
+        outcome = check_idle(ec2, config)
     elif action is Action.STOP:
         outcome = stop(ec2, config)
     else:
@@ -960,11 +1232,6 @@ def _failure(error: OrchestratorError) -> Outcome:
         level=logging.ERROR if error.STATUS_CODE >= 500 else logging.WARNING,
         headers=dict(error.HEADERS),
     )
-
-
-def _remaining_seconds(context: object) -> float:
-    remaining_ms = getattr(context, "get_remaining_time_in_millis", lambda: DEFAULT_REMAINING_MS)()
-    return float(remaining_ms) / 1000
 
 
 def _log(
@@ -993,15 +1260,15 @@ def handle(
     context: object,
     environ: Mapping[str, str],
     clock: Clock | None = None,
-    client: EC2Client | None = None,
 ) -> dict[str, Any]:
-    """Parse, configure, authorise, act, log and render. No exception escapes."""
+    """Parse, configure, authorise, act, log and render, within the context's time. No exception escapes."""
     clock = clock or Clock()
     started = clock.monotonic()
+    deadline = Deadline.from_context(context, clock)
     invocation = Invocation()
     bug: Exception | None = None
     try:
-        outcome = _run(event, context, environ, clock=clock, client=client, invocation=invocation)
+        outcome = _run(event, environ, deadline=deadline, invocation=invocation)
     except OrchestratorError as error:
         outcome = _failure(error)
     except Exception as error:  # noqa: BLE001 - the one broad catch: a bug is logged with its traceback, answered 500

@@ -23,11 +23,12 @@ from moto.core.models import DEFAULT_ACCOUNT_ID
 from moto.ec2.models import ec2_backends
 
 import backend_orchestrator as bo
+from tests.servers import ScriptedBackend
 from tools.sandbox import set_moto_launch_time, stop_moto_server
 
 EVENTS = Path(__file__).parent / "events"
 REGION = "us-east-1"
-BACKEND = "http://backend.test:8000"
+ACTIVITY_PATH = "/api/last-activity"
 STATE_CODES = {"pending": 0, "running": 16, "shutting-down": 32, "terminated": 48, "stopping": 64, "stopped": 80}
 
 
@@ -156,6 +157,11 @@ class Ec2World:
     instance_id: str
     calls: list[str] = field(default_factory=list)
 
+    @staticmethod
+    def on_function_calls(event_name: str, handler: Callable[..., Any]) -> None:
+        """Hook every EC2 client the function builds from now on (it keeps one per number of attempts)."""
+        boto3.DEFAULT_SESSION.events.register(event_name, handler)  # type: ignore[union-attr]
+
     def set_state(self, name: str) -> None:
         # moto changes state at once; a test that needs pending, stopping or shutting-down sets it.
         instance = ec2_backends[DEFAULT_ACCOUNT_ID][REGION].get_instance(self.instance_id)
@@ -182,12 +188,13 @@ def ec2_error(code: str, message: str) -> tuple[AWSResponse, dict[str, Any]]:
 
 @pytest.fixture
 def ec2(aws: None, clock: FakeClock) -> Ec2World:
-    """A running moto instance, seen through the function's own cached client."""
-    setup = boto3.client("ec2", region_name=REGION)
+    """A running moto instance; the hooks below see every call the function's own clients make."""
+    boto3.setup_default_session()  # a fresh session: hooks registered on it reach only this test's clients
+    setup = boto3.client("ec2", region_name=REGION)  # built before the hooks: the test's own calls are not counted
     launched = setup.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1, InstanceType="t3.medium")
     instance_id = launched["Instances"][0]["InstanceId"]
     world = Ec2World(setup, instance_id)
-    client = bo.ec2_client(REGION)
+    bo.ec2_client.cache_clear()
 
     def count(model: Any, **_: Any) -> None:
         world.calls.append(model.name)
@@ -207,15 +214,29 @@ def ec2(aws: None, clock: FakeClock) -> Ec2World:
         # Real EC2 sets LaunchTime at each start; moto keeps the first one.
         world.set_launch_time(clock.now())
 
-    client.meta.events.register("before-parameter-build.ec2", count)  # once per API call
-    client.meta.events.register("before-call.ec2.StartInstances", start_like_real_ec2)  # type: ignore[arg-type]
-    client.meta.events.register("after-call.ec2.StartInstances", refresh_launch_time)
+    world.on_function_calls("before-parameter-build.ec2", count)  # once per API call, not per attempt
+    world.on_function_calls("before-call.ec2.StartInstances", start_like_real_ec2)
+    world.on_function_calls("after-call.ec2.StartInstances", refresh_launch_time)
     return world
 
 
+@pytest.fixture(scope="session")
+def backend_server() -> Iterator[ScriptedBackend]:
+    server = ScriptedBackend()
+    yield server
+    server.close()
+
+
 @pytest.fixture
-def env(ec2: Ec2World) -> dict[str, str]:
-    return {"INSTANCE_ID": ec2.instance_id, "BACKEND_BASE_URL": BACKEND, "AWS_REGION": REGION}
+def backend(backend_server: ScriptedBackend) -> ScriptedBackend:
+    """A real HTTP backend on 127.0.0.1 that answers 404 until the test scripts a path."""
+    backend_server.reset()
+    return backend_server
+
+
+@pytest.fixture
+def env(ec2: Ec2World, backend: ScriptedBackend) -> dict[str, str]:
+    return {"INSTANCE_ID": ec2.instance_id, "BACKEND_BASE_URL": backend.url, "AWS_REGION": REGION}
 
 
 Invoke = Callable[..., dict[str, Any]]

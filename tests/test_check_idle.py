@@ -7,21 +7,14 @@ from datetime import timedelta, timezone
 from typing import Any
 
 import pytest
-import requests
-import responses
 
 import backend_orchestrator as bo
-from tests.conftest import BACKEND, REGION, Ec2World, FakeClock, Invoke, ec2_error
+from tests.conftest import ACTIVITY_PATH as ACTIVITY
+from tests.conftest import Ec2World, FakeClock, Invoke, ec2_error
+from tests.servers import Answer, ScriptedBackend, free_port
 
-ACTIVITY = BACKEND + "/api/last-activity"
 CHECK = {"action": "check_idle"}
 HOUR = 3600
-
-
-@pytest.fixture
-def backend() -> Any:
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield mock
 
 
 @pytest.fixture
@@ -33,7 +26,9 @@ def long_running(ec2: Ec2World, clock: FakeClock) -> Ec2World:
 
 # --- The state table -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("state", ["stopped", "pending", "stopping", "shutting-down", "terminated"])
-def test_not_running_is_skip_with_one_call_and_no_http(invoke: Invoke, ec2: Ec2World, backend: Any, state: str) -> None:
+def test_not_running_is_skip_with_one_call_and_no_http(
+    invoke: Invoke, ec2: Ec2World, backend: ScriptedBackend, state: str
+) -> None:
     ec2.set_state(state)
     body = invoke(CHECK)
     assert (body["decision"], body["state"]) == ("skip", state)
@@ -42,9 +37,9 @@ def test_not_running_is_skip_with_one_call_and_no_http(invoke: Invoke, ec2: Ec2W
 
 
 def test_running_and_idle_past_timeout_stops_with_exactly_two_ec2_calls_and_one_get(
-    invoke: Invoke, long_running: Ec2World, backend: Any
+    invoke: Invoke, long_running: Ec2World, backend: ScriptedBackend
 ) -> None:
-    backend.get(ACTIVITY, json={"idle_seconds": 1200})
+    backend.answer(ACTIVITY, Answer.json({"idle_seconds": 1200}))
     body = invoke(CHECK)
     assert body["decision"] == "stop", body
     assert body["idle_seconds"] == 1200
@@ -54,9 +49,9 @@ def test_running_and_idle_past_timeout_stops_with_exactly_two_ec2_calls_and_one_
 
 
 def test_running_and_recently_active_keeps_with_one_call_and_one_get(
-    invoke: Invoke, long_running: Ec2World, backend: Any
+    invoke: Invoke, long_running: Ec2World, backend: ScriptedBackend
 ) -> None:
-    backend.get(ACTIVITY, json={"idle_seconds": 120})
+    backend.answer(ACTIVITY, Answer.json({"idle_seconds": 120}))
     body = invoke(CHECK)
     assert body["decision"] == "keep"
     assert "120s" in body["reason"]
@@ -66,14 +61,14 @@ def test_running_and_recently_active_keeps_with_one_call_and_one_get(
 
 
 def test_a_freshly_started_instance_gets_a_full_timeout(
-    invoke: Invoke, ec2: Ec2World, backend: Any, clock: FakeClock
+    invoke: Invoke, ec2: Ec2World, backend: ScriptedBackend, clock: FakeClock
 ) -> None:
     # The backend remembers activity from before the last stop; the real LaunchTime (set on
     # start by the fixture, as EC2 does and moto does not) wins.
     ec2.set_state("stopped")
     assert invoke({"action": "start"})["ok"]
     clock.advance(60)
-    backend.get(ACTIVITY, json={"idle_seconds": 5 * HOUR})
+    backend.answer(ACTIVITY, Answer.json({"idle_seconds": 5 * HOUR}))
     body = invoke(CHECK)
     assert body["decision"] == "keep"
     assert body["idle_seconds"] == pytest.approx(60, abs=1)  # EC2 reports LaunchTime in whole seconds
@@ -83,36 +78,38 @@ def test_a_freshly_started_instance_gets_a_full_timeout(
     assert ec2.state() == "stopped"
 
 
-def test_the_timeout_is_configurable(invoke: Invoke, long_running: Ec2World, backend: Any) -> None:
-    backend.get(ACTIVITY, json={"idle_seconds": 120})
+def test_the_timeout_is_configurable(invoke: Invoke, long_running: Ec2World, backend: ScriptedBackend) -> None:
+    backend.answer(ACTIVITY, Answer.json({"idle_seconds": 120}))
     assert invoke(CHECK, IDLE_TIMEOUT_SECONDS="60")["decision"] == "stop"
 
 
-def test_paths_are_configurable(invoke: Invoke, long_running: Ec2World, backend: Any) -> None:
-    backend.get(BACKEND + "/custom/idle", json={"idle_seconds": 2000})
-    assert invoke(CHECK, LAST_ACTIVITY_PATH="/custom/idle", BACKEND_BASE_URL=BACKEND + "/")["decision"] == "stop"
+def test_paths_are_configurable(invoke: Invoke, long_running: Ec2World, backend: ScriptedBackend) -> None:
+    backend.answer("/custom/idle", Answer.json({"idle_seconds": 2000}))
+    assert invoke(CHECK, LAST_ACTIVITY_PATH="/custom/idle", BACKEND_BASE_URL=backend.url + "/")["decision"] == "stop"
 
 
-def test_dry_run_says_would_stop_and_stops_nothing(invoke: Invoke, long_running: Ec2World, backend: Any) -> None:
-    backend.get(ACTIVITY, json={"idle_seconds": 2000})
+def test_dry_run_says_would_stop_and_stops_nothing(
+    invoke: Invoke, long_running: Ec2World, backend: ScriptedBackend
+) -> None:
+    backend.answer(ACTIVITY, Answer.json({"idle_seconds": 2000}))
     body = invoke(CHECK, DRY_RUN="true")
     assert (body["decision"], body["dry_run"]) == ("would_stop", True)
     assert long_running.mutations() == []
     assert long_running.state() == "running"
 
 
-def test_hibernate_is_passed_to_ec2(invoke: Invoke, long_running: Ec2World, backend: Any) -> None:
+def test_hibernate_is_passed_to_ec2(invoke: Invoke, long_running: Ec2World, backend: ScriptedBackend) -> None:
     seen: list[Any] = []
-    bo.ec2_client(REGION).meta.events.register(
+    long_running.on_function_calls(
         "provide-client-params.ec2.StopInstances", lambda params, **_: seen.append(params.get("Hibernate"))
     )
-    backend.get(ACTIVITY, json={"idle_seconds": 2000})
+    backend.answer(ACTIVITY, Answer.json({"idle_seconds": 2000}))
     assert invoke(CHECK, STOP_HIBERNATE="yes")["decision"] == "stop"
     assert seen == [True]
 
 
 def test_hibernation_refused_falls_back_to_a_plain_stop_with_a_warning(
-    invoke: Invoke, long_running: Ec2World, backend: Any, log_lines: Any
+    invoke: Invoke, long_running: Ec2World, backend: ScriptedBackend, log_lines: Any
 ) -> None:
     # moto hibernates anything; real EC2 answers UnsupportedHibernationConfiguration for an
     # instance launched without hibernation: inject that answer for Hibernate=True only.
@@ -121,8 +118,8 @@ def test_hibernation_refused_falls_back_to_a_plain_stop_with_a_warning(
             return ec2_error("UnsupportedHibernationConfiguration", "The instance is not configured for hibernation.")
         return None
 
-    bo.ec2_client(REGION).meta.events.register("before-call.ec2.StopInstances", refuse_hibernate)
-    backend.get(ACTIVITY, json={"idle_seconds": 2000})
+    long_running.on_function_calls("before-call.ec2.StopInstances", refuse_hibernate)
+    backend.answer(ACTIVITY, Answer.json({"idle_seconds": 2000}))
     body = invoke(CHECK, STOP_HIBERNATE="true")
     assert body["decision"] == "stop"
     assert long_running.calls == ["DescribeInstances", "StopInstances", "StopInstances"]
@@ -195,17 +192,28 @@ PLUS_TWO = timezone(timedelta(hours=2))
         pytest.param({"idle_seconds": 5000, "busy": "no"}, "keep", None, id="busy-not-boolean"),
         pytest.param({"idle_seconds": 5000, "active_jobs": "2"}, "keep", None, id="jobs-not-number"),
         pytest.param({"last_activity": "yesterday"}, "keep", None, id="bad-timestamp"),
-        pytest.param({"last_activity": None}, "keep", None, id="null-timestamp"),
+        pytest.param({"last_activity": None}, "keep", None, id="null-timestamp-is-absent"),
+        # A null means absent, as it does for event fields: it never hides a valid idle time.
+        pytest.param(
+            {"idle_seconds": 1000, "busy": None, "active_jobs": None}, "stop", 1000, id="null-optional-fields"
+        ),
+        pytest.param({"idle_seconds": None, "last_activity": ago(1000)}, "stop", 1000, id="null-idle-seconds"),
         pytest.param([1000], "keep", None, id="list"),
         pytest.param(1000, "keep", None, id="number"),
     ],
 )
 def test_activity_contract(
-    invoke: Invoke, long_running: Ec2World, backend: Any, clock: FakeClock, payload: Any, decision: str, idle: Any
+    invoke: Invoke,
+    long_running: Ec2World,
+    backend: ScriptedBackend,
+    clock: FakeClock,
+    payload: Any,
+    decision: str,
+    idle: Any,
 ) -> None:
     if isinstance(payload, dict):
         payload = {key: value(clock) if callable(value) else value for key, value in payload.items()}
-    backend.get(ACTIVITY, body=json.dumps(payload), content_type="application/json")
+    backend.answer(ACTIVITY, Answer(body=json.dumps(payload).encode()))
     body = invoke(CHECK)
     assert body["decision"] == decision, body["reason"]
     assert body["idle_seconds"] == (None if idle is None else pytest.approx(idle, abs=0.5))
@@ -213,23 +221,22 @@ def test_activity_contract(
 
 
 @pytest.mark.parametrize(
-    ("respond", "reason_has"),
+    ("answer", "reason_has"),
     [
-        pytest.param({"status": 500, "json": {"error": "boom"}}, "HTTP 500", id="http-500"),
-        pytest.param({"status": 404, "body": "not found"}, "HTTP 404", id="http-404"),
-        pytest.param({"status": 302, "headers": {"Location": "/login"}}, "HTTP 302", id="redirect-not-followed"),
-        pytest.param({"status": 200, "body": "<html>Bad gateway</html>"}, "not JSON", id="html"),
-        pytest.param({"status": 200, "body": "x" * (bo.MAX_ACTIVITY_BYTES + 10)}, "too much", id="huge"),
-        pytest.param({"body": requests.ConnectTimeout("connect timed out")}, "timed out", id="connect-timeout"),
-        pytest.param({"body": requests.ReadTimeout("read timed out")}, "timed out", id="read-timeout"),
-        pytest.param({"body": requests.ConnectionError("refused")}, "ConnectionError", id="connection-refused"),
+        pytest.param(Answer.json({"error": "boom"}, status=500), "HTTP 500", id="http-500"),
+        pytest.param(Answer(404, b"not found"), "HTTP 404", id="http-404"),
+        pytest.param(Answer(302, b"", {"Location": "/login"}), "HTTP 302", id="redirect-not-followed"),
+        pytest.param(Answer(body=b"<html>Bad gateway</html>"), "not JSON", id="html"),
+        pytest.param(Answer(body=b"x" * bo.MAX_ACTIVITY_BYTES), "more than 64 KiB", id="huge"),
+        pytest.param(Answer(mode="silent"), "timed out after 0.5s", id="never-answers"),
+        pytest.param(Answer(body=b"\xff\xfe{}"), "not JSON", id="not-utf8"),
     ],
 )
 def test_backend_failure_keeps_with_a_reason_and_an_error_log(
-    invoke: Invoke, long_running: Ec2World, backend: Any, log_lines: Any, respond: dict[str, Any], reason_has: str
+    invoke: Invoke, long_running: Ec2World, backend: ScriptedBackend, log_lines: Any, answer: Answer, reason_has: str
 ) -> None:
-    backend.get(ACTIVITY, **respond)
-    body = invoke(CHECK)
+    backend.answer(ACTIVITY, answer)
+    body = invoke(CHECK, HTTP_TIMEOUT_SECONDS="0.5")
     assert body["decision"] == "keep"
     assert reason_has in body["reason"]
     assert long_running.mutations() == []
@@ -239,7 +246,19 @@ def test_backend_failure_keeps_with_a_reason_and_an_error_log(
     assert metrics["BackendUnreachable"] == 1
 
 
-def test_the_request_has_connect_and_read_timeouts(invoke: Invoke, long_running: Ec2World, backend: Any) -> None:
-    backend.get(ACTIVITY, json={"idle_seconds": 1})
-    invoke(CHECK, HTTP_TIMEOUT_SECONDS="2.5")
-    assert backend.calls[0].request.req_kwargs["timeout"] == (2.5, 2.5)
+def test_a_backend_that_is_down_is_kept(invoke: Invoke, long_running: Ec2World) -> None:
+    body = invoke(CHECK, BACKEND_BASE_URL=f"http://127.0.0.1:{free_port()}")
+    assert body["decision"] == "keep"
+    assert "ConnectionRefusedError" in body["reason"]
+    assert long_running.mutations() == []
+
+
+def test_the_request_is_one_plain_get_of_the_activity_path(
+    invoke: Invoke, long_running: Ec2World, backend: ScriptedBackend
+) -> None:
+    backend.answer(ACTIVITY, Answer.json({"idle_seconds": 1}))
+    invoke(CHECK)
+    [call] = backend.calls
+    assert (call.method, call.path, call.body) == ("GET", ACTIVITY, b"")
+    assert call.headers["host"] == backend.url.removeprefix("http://")
+    assert call.headers["accept"] == "application/json"

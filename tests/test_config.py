@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 import backend_orchestrator as bo
@@ -31,7 +33,7 @@ def test_every_variable_is_read() -> None:
             "HTTP_TIMEOUT_SECONDS": "2.5",
             "STOP_HIBERNATE": "Yes",
             "DRY_RUN": "1",
-            "AUTH_TOKEN": "t0ken-value",
+            "AUTH_TOKEN": "t0ken-value-0123456789",
             "LAST_ACTIVITY_PATH": "/idle",
             "HEALTH_PATH": "/healthz",
             "LOG_LEVEL": "debug",
@@ -40,7 +42,7 @@ def test_every_variable_is_read() -> None:
     )
     assert config.backend_base_url == "https://backend.example.com"  # trailing slash dropped
     assert (config.idle_timeout_seconds, config.region, config.http_timeout_seconds) == (600, "eu-west-1", 2.5)
-    assert (config.stop_hibernate, config.dry_run, config.auth_token) == (True, True, "t0ken-value")
+    assert (config.stop_hibernate, config.dry_run, config.auth_token) == (True, True, "t0ken-value-0123456789")
     assert (config.last_activity_path, config.health_path, config.log_level) == ("/idle", "/healthz", "DEBUG")
     assert config.metrics_namespace == "PyElli"
     assert "t0ken-value" not in repr(config)
@@ -58,6 +60,8 @@ def test_every_variable_is_read() -> None:
         pytest.param("BACKEND_BASE_URL", "ftp://10.0.1.50", "http", id="url-ftp"),
         pytest.param("BACKEND_BASE_URL", "http://", "http", id="url-without-host"),
         pytest.param("BACKEND_BASE_URL", "http://host/?x=1", "http", id="url-with-query"),
+        pytest.param("BACKEND_BASE_URL", "http://host:99999", "http", id="url-port-out-of-range"),
+        pytest.param("BACKEND_BASE_URL", "http://host:eighty", "http", id="url-port-not-a-number"),
         pytest.param("IDLE_TIMEOUT_SECONDS", "15m", "positive whole number", id="timeout-with-unit"),
         pytest.param("IDLE_TIMEOUT_SECONDS", "0", "positive", id="timeout-zero"),
         pytest.param("IDLE_TIMEOUT_SECONDS", "-900", "positive", id="timeout-negative"),
@@ -70,6 +74,8 @@ def test_every_variable_is_read() -> None:
         pytest.param("DRY_RUN", "on", "true/false", id="dry-run-not-boolean"),
         pytest.param("LAST_ACTIVITY_PATH", "api/last-activity", "start with /", id="path-without-slash"),
         pytest.param("HEALTH_PATH", "/health?full=1", "start with /", id="path-with-query"),
+        pytest.param("HEALTH_PATH", "/health check", "no spaces", id="path-with-space"),
+        pytest.param("HEALTH_PATH", "/santé", "printable ASCII", id="path-not-ascii"),
         pytest.param("LOG_LEVEL", "VERBOSE", "DEBUG", id="log-level-unknown"),
     ],
 )
@@ -106,8 +112,90 @@ def test_a_config_error_is_shown_only_to_an_authenticated_http_caller(invoke: In
     assert ec2.calls == []
 
 
-def test_no_os_environ_read_outside_config() -> None:
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("http://admin:hunter2-password@10.0.1.50:8000", id="user-and-password"),
+        pytest.param("https://:hunter2-password@backend.example.com", id="password-only"),
+        pytest.param("http://admin@10.0.1.50:8000", id="user-only"),
+    ],
+)
+def test_credentials_in_the_backend_url_are_refused_and_never_echoed(
+    invoke: Invoke, ec2: Ec2World, log_lines: Any, url: str
+) -> None:
+    body = invoke({"action": "check_idle"}, BACKEND_BASE_URL=url)
+    assert body["error"]["code"] == "config_error"
+    assert "BACKEND_BASE_URL" in body["error"]["message"]
+    assert "user name or password" in body["error"]["message"]
+    assert "hunter2" not in str(body) + str(log_lines())
+    assert "admin" not in str(body)
+    assert ec2.calls == []
+
+
+@pytest.mark.parametrize(
+    ("token", "says"),
+    [
+        pytest.param("   ", "blank", id="only-spaces"),
+        pytest.param("\t\n", "blank", id="only-whitespace"),
+        pytest.param("short-secret", "12 characters long", id="shorter-than-16"),
+    ],
+)
+def test_a_blank_or_short_token_is_refused_without_showing_it(
+    invoke: Invoke, ec2: Ec2World, log_lines: Any, token: str, says: str
+) -> None:
+    body = invoke({"action": "start"}, AUTH_TOKEN=token)
+    assert body["error"]["code"] == "config_error"
+    assert "AUTH_TOKEN" in body["error"]["message"]
+    assert says in body["error"]["message"]
+    assert str(bo.MIN_TOKEN_CHARS) in body["error"]["message"]
+    if token.strip():
+        assert token not in str(body) + str(log_lines())
+    assert ec2.calls == []
+
+
+@pytest.mark.parametrize("headers", [{}, {"authorization": "Bearer "}, {"authorization": "Bearer    "}])
+def test_a_blank_token_lets_no_http_caller_through(invoke: Invoke, ec2: Ec2World, headers: dict[str, str]) -> None:
+    # Blank used to mean "no authentication": now it fails closed, and the schedule's log says why.
+    ec2.set_state("stopped")
+    response = invoke(http_event(headers=headers), AUTH_TOKEN="   ")
+    assert response["statusCode"] == 401
+    assert ec2.calls == []
+    assert ec2.state() == "stopped"
+
+
+def test_no_environment_read_outside_config() -> None:
+    """Config.from_env reads every variable; lambda_handler hands it os.environ; nothing else looks."""
+    import ast
     import inspect
 
-    source = inspect.getsource(bo)
-    assert source.count("os.environ") == 1  # lambda_handler passes it to Config.from_env, once
+    readers: dict[str, set[str]] = {}
+
+    class Finder(ast.NodeVisitor):
+        def __init__(self) -> None:
+            self.where = ["<module>"]
+
+        def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
+            self.where.append(node.name)
+            self.generic_visit(node)
+            self.where.pop()
+
+        def visit_Attribute(self, node: ast.Attribute) -> None:
+            self._seen(node)
+            self.generic_visit(node)
+
+        def visit_Name(self, node: ast.Name) -> None:
+            self._seen(node)
+
+        def _seen(self, node: ast.expr) -> None:
+            name = ast.unparse(node)
+            if name in ("os.environ", "os.getenv", "os.putenv", "environ", "getenv", "putenv"):
+                readers.setdefault(self.where[-1], set()).add(name)
+
+    Finder().visit(ast.parse(inspect.getsource(bo)))
+    assert readers == {
+        "lambda_handler": {"os.environ"},  # hands it over, once
+        "handle": {"environ"},  # passes it on
+        "_run": {"environ"},  # passes it to Config.from_env
+        "from_env": {"environ"},
+        "read": {"environ"},  # from_env's own helper
+    }

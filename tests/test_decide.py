@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
-from hypothesis import given
+import pytest
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import backend_orchestrator as bo
@@ -66,19 +68,73 @@ JSON = st.recursive(
     max_leaves=15,
 )
 FIELDS = st.sampled_from([*bo.IDLE_SECONDS_FIELDS, *bo.LAST_ACTIVITY_FIELDS, *bo.IN_FLIGHT_FIELDS, "busy"])
-CONTRACT_LIKE = st.dictionaries(FIELDS, JSON | st.floats(min_value=-1e13, max_value=1e13), max_size=5)
+VALUES = JSON | st.floats(min_value=-1e13, max_value=1e13) | st.integers(min_value=-(10**400), max_value=10**400)
+# Key-value pairs written out as JSON text by hand, so that a key may repeat, as it may on the wire.
+PAIRS = st.lists(st.tuples(FIELDS | st.text(max_size=10), VALUES), max_size=6)
 
 
-@given(payload=JSON | CONTRACT_LIKE)
-def test_any_payload_is_read_without_raising(payload: object) -> None:
-    result = bo.parse_activity(payload, NOW)
+def object_text(pairs: list[tuple[str, object]]) -> str:
+    return "{" + ", ".join(f"{json.dumps(key)}: {json.dumps(value)}" for key, value in pairs) + "}"
+
+
+BODIES = st.one_of(
+    st.text(max_size=200),
+    st.binary(max_size=200),
+    JSON.map(json.dumps),
+    PAIRS.map(object_text),
+    st.integers(min_value=1, max_value=50_000).map(lambda depth: "[" * depth + "]" * depth),
+    st.integers(min_value=1, max_value=20_000).map(lambda depth: '{"busy": ' * depth + "1" + "}" * depth),
+    st.integers(min_value=300, max_value=5_000).map(lambda digits: '{"idle_seconds": 1' + "0" * digits + "}"),
+)
+
+
+@settings(max_examples=500)
+@given(body=BODIES)
+def test_any_body_is_read_without_raising(body: str | bytes) -> None:
+    result = bo.parse_activity(body, NOW)
     assert isinstance(result, bo.Activity | bo.ActivityUnknown)
     if isinstance(result, bo.Activity) and result.idle_seconds is not None:
         assert result.idle_seconds >= 0
 
 
-@given(payload=CONTRACT_LIKE, busy_field=st.sampled_from(["busy", "active_requests", "active_jobs"]))
-def test_a_busy_backend_is_never_stopped(payload: dict[str, object], busy_field: str) -> None:
-    payload = {**payload, busy_field: True if busy_field == "busy" else 1}
-    verdict = bo.decide("running", NOW - timedelta(days=30), bo.parse_activity(payload, NOW), NOW, 1)
+@settings(max_examples=500)
+@given(
+    pairs=PAIRS,
+    busy=st.sampled_from([("busy", True), ("active_requests", 1), ("active_jobs", 2.5)]),
+    position=st.integers(min_value=0, max_value=6),
+)
+def test_a_payload_that_says_busy_is_never_a_stop(
+    pairs: list[tuple[str, object]], busy: tuple[str, object], position: int
+) -> None:
+    pairs.insert(position, busy)
+    verdict = bo.decide("running", NOW - timedelta(days=30), bo.parse_activity(object_text(pairs), NOW), NOW, 1)
     assert verdict.decision is bo.Decision.KEEP
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        pytest.param('{"busy": true, "busy": false, "idle_seconds": 5000}', None, id="repeated-key-is-unknown"),
+        pytest.param('{"idle_seconds": 5000, "idle_seconds": 1}', None, id="repeated-idle-is-unknown"),
+        pytest.param('{"idle_seconds": 50, "busy": null, "active_jobs": null}', bo.Activity(50.0), id="nulls-absent"),
+        pytest.param(
+            f'{{"idle_seconds": null, "last_activity": {NOW.timestamp() - 7200:.0f}}}',
+            bo.Activity(7200.0),
+            id="null-idle",
+        ),
+        pytest.param('{"idle_seconds": 1' + "0" * 400 + "}", None, id="integer-too-large-for-a-float"),
+        pytest.param('{"idle_seconds": 5, "active_jobs": 1' + "0" * 400 + "}", None, id="huge-count-is-unknown"),
+        pytest.param('{"idle_seconds": 1e999}', None, id="infinity"),
+        pytest.param('{"idle_seconds": 5, "x": ' + "[" * 100_000 + "]" * 100_000 + "}", None, id="nested-too-deep"),
+        pytest.param(b'{"idle_seconds": 5, "x": "\xff"}', None, id="not-utf8"),
+    ],
+)
+def test_ambiguous_or_unreadable_bodies_are_unknown_and_nulls_are_absent(
+    body: str | bytes, expected: bo.Activity | None
+) -> None:
+    result = bo.parse_activity(body, NOW)
+    if expected is None:
+        assert isinstance(result, bo.ActivityUnknown), result
+        assert result.reason
+    else:
+        assert result == expected

@@ -58,6 +58,7 @@ def test_schedule_without_input_warns_to_set_the_input(invoke: Invoke, ec2: Ec2W
 
 
 BIG = '{"action": "start", "pad": "' + "x" * 17_000 + '"}'
+DEEP = '{"action": "start", "pad": ' + "[" * 8000 + "]" * 8000 + "}"  # 16,028 bytes: under the size limit
 
 
 @pytest.mark.parametrize(
@@ -76,6 +77,10 @@ BIG = '{"action": "start", "pad": "' + "x" * 17_000 + '"}'
         pytest.param(http_event(body='{"action": null}'), 400, "invalid_action", id="action-is-null"),
         pytest.param(http_event(body='{"action": "Start"}'), 400, "unknown_action", id="actions-are-case-sensitive"),
         pytest.param(http_event(body=BIG), 413, "payload_too_large", id="body-over-16-KiB"),
+        pytest.param(http_event(body=DEEP), 400, "malformed_json", id="nested-too-deep-within-16-KiB"),
+        pytest.param(
+            http_event(body='{"action": "status", "action": "start"}'), 400, "malformed_json", id="repeated-key"
+        ),
         # HTTP actions and methods
         pytest.param(http_event(body='{"action": "stop"}'), 403, "action_not_allowed", id="stop-over-http"),
         pytest.param(http_event(body='{"action": "check_idle"}'), 403, "action_not_allowed", id="check-idle-over-http"),
@@ -170,8 +175,11 @@ def test_direct_invocation_needs_no_token(invoke: Invoke, ec2: Ec2World) -> None
     ],
 )
 def test_no_event_whatsoever_raises(invoke: Invoke, ec2: Ec2World, event: object) -> None:
-    body = body_of(invoke(event))
+    response = invoke(event)
+    body = body_of(response)
     assert body["ok"] is False
+    assert body["error"]["code"] in ("invalid_event", "unsupported_event", "method_not_allowed"), body
+    assert response.get("statusCode", 400) in (400, 405)
     assert ec2.mutations() == []
 
 

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from typing import Any
 
+import boto3
 import pytest
-import requests
-import responses
 
 import backend_orchestrator as bo
-from tests.conftest import BACKEND, Ec2World, FakeClock, FakeContext, Invoke, body_of, http_event, load_event
+from tests.conftest import ACTIVITY_PATH, Ec2World, FakeClock, FakeContext, Invoke, body_of, http_event, load_event
+from tests.servers import Answer, ScriptedBackend, free_port
 
 
-@pytest.fixture
-def backend() -> Any:
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield mock
-
-
-def test_status_of_a_stopped_instance_makes_no_http_request(invoke: Invoke, ec2: Ec2World, backend: Any) -> None:
+def test_status_of_a_stopped_instance_makes_no_http_request(
+    invoke: Invoke, ec2: Ec2World, backend: ScriptedBackend
+) -> None:
     ec2.set_state("stopped")
     response = invoke(load_event("function_url_get_status"))
     body = body_of(response)
@@ -31,30 +28,29 @@ def test_status_of_a_stopped_instance_makes_no_http_request(invoke: Invoke, ec2:
 
 
 @pytest.mark.parametrize(
-    ("respond", "expected"),
+    ("answer", "expected"),
     [
+        pytest.param(Answer.json({"status": "ok"}), {"reachable": True, "healthy": True, "status_code": 200}, id="ok"),
+        pytest.param(Answer(503), {"reachable": True, "healthy": False, "status_code": 503}, id="booting"),
+        pytest.param(Answer(mode="endless"), {"reachable": True, "healthy": True, "status_code": 200}, id="endless"),
         pytest.param(
-            {"status": 200, "json": {"status": "ok"}},
-            {"reachable": True, "healthy": True, "status_code": 200},
-            id="healthy",
-        ),
-        pytest.param({"status": 503}, {"reachable": True, "healthy": False, "status_code": 503}, id="booting"),
-        pytest.param(
-            {"body": requests.ConnectionError("refused")},
-            {"reachable": False, "healthy": False, "status_code": None},
-            id="down",
+            Answer(mode="silent"), {"reachable": False, "healthy": False, "status_code": None}, id="never-answers"
         ),
     ],
 )
 def test_status_of_a_running_instance_probes_health(
-    invoke: Invoke, ec2: Ec2World, backend: Any, respond: dict[str, Any], expected: dict[str, Any]
+    invoke: Invoke, ec2: Ec2World, backend: ScriptedBackend, answer: Answer, expected: dict[str, Any]
 ) -> None:
-    backend.get(BACKEND + "/health", **respond)
-    body = body_of(invoke(http_event(body='{"action": "status"}')))
+    backend.answer("/health", answer)
+    body = body_of(invoke(http_event(body='{"action": "status"}'), HTTP_TIMEOUT_SECONDS="1"))
     assert body["state"] == "running"
     assert body["backend"] == expected
-    assert len(backend.calls) == 1
-    assert backend.calls[0].request.req_kwargs["timeout"] == (bo.HEALTH_TIMEOUT_SECONDS, bo.HEALTH_TIMEOUT_SECONDS)
+    assert [(call.method, call.path) for call in backend.calls] == [("GET", "/health")]
+
+
+def test_status_of_a_running_instance_whose_backend_is_down(invoke: Invoke, ec2: Ec2World) -> None:
+    body = body_of(invoke(http_event(body='{"action": "status"}'), BACKEND_BASE_URL=f"http://127.0.0.1:{free_port()}"))
+    assert body["backend"] == {"reachable": False, "healthy": False, "status_code": None}
 
 
 def test_stop_forces_a_stop(invoke: Invoke, ec2: Ec2World) -> None:
@@ -71,10 +67,10 @@ def test_stop_honours_dry_run(invoke: Invoke, ec2: Ec2World) -> None:
 
 
 def test_one_json_log_line_and_one_emf_line_per_invocation(
-    ec2: Ec2World, env: dict[str, str], clock: FakeClock, backend: Any, log_lines: Any
+    ec2: Ec2World, env: dict[str, str], clock: FakeClock, backend: ScriptedBackend, log_lines: Any
 ) -> None:
     ec2.set_launch_time(clock.now() - timedelta(hours=1))
-    backend.get(BACKEND + "/api/last-activity", json={"idle_seconds": 1000})
+    backend.answer(ACTIVITY_PATH, Answer.json({"idle_seconds": 1000}))
     bo.handle(
         {"action": "check_idle"}, FakeContext(clock), {**env, "METRICS_NAMESPACE": "PyElli"}, clock=clock.as_clock()
     )
@@ -115,15 +111,28 @@ def test_log_level_hides_info_but_never_errors(invoke: Invoke, ec2: Ec2World, lo
     assert log_lines()[0]["level"] == "WARNING"
 
 
-def test_secrets_never_reach_logs_or_responses(invoke: Invoke, ec2: Ec2World, log_lines: Any) -> None:
+def test_secrets_never_reach_logs_or_responses_even_at_debug(
+    invoke: Invoke,
+    ec2: Ec2World,
+    backend: ScriptedBackend,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     token = "s3cret-token-1234"
-    for headers in ({"authorization": f"Bearer {token}"}, {"authorization": f"Bearer {token}x"}, {}):
-        for body in ('{"action": "start"}', '{"action": "stop"}', "{bad"):
-            response = invoke(http_event(body=body, headers=headers), AUTH_TOKEN=token)
-            assert token not in str(response)
-    output = str(log_lines())
-    assert token not in output
-    assert "Bearer s3cret" not in output
+    for noisy in ("botocore", "boto3", "urllib3"):  # the libraries' own debug logs, which log requests
+        caplog.set_level(logging.DEBUG, logger=noisy)
+    backend.answer("/health", Answer.json({"status": "ok"}))
+    backend.answer(ACTIVITY_PATH, Answer.json({"idle_seconds": 1}))
+    responses = [
+        invoke(http_event(body=body, headers=headers), AUTH_TOKEN=token, LOG_LEVEL="DEBUG")
+        for headers in ({"authorization": f"Bearer {token}"}, {"authorization": f"Bearer {token}x"}, {})
+        for body in ('{"action": "start"}', '{"action": "status"}', '{"action": "stop"}', "{bad")
+    ]
+    responses.append(invoke({"action": "check_idle"}, AUTH_TOKEN=token, LOG_LEVEL="DEBUG"))
+    everything = capsys.readouterr().out + caplog.text + str(responses)
+    assert "DEBUG" in caplog.text  # the libraries did log at debug level
+    assert token not in everything
+    assert "Bearer s3cret" not in everything
 
 
 def test_an_unexpected_bug_is_a_500_with_the_traceback_in_the_log(
@@ -141,13 +150,50 @@ def test_an_unexpected_bug_is_a_500_with_the_traceback_in_the_log(
     assert "KeyError: 'StartingInstances'" in log["exception"]
 
 
-def test_the_ec2_client_is_built_once_per_container(invoke: Invoke, ec2: Ec2World) -> None:
+@pytest.fixture
+def clients_built(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The config of every boto3 client the function builds during the test."""
+    built: list[Any] = []
+    real_client = boto3.client
+
+    def counting_client(*args: Any, **kwargs: Any) -> Any:
+        built.append(kwargs["config"])
+        return real_client(*args, **kwargs)
+
+    monkeypatch.setattr(boto3, "client", counting_client)
+    return built
+
+
+def test_the_ec2_client_is_built_once_per_container(invoke: Invoke, ec2: Ec2World, clients_built: list[Any]) -> None:
     for event in ({"action": "stop"}, {"action": "start"}, {"action": "stop"}):
         assert invoke(event)["ok"] is True
-    assert bo.ec2_client.cache_info().misses == 1
-    config: Any = bo.ec2_client("us-east-1").meta.config  # botocore sets these options dynamically
-    assert config.retries == {"mode": "standard", "total_max_attempts": 3}
-    assert (config.connect_timeout, config.read_timeout) == (3, 10)
+    [config] = clients_built
+    assert config.retries == {"mode": "standard", "total_max_attempts": bo.EC2_MAX_ATTEMPTS}
+    assert (config.connect_timeout, config.read_timeout) == (
+        bo.EC2_CONNECT_TIMEOUT_SECONDS,
+        bo.EC2_READ_TIMEOUT_SECONDS,
+    )
+
+
+@pytest.mark.parametrize(
+    ("timeout_seconds", "attempts"),
+    [
+        pytest.param(60, 3, id="plenty-of-time"),
+        pytest.param(bo.ec2_call_seconds(2) + bo.ANSWER_MARGIN_SECONDS, 2, id="two-attempts-fit"),
+        pytest.param(bo.ec2_call_seconds(2) + bo.ANSWER_MARGIN_SECONDS - 0.1, 1, id="one-attempt-fits"),
+    ],
+)
+def test_an_ec2_call_gets_the_attempts_that_fit_the_time_left(
+    ec2: Ec2World,
+    env: dict[str, str],
+    clock: FakeClock,
+    clients_built: list[Any],
+    timeout_seconds: float,
+    attempts: int,
+) -> None:
+    body = bo.handle({"action": "stop"}, FakeContext(clock, timeout_seconds), env, clock=clock.as_clock())
+    assert body["ok"] is True
+    assert [config.retries["total_max_attempts"] for config in clients_built] == [attempts]
 
 
 def test_the_handler_reads_os_environ(ec2: Ec2World, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,8 +3,8 @@
     python tools/package.py --python 3.12 --arch x86_64 --output dist/lambda_backend_orchestrator.zip
 
 The zip holds backend_orchestrator.py at its root and the pinned, hash-checked wheels of
-lambda/requirements.txt (requests and its dependencies) installed for manylinux2014 on the
-chosen architecture and CPython version. boto3 is left out: the runtime has it.
+lambda/requirements.txt, installed for manylinux2014 on the chosen architecture and CPython version
+(a native module for the wrong machine fails the build). boto3 is left out: the runtime has it.
 Two builds of the same commit are byte-identical: sorted entries, a fixed timestamp, fixed
 permissions, no bytecode and no installer records.
 """
@@ -36,6 +36,8 @@ class PackageError(Exception):
 
 
 def install_dependencies(python: str, arch: str, target: Path) -> None:
+    if not pinned(REQUIREMENTS):
+        return  # nothing to ship beside the handler
     command = [
         sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
         "--require-hashes", "--no-deps", "--no-compile", "--only-binary=:all:",
@@ -47,6 +49,12 @@ def install_dependencies(python: str, arch: str, target: Path) -> None:
         raise PackageError(
             f"pip could not install {REQUIREMENTS.name} for {PLATFORMS[arch]} cp{python}:\n{result.stderr}"
         )
+
+
+def pinned(requirements: Path) -> dict[str, str]:
+    """{name: version} of each requirement pinned with == in a compiled requirements file."""
+    pins = (line.split(" ")[0].split("==") for line in requirements.read_text().splitlines() if "==" in line)
+    return {name: version for name, version in pins if not name.startswith("#")}
 
 
 def zip_entries(site: Path) -> list[tuple[str, Path]]:

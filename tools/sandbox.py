@@ -12,7 +12,6 @@ Everything binds to 127.0.0.1 and stops when the `Sandbox` context exits.
 from __future__ import annotations
 
 import base64
-import functools
 import json
 import logging
 import os
@@ -194,33 +193,6 @@ def set_moto_launch_time(instance_id: str, when: datetime) -> None:
     instance.launch_time = when.astimezone(UTC).replace(tzinfo=None)  # moto keeps naive UTC
 
 
-@contextmanager
-def _atomic_state_changes() -> Iterator[None]:
-    """Real EC2 changes an instance's state atomically: of concurrent StartInstances calls on a
-    stopped instance, exactly one sees it stopped. moto's threaded server reads and writes the state
-    without a lock; take one around its start and stop while the sandbox runs."""
-    from moto.ec2.models.instances import InstanceBackend
-
-    lock = threading.Lock()
-    originals = {name: getattr(InstanceBackend, name) for name in ("start_instances", "stop_instances")}
-
-    def locked(original: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(original)
-        def call(*args: Any, **kwargs: Any) -> Any:
-            with lock:
-                return original(*args, **kwargs)
-
-        return call
-
-    for name, original in originals.items():
-        setattr(InstanceBackend, name, locked(original))
-    try:
-        yield
-    finally:
-        for name, original in originals.items():
-            setattr(InstanceBackend, name, original)
-
-
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -279,7 +251,6 @@ class Sandbox:
         self._stack.callback(stop_moto_server, moto)
         host, port = moto.get_host_and_port()
         self.moto_url = f"http://{host}:{port}"
-        self._stack.enter_context(_atomic_state_changes())
         # No default AMIs: moto would spend a second loading them, and any image ID will do here.
         setup = {**FAKE_CREDENTIALS, "AWS_DEFAULT_REGION": REGION, "MOTO_EC2_LOAD_DEFAULT_AMIS": "false"}
         self._stack.enter_context(_environment(setup))

@@ -1,0 +1,155 @@
+"""Every promised bound holds under faults: no action outlives its context, and no backend request
+outlives its time or reads past its byte limit, whatever EC2 or the backend does."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import tracemalloc
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import boto3
+import pytest
+
+import backend_orchestrator as bo
+from tests.conftest import REGION, stopped_instance
+from tests.servers import Answer, ScriptedBackend, SilentServer
+from tools.sandbox import LocalContext
+
+pytestmark = pytest.mark.integration
+CONTEXT_SECONDS = 12.0  # a short Lambda timeout, so that the test is short too
+
+
+@pytest.fixture
+def silent_ec2(monkeypatch: pytest.MonkeyPatch) -> Iterator[SilentServer]:
+    """An EC2 endpoint that accepts connections and never answers."""
+    server = SilentServer()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", server.url)
+    bo.ec2_client.cache_clear()
+    yield server
+    server.close()
+
+
+def test_no_action_outlives_its_context_when_ec2_never_answers(
+    silent_ec2: SilentServer, backend: ScriptedBackend, capsys: pytest.CaptureFixture[str]
+) -> None:
+    environ = {"INSTANCE_ID": "i-0123456789abcdef0", "AWS_REGION": REGION, "BACKEND_BASE_URL": backend.url}
+
+    def invoke(action: str) -> tuple[dict[str, Any], int]:
+        context = LocalContext(CONTEXT_SECONDS)
+        return bo.handle({"action": action}, context, environ), context.get_remaining_time_in_millis()
+
+    actions = ["start", "status", "check_idle", "stop"]
+    with ThreadPoolExecutor(max_workers=len(actions)) as pool:  # concurrently, to keep the test short
+        results = dict(zip(actions, pool.map(invoke, actions), strict=True))
+    for action, (body, remaining_ms) in results.items():
+        assert body["error"]["code"] == "aws_unreachable", (action, body)
+        assert remaining_ms > 1000, action  # answered with time to spare: Lambda would not have killed it
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(line["action"] for line in lines if "level" in line) == sorted(actions)  # each wrote its log line
+    assert sum(1 for line in lines if "_aws" in line) == len(actions)  # and its metrics line
+
+
+@pytest.fixture
+def running(moto_url: str) -> str:
+    instance_id = stopped_instance(moto_url)
+    boto3.client("ec2", region_name=REGION, endpoint_url=moto_url).start_instances(InstanceIds=[instance_id])
+    return instance_id
+
+
+def invoke(action: str, instance_id: str, backend_url: str, context_seconds: float = 60, **env: str) -> dict[str, Any]:
+    environ = {"INSTANCE_ID": instance_id, "AWS_REGION": REGION, "BACKEND_BASE_URL": backend_url, **env}
+    return bo.handle({"action": action}, LocalContext(context_seconds), environ)
+
+
+def test_a_backend_request_gets_only_the_time_that_leaves_room_for_the_stop(
+    running: str, backend: ScriptedBackend
+) -> None:
+    # HTTP_TIMEOUT_SECONDS is longer than the whole context: the GET is cut to what leaves one StopInstances room.
+    backend.answer("/api/last-activity", Answer(mode="silent"))
+    started = time.monotonic()
+    body = invoke("check_idle", running, backend.url, CONTEXT_SECONDS, HTTP_TIMEOUT_SECONDS="30")
+    granted = CONTEXT_SECONDS - bo.ANSWER_MARGIN_SECONDS - bo.ec2_call_seconds(1)
+    assert body["decision"] == "keep"
+    waited = float(re.search(r"timed out after ([0-9.]+)s", body["reason"]).group(1))  # type: ignore[union-attr]
+    assert granted - 0.5 < waited <= granted
+    assert time.monotonic() - started < CONTEXT_SECONDS - bo.ANSWER_MARGIN_SECONDS
+
+
+SLOW = [
+    pytest.param(Answer(mode="silent"), "timed out", id="never-answers"),
+    pytest.param(Answer(mode="trickle-status"), "timed out", id="trickles-its-status-line"),
+    pytest.param(Answer(mode="trickle-headers"), "timed out", id="trickles-its-headers"),
+    pytest.param(Answer(body=b'{"idle_seconds": 5000}' * 20, mode="trickle-length"), "timed out", id="trickles-a-body"),
+    pytest.param(Answer(body=b"1" * 200, mode="trickle-close"), "timed out", id="trickles-a-body-until-close"),
+    pytest.param(Answer(mode="endless"), "more than 64 KiB", id="sends-for-ever"),
+]
+
+
+@pytest.mark.parametrize(("answer", "reason"), SLOW)
+def test_the_activity_read_ends_within_its_timeout_whatever_the_backend_does(
+    running: str, backend: ScriptedBackend, answer: Answer, reason: str
+) -> None:
+    backend.answer("/api/last-activity", answer)
+    started = time.monotonic()
+    body = invoke("check_idle", running, backend.url, HTTP_TIMEOUT_SECONDS="1")
+    elapsed = time.monotonic() - started
+    assert body["decision"] == "keep"
+    assert reason in body["reason"]
+    # One second of HTTP time plus moto's round trips; a trickle left unbounded runs for 30 s.
+    assert elapsed < 1 + 2
+
+
+@pytest.mark.parametrize(
+    ("answer", "healthy"),
+    [
+        pytest.param(Answer(mode="silent"), None, id="never-answers"),
+        pytest.param(Answer(mode="trickle-status"), None, id="trickles-its-status-line"),
+        pytest.param(Answer(mode="trickle-headers"), True, id="trickles-its-headers"),  # the status line suffices
+        pytest.param(Answer(mode="endless"), True, id="sends-for-ever"),
+    ],
+)
+def test_the_health_probe_reads_only_the_status_line_within_its_timeout(
+    running: str, backend: ScriptedBackend, answer: Answer, healthy: bool | None
+) -> None:
+    backend.answer("/health", answer)
+    started = time.monotonic()
+    body = invoke("status", running, backend.url, HTTP_TIMEOUT_SECONDS="1")
+    assert time.monotonic() - started < 1 + 2
+    assert body["backend"]["healthy"] is bool(healthy)
+    assert body["backend"]["reachable"] is (healthy is not None)
+
+
+def test_a_backend_that_sends_for_ever_costs_bounded_memory(backend: ScriptedBackend) -> None:
+    backend.answer("/api/last-activity", Answer(mode="endless"))
+    tracemalloc.start()
+    try:
+        result = bo.fetch_activity(backend.url + "/api/last-activity", 2.0, bo.Clock())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(result, bo.ActivityUnknown)
+    assert peak < 4 * bo.MAX_ACTIVITY_BYTES
+
+
+def test_a_dns_lookup_that_hangs_is_bounded_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No DNS server can be made slow here: stand in for one whose answer never comes, and say so.
+    released = threading.Event()
+
+    def hanging_lookup(*_: Any, **__: Any) -> Any:
+        released.wait(30)
+        raise OSError("released")
+
+    monkeypatch.setattr("socket.getaddrinfo", hanging_lookup)
+    started = time.monotonic()
+    try:
+        result = bo.fetch_activity("http://backend.internal:8000/api/last-activity", 1.0, bo.Clock())
+    finally:
+        released.set()
+    assert isinstance(result, bo.ActivityUnknown)
+    assert "timed out" in result.reason
+    assert time.monotonic() - started < 1 + 1
