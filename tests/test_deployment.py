@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from cfnlint.decode import cfn_yaml
 
 import backend_orchestrator as bo
-from tools import lint_policy, package
+from tools import bench, lint_policy, package
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "template.yaml"
@@ -135,7 +136,7 @@ def test_cfn_lint_reports_nothing() -> None:
 
 @pytest.mark.parametrize(
     ("name", "policy"),
-    [("iam-policy-example.json", load_policy()), ("template Role", lint_policy.template_role_policy())],
+    [("iam-policy-example.json", load_policy()), *lint_policy.template_role_policies().items()],
 )
 def test_parliament_finds_nothing_above_low(name: str, policy: dict[str, Any]) -> None:
     found = lint_policy.findings(policy)
@@ -171,6 +172,110 @@ def test_a_public_url_gets_both_permissions_and_needs_a_token() -> None:
     assert template["Parameters"]["AuthToken"]["NoEcho"] is True
 
 
-def test_the_timeout_leaves_start_time_to_wait_out_a_stop() -> None:
+def test_the_readme_carries_the_worst_case_table_for_the_templates_timeout() -> None:
     timeout = load_template()["Resources"]["Function"]["Properties"]["Timeout"]
-    assert timeout - bo.SAFETY_MARGIN_SECONDS >= 10 * bo.STOPPING_POLL_SECONDS
+    assert timeout == bench.TEMPLATE_TIMEOUT_SECONDS
+    table = bench.worst_case_table(timeout)
+    assert table in (ROOT / "README.md").read_text()
+    answered_within = [float(row.rsplit("|", 2)[-2].strip().removesuffix(" s")) for row in table.splitlines()[2:]]
+    assert max(answered_within) == timeout - bo.ANSWER_MARGIN_SECONDS < timeout
+
+
+def template_accepts(parameter: str, value: str) -> bool:
+    return re.fullmatch(load_template()["Parameters"][parameter]["AllowedPattern"], value) is not None
+
+
+def function_accepts(variable: str, value: str) -> bool:
+    try:
+        bo.Config.from_env({"INSTANCE_ID": "i-0abc123def4567890", variable: value})
+    except bo.ConfigError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("parameter", "variable", "values"),
+    [
+        pytest.param(
+            "InstanceId",
+            "INSTANCE_ID",
+            ["i-0abc123def4567890", "i-0abc1234", "i-0ABC123DEF4567890", "i-0abc123", "0abc1234", "i-0abc123def456789"],
+            id="instance-id",
+        ),
+        pytest.param(
+            "IdleTimeoutSeconds",
+            "IDLE_TIMEOUT_SECONDS",
+            ["900", "60", "59", "900.5", "9e2", "-900", "0900", "1_000", "3600", " 900"],
+            id="idle-timeout",
+        ),
+        pytest.param(
+            "BackendBaseUrl",
+            "BACKEND_BASE_URL",
+            [
+                "http://10.0.1.50:8000",
+                "https://b.example.com/api",
+                "http://user:pw@10.0.1.50",
+                "http://h/?q=1",
+                "ftp://h",
+                "http://h:99999",
+                "http://h:8000/",
+                "http://[fd00::1]:8000",
+                "http://h:0",
+                "http://h:65535",
+                "http://h:65536",
+                "http://h:",
+                "http://:80",
+            ],
+            id="backend-url",
+        ),
+        pytest.param(
+            "AuthToken",
+            "AUTH_TOKEN",
+            ["a" * 32, "Zm9vYmFyYmF6cXV4cXV1eGNvcmdlZ3JhdWx0Z2FycGx5", "a" * 31, " " * 40, "a" * 16],
+            id="auth-token",
+        ),
+    ],
+)
+def test_the_template_accepts_nothing_the_function_refuses(parameter: str, variable: str, values: list[str]) -> None:
+    for value in values:
+        if template_accepts(parameter, value):
+            assert function_accepts(variable, value), f"{parameter}={value!r} deploys, then fails as {variable}"
+
+
+def test_the_backend_url_pattern_still_accepts_ordinary_urls() -> None:
+    ordinary = ["http://10.0.1.50:8000", "https://b.example.com/api", "http://[fd00::1]:8000", "http://h:65535"]
+    assert [url for url in ordinary if not template_accepts("BackendBaseUrl", url)] == []
+
+
+def test_the_idle_timeout_accepts_whole_numbers_only() -> None:
+    assert [v for v in ("900", "60", "86400") if not template_accepts("IdleTimeoutSeconds", v)] == []
+    assert [v for v in ("900.5", "59", "1e3", "", "-60") if template_accepts("IdleTimeoutSeconds", v)] == []
+
+
+def test_instance_ids_follow_one_rule() -> None:
+    function_rule = bo.INSTANCE_ID_PATTERN.pattern.replace("(?:", "(")  # a plain group: CloudFormation's syntax
+    assert load_template()["Parameters"]["InstanceId"]["AllowedPattern"] == f"^{function_rule}$"
+
+
+def test_subnets_and_security_groups_go_together() -> None:
+    rules = load_template()["Rules"]
+    for rule_name, needs, needed in (
+        ("SubnetsNeedSecurityGroups", "SubnetIds", "SecurityGroupIds"),
+        ("SecurityGroupsNeedSubnets", "SecurityGroupIds", "SubnetIds"),
+    ):
+        rule = rules[rule_name]
+        assert rule["RuleCondition"] == {"Fn::Not": [{"Fn::EachMemberEquals": [{"Ref": needs}, ""]}]}
+        assert rule["Assertions"][0]["Assert"] == {"Fn::Not": [{"Fn::EachMemberEquals": [{"Ref": needed}, ""]}]}
+
+
+def test_a_kms_key_is_granted_only_when_given_and_only_for_ec2() -> None:
+    template = load_template()
+    [kms_policy] = [p for p in template["Resources"]["Role"]["Properties"]["Policies"] if "Fn::If" in p]
+    condition, policy, otherwise = kms_policy["Fn::If"]
+    assert template["Conditions"][condition] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "KmsKeyArn"}, ""]}]}
+    assert otherwise == {"Ref": "AWS::NoValue"}
+    statements = {s["Action"]: s for s in policy["PolicyDocument"]["Statement"]}
+    assert set(statements) == {"kms:CreateGrant", "kms:Decrypt"}
+    assert {s["Resource"]["Ref"] for s in statements.values()} == {"KmsKeyArn"}
+    assert statements["kms:CreateGrant"]["Condition"] == {"Bool": {"kms:GrantIsForAWSResource": "true"}}
+    assert template["Parameters"]["KmsKeyArn"]["Default"] == ""

@@ -1,10 +1,14 @@
-"""`make bench`: what a cold start costs beyond boto3, and each action's latency against moto.
+"""`make bench`: each action's worst-case wall time, what a cold start costs beyond boto3, and each
+action's latency against moto.
 
-Timings live here, not in tests: they vary with the machine. Medians of several runs.
+Timings live here, not in tests: they vary with the machine. Medians of several runs. The worst-case
+table is arithmetic on the function's constants, so it is exact, and the README carries it (a test
+keeps the two equal).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import statistics
@@ -17,6 +21,40 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = 9
+TEMPLATE_TIMEOUT_SECONDS = 60  # template.yaml's Function Timeout (a test keeps them equal)
+
+
+def worst_case_table(timeout_seconds: float = TEMPLATE_TIMEOUT_SECONDS) -> str:
+    """Each action's longest possible wall time, from the function's constants, as a Markdown table."""
+    sys.path.insert(0, str(ROOT / "lambda"))
+    import backend_orchestrator as bo
+
+    call = bo.ec2_call_seconds(bo.EC2_MAX_ATTEMPTS)
+    activity = bo.Config.http_timeout_seconds
+    health = min(bo.HEALTH_TIMEOUT_SECONDS, activity)
+    budget = timeout_seconds - bo.ANSWER_MARGIN_SECONDS
+    backoff = call - bo.EC2_MAX_ATTEMPTS * (bo.EC2_CONNECT_TIMEOUT_SECONDS + bo.EC2_READ_TIMEOUT_SECONDS)
+    poll = bo.STOPPING_POLL_SECONDS
+    rows = [
+        ("one EC2 call", f"{bo.EC2_MAX_ATTEMPTS} attempts of {bo.EC2_CONNECT_TIMEOUT_SECONDS:g} s connect and "
+         f"{bo.EC2_READ_TIMEOUT_SECONDS:g} s read, and {backoff:g} s of retry backoff", call),
+        ("`start`", f"StartInstances {call:g} s; if the instance is stopping: Describe, then {poll:g} s waits "
+         f"and Describes while a Describe and a StartInstances still fit, then StartInstances {call:g} s", math.inf),
+        ("`status`", f"Describe {call:g} s, /health {health:g} s", call + health),
+        ("`check_idle`", f"Describe {call:g} s, activity GET {activity:g} s, StopInstances {call:g} s, "
+         f"hibernate fallback StopInstances {call:g} s", 3 * call + activity),
+        ("`stop`", f"Describe (DRY_RUN only) {call:g} s, StopInstances {call:g} s, "
+         f"hibernate fallback {call:g} s", 3 * call),
+    ]  # fmt: skip
+    lines = [
+        f"| action | what it may wait for, each at its worst | sum | answered within ({timeout_seconds:g} s timeout) |",
+        "|---|---|---|---|",
+    ]
+    for action, steps, total in rows:
+        within = min(total, budget)
+        lines.append(f"| {action} | {steps} | {'no bound' if math.isinf(total) else f'{total:g} s'} | {within:g} s |")
+    return "\n".join(lines)
+
 
 IMPORT_PROBE = """
 import sys, time
@@ -105,5 +143,8 @@ def action_latency() -> None:
 
 
 if __name__ == "__main__":
+    print("worst-case wall time per action (README, 'Time bounds'):")
+    print(worst_case_table())
+    print()
     import_cost()
     action_latency()

@@ -16,24 +16,33 @@ SEVERITIES = ("INFO", "LOW", "MEDIUM", "HIGH", "CRITICAL")
 # What the template's ${...} placeholders become, so that parliament sees a concrete ARN.
 PLACEHOLDERS = {"${AWS::Partition}": "aws", "${AWS::Region}": "us-east-1", "${AWS::AccountId}": "123456789012",
                 "${InstanceId}": "i-0abc123def4567890"}  # fmt: skip
+REFERENCES = {"KmsKeyArn": "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"}
 
 
-def template_role_policy(template_path: Path = ROOT / "template.yaml") -> dict[str, Any]:
-    """The role's inline policy from template.yaml, its !Sub placeholders filled in."""
+def template_role_policies(template_path: Path = ROOT / "template.yaml") -> dict[str, dict[str, Any]]:
+    """The role's inline policies from template.yaml by name, their placeholders filled in (a policy
+    under !If is taken as it is when its condition holds)."""
     from cfnlint.decode import cfn_yaml
 
     template = cfn_yaml.load(str(template_path))
-    document: dict[str, Any] = json.loads(
-        json.dumps(template["Resources"]["Role"]["Properties"]["Policies"][0]["PolicyDocument"])
-    )
-    for statement in document["Statement"]:
-        resource = statement["Resource"]
-        if isinstance(resource, dict):
-            text = resource["Fn::Sub"]
-            for placeholder, value in PLACEHOLDERS.items():
-                text = text.replace(placeholder, value)
-            statement["Resource"] = text
-    return document
+    policies = {}
+    for entry in json.loads(json.dumps(template["Resources"]["Role"]["Properties"]["Policies"])):
+        policy = entry["Fn::If"][1] if "Fn::If" in entry else entry
+        for statement in policy["PolicyDocument"]["Statement"]:
+            statement["Resource"] = _concrete(statement["Resource"])
+        policies[policy["PolicyName"]] = policy["PolicyDocument"]
+    return policies
+
+
+def _concrete(resource: Any) -> Any:
+    if isinstance(resource, dict) and "Fn::Sub" in resource:
+        text = resource["Fn::Sub"]
+        for placeholder, value in PLACEHOLDERS.items():
+            text = text.replace(placeholder, value)
+        return text
+    if isinstance(resource, dict) and "Ref" in resource:
+        return REFERENCES[resource["Ref"]]
+    return resource
 
 
 def findings(policy: dict[str, Any]) -> list[tuple[str, str, object]]:
@@ -49,7 +58,7 @@ def findings(policy: dict[str, Any]) -> list[tuple[str, str, object]]:
 def main() -> int:
     policies = {
         "iam-policy-example.json": json.loads((ROOT / "iam-policy-example.json").read_text()),
-        "template.yaml Role": template_role_policy(),
+        **{f"template.yaml Role {name}": policy for name, policy in template_role_policies().items()},
     }
     worst = 0
     for name, policy in policies.items():
