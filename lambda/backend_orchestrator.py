@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from enum import StrEnum
 from functools import cache
 from typing import TYPE_CHECKING, Any, ClassVar, Final, NamedTuple, TypeVar
@@ -61,6 +61,7 @@ ENV_LAST_ACTIVITY_PATH: Final = "LAST_ACTIVITY_PATH"
 ENV_HEALTH_PATH: Final = "HEALTH_PATH"
 ENV_LOG_LEVEL: Final = "LOG_LEVEL"
 ENV_METRICS_NAMESPACE: Final = "METRICS_NAMESPACE"
+ENV_KEEP_WARM: Final = "KEEP_WARM"
 
 # --- Limits and timings ----------------------------------------------------------------------
 MAX_BODY_BYTES: Final = 16 * 1024  # an HTTP event's body
@@ -70,6 +71,7 @@ HEALTH_TIMEOUT_SECONDS: Final = 2.0
 STOPPING_POLL_SECONDS: Final = 3.0
 ANSWER_MARGIN_SECONDS: Final = 2.0  # kept back from the context's remaining time, to log and answer
 RETRY_AFTER_SECONDS: Final = 10
+CAPACITY_RETRY_AFTER_SECONDS: Final = 30  # EC2 capacity comes back in minutes, not seconds
 DEFAULT_REMAINING_MS: Final = 60_000  # invoked without a Lambda context (local use)
 EPOCH_MILLISECONDS_ABOVE: Final = 1e11  # 1e11 s is the year 5138; 1e11 ms is 1973
 EC2_CONNECT_TIMEOUT_SECONDS: Final = 2
@@ -83,6 +85,8 @@ MIN_BACKEND_SECONDS: Final = 1.0  # a backend request given less than this is no
 
 MIN_TOKEN_CHARS: Final = 16
 INSTANCE_ID_PATTERN: Final = re.compile(r"i-(?:[0-9a-f]{8}|[0-9a-f]{17})")
+DAYS: Final = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+WINDOW_PATTERN: Final = re.compile(r"(?P<days>\S+)\s+(?P<start>\d\d:\d\d)-(?P<end>\d\d:\d\d)(?:\s+(?P<zone>\S+))?")
 BOOLEANS: Final = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -126,6 +130,8 @@ class Decision(StrEnum):
     KEEP = "keep"
     STOP = "stop"
     WOULD_STOP = "would_stop"
+    START = "start"  # a keep-warm window found the instance stopped
+    WOULD_START = "would_start"
 
 
 # --- Errors: each class carries its HTTP status and a stable code ----------------------------
@@ -202,6 +208,14 @@ class StillStoppingError(OrchestratorError):
     HEADERS: ClassVar[Mapping[str, str]] = {"Retry-After": str(RETRY_AFTER_SECONDS)}
 
 
+class InsufficientCapacityError(AwsError):
+    """EC2 has no capacity for the instance type in its zone right now: transient, safe to retry."""
+
+    STATUS_CODE = 503
+    CODE = "insufficient_capacity"
+    HEADERS: ClassVar[Mapping[str, str]] = {"Retry-After": str(CAPACITY_RETRY_AFTER_SECONDS)}
+
+
 class OutOfTimeError(OrchestratorError):
     """Too little of the invocation's time is left for the next step; nothing half-done, safe to retry."""
 
@@ -233,6 +247,7 @@ class Config:
     health_path: str = "/health"
     log_level: str = "INFO"
     metrics_namespace: str = "BackendOrchestrator"
+    keep_warm: tuple[Window, ...] = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
@@ -257,6 +272,7 @@ class Config:
                 health_path=read(ENV_HEALTH_PATH, _parse_path, "/health"),
                 log_level=read(ENV_LOG_LEVEL, _parse_log_level, "INFO"),
                 metrics_namespace=read(ENV_METRICS_NAMESPACE, _parse_text, "BackendOrchestrator"),
+                keep_warm=read(ENV_KEEP_WARM, _parse_keep_warm, ()),
             )
         except ConfigError as error:
             error.auth_token = raw_token.strip() if raw_token else None  # blank: no HTTP caller gets through
@@ -267,6 +283,10 @@ class Config:
             raise ConfigError(
                 f"{ENV_INSTANCE_ID} is not set. Set it to the backend's EC2 instance ID, e.g. i-0abc123def4567890."
             )
+
+    def open_window(self, now: datetime) -> Window | None:
+        """The first keep-warm window open at `now`, if any."""
+        return next((window for window in self.keep_warm if window.holds(now)), None)
 
     def require_backend_url(self, action: Action) -> str:
         if self.backend_base_url is None:
@@ -358,6 +378,72 @@ def _parse_path(name: str, raw: str) -> str:
             "with no spaces, no ? and no #, e.g. /api/last-activity."
         )
     return raw
+
+
+@dataclass(frozen=True)
+class Window:
+    """A keep-warm window: days of the week, a start and an end in minutes of the local day, a time zone.
+    An end at or before the start crosses midnight: the window starts on the listed day, ends the next."""
+
+    text: str
+    days: frozenset[int]  # 0 is Monday, as datetime.weekday()
+    start: int
+    end: int  # up to 24 * 60
+    zone: tzinfo
+
+    def holds(self, moment: datetime) -> bool:
+        """Whether the window is open at `moment`, read on the zone's wall clock (summer time included)."""
+        local = moment.astimezone(self.zone)
+        minute, day = local.hour * 60 + local.minute, local.weekday()
+        if self.start < self.end:
+            return day in self.days and self.start <= minute < self.end
+        return (day in self.days and minute >= self.start) or ((day - 1) % 7 in self.days and minute < self.end)
+
+
+def _parse_keep_warm(name: str, raw: str) -> tuple[Window, ...]:
+    """Windows separated by ';', each `Mon-Fri 08:00-18:00 Europe/Berlin` (the zone defaults to UTC)."""
+    return tuple(_parse_window(name, part.strip()) for part in raw.split(";"))
+
+
+def _parse_window(name: str, text: str) -> Window:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError  # tzdata ships in the zip: no system database needed
+
+    example = "e.g. 'Mon-Fri 08:00-18:00 Europe/Berlin; Sat 10:00-14:00'"
+    match = WINDOW_PATTERN.fullmatch(text)
+    if match is None:
+        raise ConfigError(
+            f"{name}: {text!r} is not a window: write days, HH:MM-HH:MM and an optional IANA time zone, {example}."
+        )
+    days, start, end = _days(name, match["days"]), _minute(name, match["start"]), _minute(name, match["end"])
+    if start in (24 * 60, end):
+        raise ConfigError(
+            f"{name}: {text!r} starts at 24:00 or ends when it starts; for a whole day write 00:00-24:00."
+        )
+    try:
+        zone = ZoneInfo(match["zone"] or "UTC")
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"{name}: {match['zone']!r} is not an IANA time zone, e.g. Europe/Berlin or UTC.") from None
+    return Window(text, days, start, end, zone)
+
+
+def _days(name: str, text: str) -> frozenset[int]:
+    days: set[int] = set()
+    for item in text.lower().split(","):
+        first, _, last = item.partition("-")
+        if first not in DAYS or (last and last not in DAYS):
+            raise ConfigError(
+                f"{name}: {text!r} is not a list of days: use Mon..Sun, ranges and commas, e.g. Mon-Fri,Sun."
+            )
+        start, stop = DAYS.index(first), DAYS.index(last or first)
+        days.update(day % 7 for day in range(start, stop + (7 if stop < start else 0) + 1))  # Fri-Mon wraps
+    return frozenset(days)
+
+
+def _minute(name: str, text: str) -> int:
+    hours, minutes = int(text[:2]), int(text[3:])
+    if not (hours < 24 and minutes < 60) and text != "24:00":
+        raise ConfigError(f"{name}: {text!r} is not a time of day: use HH:MM from 00:00 to 23:59, and 24:00 as an end.")
+    return hours * 60 + minutes
 
 
 def _parse_log_level(name: str, raw: str) -> str:
@@ -616,6 +702,16 @@ def decide(
     )
 
 
+def keep_warm(state: str, window: Window) -> Verdict:
+    """Inside a keep-warm window: keep a running instance whatever its backend says, start a stopped one."""
+    inside = f"inside the keep-warm window {window.text!r}"
+    if state in ("running", "pending"):
+        return Verdict(Decision.KEEP, inside)
+    if state == "stopped":
+        return Verdict(Decision.START, f"stopped {inside}: started so that it is warm when people arrive")
+    return Verdict(Decision.SKIP, f"instance is {state}, {inside}: nothing to do until it is stopped")
+
+
 def _seconds(value: float) -> str:
     return f"{value:.0f}s" if value >= 60 else f"{value:.1f}s"
 
@@ -835,6 +931,13 @@ class Ec2:
     def _client_error(self, operation: str, aws_code: str) -> AwsError:
         if aws_code in NOT_FOUND_CODES:
             return self._not_found()
+        if aws_code == "InsufficientInstanceCapacity":
+            return InsufficientCapacityError(
+                f"AWS has no capacity for instance {self.instance_id}'s type in its Availability Zone right now "
+                f"(InsufficientInstanceCapacity). This passes: retry after {CAPACITY_RETRY_AFTER_SECONDS} seconds; "
+                "if it lasts, change the instance type or move the instance to another zone.",
+                aws_error_code=aws_code,
+            )
         if aws_code in ACCESS_DENIED_CODES:
             iam_action = IAM_ACTIONS[operation]
             return AwsError(
@@ -913,21 +1016,26 @@ def check_idle(ec2: Ec2, config: Config) -> Outcome:
     try:
         info = ec2.describe()
         outcome.fields.update(state=info.state, launch_time=info.launch_time.isoformat())
-        activity = None
-        if info.state == "running":
-            # The answer is worth reading only if a StopInstances still fits after it.
-            seconds = ec2.deadline.grant(
-                f"GET {activity_url}",
-                config.http_timeout_seconds,
-                at_least=min(MIN_BACKEND_SECONDS, config.http_timeout_seconds),
-                keep=ec2_call_seconds(1),
-            )
-            activity = fetch_activity(activity_url, seconds, ec2.deadline.clock)
-        verdict = decide(info.state, info.launch_time, activity, ec2.deadline.clock.now(), config.idle_timeout_seconds)
-        if isinstance(activity, ActivityUnknown):
-            outcome.metrics["BackendUnreachable"] = 1
-            outcome.level = logging.ERROR
-        decision = _stop(ec2, config, outcome) if verdict.decision is Decision.STOP else verdict.decision
+        window = config.open_window(ec2.deadline.clock.now())
+        if window is not None:  # working hours: never stop, and start a stopped instance
+            verdict = keep_warm(info.state, window)
+        else:
+            activity = None
+            if info.state == "running":
+                # The answer is worth reading only if a StopInstances still fits after it.
+                seconds = ec2.deadline.grant(
+                    f"GET {activity_url}",
+                    config.http_timeout_seconds,
+                    at_least=min(MIN_BACKEND_SECONDS, config.http_timeout_seconds),
+                    keep=ec2_call_seconds(1),
+                )
+                activity = fetch_activity(activity_url, seconds, ec2.deadline.clock)
+                if isinstance(activity, ActivityUnknown):
+                    outcome.metrics["BackendUnreachable"] = 1
+                    outcome.level = logging.ERROR
+            now = ec2.deadline.clock.now()
+            verdict = decide(info.state, info.launch_time, activity, now, config.idle_timeout_seconds)
+        decision = _act(ec2, config, verdict.decision, outcome)
         reason = verdict.reason
     except OutOfTimeError as error:
         decision = Decision.KEEP
@@ -951,7 +1059,30 @@ def stop(ec2: Ec2, config: Config) -> Outcome:
     outcome = Outcome({"state": ec2.describe().state} if config.dry_run else {})
     decision = _stop(ec2, config, outcome)
     outcome.fields.update(decision=decision.value, reason="stop requested", dry_run=config.dry_run)
+    window = config.open_window(ec2.deadline.clock.now())
+    if window is not None:
+        outcome.warnings.append(
+            f"The keep-warm window {window.text!r} is open: the next check_idle starts the instance again. "
+            f"To keep it stopped, remove the window from {ENV_KEEP_WARM} first."
+        )
     return outcome
+
+
+def _act(ec2: Ec2, config: Config, decision: Decision, outcome: Outcome) -> Decision:
+    if decision is Decision.STOP:
+        return _stop(ec2, config, outcome)
+    if decision is Decision.START:
+        return _start_warm(ec2, config, outcome)
+    return decision
+
+
+def _start_warm(ec2: Ec2, config: Config, outcome: Outcome) -> Decision:
+    if config.dry_run:
+        return Decision.WOULD_START
+    transition = ec2.start()
+    outcome.fields.update(previous_state=transition.previous_state, state=transition.state)
+    outcome.metrics["InstanceStarted"] = 1
+    return Decision.START
 
 
 def _stop(ec2: Ec2, config: Config, outcome: Outcome) -> Decision:

@@ -242,6 +242,22 @@ def test_the_template_accepts_nothing_the_function_refuses(parameter: str, varia
             assert function_accepts(variable, value), f"{parameter}={value!r} deploys, then fails as {variable}"
 
 
+# What a regular expression cannot check: these deploy, and every invocation then answers config_error
+# naming KEEP_WARM (the Errors alarm fires). Listed so that a new gap fails the test below.
+KEEP_WARM_GAPS = {"Mon 08:00-18:00 Mars/Olympus": "no such time zone", "Mon 08:00-08:00": "ends when it starts"}
+
+
+def test_keep_warm_patterns_agree_but_for_the_listed_gaps() -> None:
+    ordinary = ["Mon-Fri 08:00-18:00 Europe/Berlin", "Mon-Fri 08:00-18:00 Europe/Berlin; Sat 10:00-14:00",
+                "sat-mon 22:00-02:00", "Mon 08:00-24:00 UTC"]  # fmt: skip
+    odd = ["Mon 25:00-26:00", "Mon 08:60-09:00", "Monday 08:00-18:00", "Mon 24:00-08:00", "Mon 8:00-18:00",
+           "Mon 08:00-18:00;", "Mon 08:00-18:00 ../../etc/passwd", ""]  # fmt: skip
+    probes = [*ordinary, *odd, *KEEP_WARM_GAPS]
+    disagree = {p for p in probes if template_accepts("KeepWarm", p) and not function_accepts("KEEP_WARM", p)}
+    assert disagree == set(KEEP_WARM_GAPS)
+    assert [p for p in ordinary if not template_accepts("KeepWarm", p)] == []
+
+
 def test_the_backend_url_pattern_still_accepts_ordinary_urls() -> None:
     ordinary = ["http://10.0.1.50:8000", "https://b.example.com/api", "http://[fd00::1]:8000", "http://h:65535"]
     assert [url for url in ordinary if not template_accepts("BackendBaseUrl", url)] == []

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 import backend_orchestrator as bo
-from examples.wake_backend import WakeAuthError, WakeServerError, WakeTimeout, wake_backend
+from examples.wake_backend import Progress, WakeAuthError, WakeServerError, WakeTimeout, wake_backend
 from tests.conftest import REGION, instance_state, stopped_instance
 from tests.servers import Answer, ScriptedBackend
 from tools.demo import Timeline, run_demo
@@ -132,6 +132,30 @@ def test_the_client_wakes_the_backend_with_a_token() -> None:
     assert "starting" in progress
     assert progress[-1] == "healthy"
     assert 0 < seconds < 20
+
+
+def test_a_stop_during_the_wake_is_recovered_end_to_end() -> None:
+    progress: list[str] = []
+    with Sandbox(boot_seconds=1.0) as sandbox:
+        stopped_once = threading.Event()
+
+        def on_progress(update: Progress) -> None:
+            progress.append(update.message)
+            # The first start has answered and the instance boots: check_idle stops it now (a race the
+            # client cannot see from /health alone).
+            if update.phase == "booting" and not stopped_once.is_set() and sandbox.state() == "running":
+                stopped_once.set()
+                assert sandbox.invoke({"action": "stop"})["decision"] == "stop"
+
+        wake_backend(
+            sandbox.function_url, sandbox.backend_url, deadline_seconds=30, status_every_seconds=1.0,
+            on_progress=on_progress,
+        )  # fmt: skip
+        assert requests.get(sandbox.backend_url + "/health", timeout=5).status_code == 200
+        assert sandbox.state() == "running"
+    assert stopped_once.is_set()
+    assert "The backend was stopped while waking; starting it again" in progress
+    assert progress[-1] == "Backend is up"
 
 
 def test_the_clients_deadline_fires_when_the_backend_never_becomes_healthy() -> None:

@@ -165,7 +165,9 @@ def test_smoke_starts_a_stopped_instance_in_moto_server(
 ) -> None:
     python, task = lambda_task
     instance_id = stopped_instance(moto_url)
-    env = {"INSTANCE_ID": instance_id, "AWS_ENDPOINT_URL_EC2": moto_url}
+    # No system time zone database, as Lambda's image may have none: KEEP_WARM's zone comes from the zip's tzdata.
+    env = {"INSTANCE_ID": instance_id, "AWS_ENDPOINT_URL_EC2": moto_url, "PYTHONTZPATH": str(task / "no-zoneinfo"),
+           "KEEP_WARM": "Mon-Sun 00:00-24:00 Europe/Berlin"}  # fmt: skip
     result = run_from_zip(python, task, runtime_dir, {"action": "start"}, env)["result"]
     assert isinstance(result, dict)
     assert (result["ok"], result["previous_state"]) == (True, "stopped"), result

@@ -138,15 +138,29 @@ def test_access_denied_names_the_missing_iam_action(
         assert response["statusCode"] == 502
 
 
-def test_other_aws_errors_are_502_with_the_aws_code(invoke: Invoke, ec2: Ec2World) -> None:
+def test_no_capacity_is_a_503_to_retry_later(invoke: Invoke, ec2: Ec2World) -> None:
+    # moto always has capacity: inject EC2's answer, as it comes when a zone runs out of an instance type.
     ec2.set_state("stopped")
     fail_like_ec2(ec2, "StartInstances", code="InsufficientInstanceCapacity")
     response = invoke(http_event())
     body = body_of(response)
+    assert response["statusCode"] == 503
+    assert response["headers"]["Retry-After"] == str(bo.CAPACITY_RETRY_AFTER_SECONDS)
+    assert body["error"]["code"] == "insufficient_capacity"
+    assert "no capacity for instance" in body["error"]["message"]
+    assert body["aws_error_code"] == "InsufficientInstanceCapacity"
+    assert ec2.state() == "stopped"
+
+
+def test_other_aws_errors_are_502_with_the_aws_code(invoke: Invoke, ec2: Ec2World) -> None:
+    ec2.set_state("stopped")
+    fail_like_ec2(ec2, "StartInstances", code="InstanceLimitExceeded")
+    response = invoke(http_event())
+    body = body_of(response)
     assert response["statusCode"] == 502
     assert body["error"]["code"] == "aws_error"
-    assert body["aws_error_code"] == "InsufficientInstanceCapacity"
-    assert "InsufficientInstanceCapacity" in body["error"]["message"]
+    assert body["aws_error_code"] == "InstanceLimitExceeded"
+    assert "InstanceLimitExceeded" in body["error"]["message"]
 
 
 def test_unreachable_ec2_endpoint_is_502(monkeypatch: pytest.MonkeyPatch) -> None:
