@@ -4,8 +4,11 @@ Standard library only, so it runs anywhere; the backend team ports the few lines
 `ActivityTracker` to their framework (a middleware that calls `request_started`/`request_finished`,
 and `job()` around background work).
 
-    GET  /health              200 {"status": "ok"} once booted (503 before); not activity
+    GET  /health              200 {"status": "ok"} once booted (503 before, and while draining); not activity
     GET  /api/last-activity   the contract: {"idle_seconds", "busy", "active_requests", ...}; not activity
+    POST /api/drain           {"drained": true} if nothing ran or arrived since the last report, and from then on
+                              every request is refused 503 with Retry-After for DRAIN_LEASE_SECONDS; else
+                              {"drained": false, ...the activity}; not activity
     POST /api/jobs?seconds=N  runs a simulated job for N seconds (busy meanwhile); activity
     anything else             404, and counts as activity like any real request
 
@@ -26,7 +29,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 # Requests to these paths are probes, not use: counting them would keep the backend awake for ever.
-PROBE_PATHS = frozenset({"/health", "/api/last-activity"})
+PROBE_PATHS = frozenset({"/health", "/api/last-activity", "/api/drain"})
+DRAIN_LEASE_SECONDS = 120.0  # how long a drain refuses work if the stop never comes
 
 
 class ActivityTracker:
@@ -38,10 +42,14 @@ class ActivityTracker:
         self._last_wall = datetime.now(UTC)
         self._requests = 0
         self._jobs = 0
+        self._arrivals = 0  # requests and jobs ever started
+        self._reported_arrivals = 0  # as of the last snapshot the orchestrator read
+        self._draining_until = 0.0
 
     def request_started(self) -> None:
         with self._lock:
             self._requests += 1
+            self._arrivals += 1
             self._touch()
 
     def request_finished(self) -> None:
@@ -54,6 +62,7 @@ class ActivityTracker:
         """Wrap background work (a grid search) so that the backend reads as busy while it runs."""
         with self._lock:
             self._jobs += 1
+            self._arrivals += 1
             self._touch()
         try:
             yield
@@ -63,15 +72,33 @@ class ActivityTracker:
                 self._touch()
 
     def snapshot(self) -> dict[str, Any]:
-        """The activity contract's payload."""
+        """The activity contract's payload; what it reports is what a drain compares against."""
         with self._lock:
-            return {
-                "idle_seconds": round(time.monotonic() - self._last, 3),  # monotonic: immune to clock changes
-                "last_activity": self._last_wall.isoformat(),
-                "busy": self._jobs > 0 or self._requests > 0,
-                "active_requests": self._requests,
-                "active_jobs": self._jobs,
-            }
+            self._reported_arrivals = self._arrivals
+            return self._activity()
+
+    def drain(self, lease_seconds: float = DRAIN_LEASE_SECONDS) -> dict[str, Any]:
+        """Agree to be stopped only if nothing is in flight and nothing arrived since the last snapshot;
+        then refuse new work for `lease_seconds` (in case the stop never comes)."""
+        with self._lock:
+            quiet = self._requests == 0 and self._jobs == 0 and self._arrivals == self._reported_arrivals
+            if not quiet:
+                return {"drained": False, **self._activity()}
+            self._draining_until = time.monotonic() + lease_seconds
+            return {"drained": True, "lease_seconds": lease_seconds}
+
+    def draining_seconds_left(self) -> float:
+        with self._lock:
+            return max(0.0, self._draining_until - time.monotonic())
+
+    def _activity(self) -> dict[str, Any]:
+        return {
+            "idle_seconds": round(time.monotonic() - self._last, 3),  # monotonic: immune to clock changes
+            "last_activity": self._last_wall.isoformat(),
+            "busy": self._jobs > 0 or self._requests > 0,
+            "active_requests": self._requests,
+            "active_jobs": self._jobs,
+        }
 
     def _touch(self) -> None:
         self._last = time.monotonic()
@@ -114,6 +141,10 @@ class _Handler(BaseHTTPRequestHandler):
         if url.path in PROBE_PATHS:
             self._probe(url.path)
             return
+        draining = self.server.tracker.draining_seconds_left()
+        if draining:  # about to be stopped: refuse, and do not count it as use (the app wakes it again)
+            self._send(503, {"error": "draining: the backend is about to stop"}, {"Retry-After": f"{draining:.0f}"})
+            return
         tracker = self.server.tracker
         tracker.request_started()
         try:
@@ -127,15 +158,24 @@ class _Handler(BaseHTTPRequestHandler):
             tracker.request_finished()
 
     def _probe(self, path: str) -> None:
+        tracker = self.server.tracker
         if path == "/health":
             booted = time.monotonic() >= self.server.ready_at
-            self._send(200 if booted else 503, {"status": "ok" if booted else "booting"})
+            status = "draining" if tracker.draining_seconds_left() else "ok" if booted else "booting"
+            self._send(200 if status == "ok" else 503, {"status": status})
+        elif path == "/api/drain":
+            if self.command == "POST":
+                self._send(200, tracker.drain())
+            else:
+                self._send(405, {"error": "POST /api/drain"}, {"Allow": "POST"})
         else:
-            self._send(200, self.server.tracker.snapshot())
+            self._send(200, tracker.snapshot())
 
-    def _send(self, status: int, payload: dict[str, Any]) -> None:
+    def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         body = json.dumps(payload).encode()
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from enum import StrEnum
 from functools import cache
 from typing import TYPE_CHECKING, Any, ClassVar, Final, NamedTuple, TypeVar
@@ -62,6 +62,10 @@ ENV_HEALTH_PATH: Final = "HEALTH_PATH"
 ENV_LOG_LEVEL: Final = "LOG_LEVEL"
 ENV_METRICS_NAMESPACE: Final = "METRICS_NAMESPACE"
 ENV_KEEP_WARM: Final = "KEEP_WARM"
+ENV_IDLE_CPU_PERCENT: Final = "IDLE_CPU_PERCENT"
+ENV_IDLE_NETWORK_KB: Final = "IDLE_NETWORK_KB_PER_5MIN"
+ENV_DRAIN_PATH: Final = "DRAIN_PATH"
+ENV_NOTIFY_TOPIC_ARN: Final = "NOTIFY_TOPIC_ARN"
 
 # --- Limits and timings ----------------------------------------------------------------------
 MAX_BODY_BYTES: Final = 16 * 1024  # an HTTP event's body
@@ -74,16 +78,19 @@ RETRY_AFTER_SECONDS: Final = 10
 CAPACITY_RETRY_AFTER_SECONDS: Final = 30  # EC2 capacity comes back in minutes, not seconds
 DEFAULT_REMAINING_MS: Final = 60_000  # invoked without a Lambda context (local use)
 EPOCH_MILLISECONDS_ABOVE: Final = 1e11  # 1e11 s is the year 5138; 1e11 ms is 1973
-EC2_CONNECT_TIMEOUT_SECONDS: Final = 2
-EC2_READ_TIMEOUT_SECONDS: Final = 5
-EC2_MAX_ATTEMPTS: Final = 3
+AWS_CONNECT_TIMEOUT_SECONDS: Final = 2
+AWS_READ_TIMEOUT_SECONDS: Final = 5
+AWS_MAX_ATTEMPTS: Final = 3
 # botocore's standard retry mode sleeps rand(0, 1) * min(2**i, 20) s before retry i + 1 (1 s scale for
 # throttling), raised by an x-amz-retry-after header by at most 5 s more (botocore/retries/standard.py).
-EC2_BACKOFF_CAP_SECONDS: Final = 20
-EC2_RETRY_AFTER_EXTRA_SECONDS: Final = 5
+AWS_BACKOFF_CAP_SECONDS: Final = 20
+AWS_RETRY_AFTER_EXTRA_SECONDS: Final = 5
 MIN_BACKEND_SECONDS: Final = 1.0  # a backend request given less than this is not worth making
+METRIC_PERIOD_SECONDS: Final = 300  # EC2's basic monitoring period; detailed monitoring's minutes add up to it
+METRICS_DELAY_SECONDS: Final = 600  # EC2 publishes a period's datapoint minutes after the period ends
 
 MIN_TOKEN_CHARS: Final = 16
+TOPIC_ARN_PATTERN: Final = re.compile(r"arn:aws[a-z-]*:sns:[a-z0-9-]+:[0-9]{12}:[A-Za-z0-9_-]{1,256}")
 INSTANCE_ID_PATTERN: Final = re.compile(r"i-(?:[0-9a-f]{8}|[0-9a-f]{17})")
 DAYS: Final = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 WINDOW_PATTERN: Final = re.compile(r"(?P<days>\S+)\s+(?P<start>\d\d:\d\d)-(?P<end>\d\d:\d\d)(?:\s+(?P<zone>\S+))?")
@@ -95,12 +102,15 @@ IDLE_SECONDS_FIELDS: Final = ("idle_seconds", "idleSeconds", "seconds_since_last
 LAST_ACTIVITY_FIELDS: Final = ("last_activity", "last_activity_at", "lastActivity", "last_request_at")
 IN_FLIGHT_FIELDS: Final = ("active_requests", "active_jobs")
 
-# The IAM action each EC2 call needs, named when AWS refuses it.
+# The IAM action each AWS call needs, named when AWS refuses it.
 IAM_ACTIONS: Final = {
     "DescribeInstances": "ec2:DescribeInstances",
     "StartInstances": "ec2:StartInstances",
     "StopInstances": "ec2:StopInstances",
+    "GetMetricData": "cloudwatch:GetMetricData",
+    "Publish": "sns:Publish",
 }
+SERVICE_NAMES: Final = {"ec2": "EC2", "cloudwatch": "CloudWatch", "sns": "SNS"}
 ACCESS_DENIED_CODES: Final = frozenset({"UnauthorizedOperation", "AccessDenied", "AccessDeniedException"})
 # EC2 API error codes: https://docs.aws.amazon.com/AWSEC2/latest/APIReference/errors-overview.html
 NOT_FOUND_CODES: Final = frozenset({"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"})
@@ -248,6 +258,10 @@ class Config:
     log_level: str = "INFO"
     metrics_namespace: str = "BackendOrchestrator"
     keep_warm: tuple[Window, ...] = ()
+    idle_cpu_percent: float = 5.0  # 0 turns the CloudWatch fallback off
+    idle_network_kb: float = 1024.0  # per 5-minute period, in + out
+    drain_path: str | None = None
+    notify_topic_arn: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
@@ -273,6 +287,10 @@ class Config:
                 log_level=read(ENV_LOG_LEVEL, _parse_log_level, "INFO"),
                 metrics_namespace=read(ENV_METRICS_NAMESPACE, _parse_text, "BackendOrchestrator"),
                 keep_warm=read(ENV_KEEP_WARM, _parse_keep_warm, ()),
+                idle_cpu_percent=read(ENV_IDLE_CPU_PERCENT, _parse_percent, 5.0),
+                idle_network_kb=read(ENV_IDLE_NETWORK_KB, _parse_positive_float, 1024.0),
+                drain_path=read(ENV_DRAIN_PATH, _parse_path, None),
+                notify_topic_arn=read(ENV_NOTIFY_TOPIC_ARN, _parse_topic_arn, None),
             )
         except ConfigError as error:
             error.auth_token = raw_token.strip() if raw_token else None  # blank: no HTTP caller gets through
@@ -298,6 +316,24 @@ class Config:
 
 
 def _parse_text(name: str, raw: str) -> str:
+    return raw
+
+
+def _parse_percent(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 100:
+        raise ConfigError(f"{name}={raw!r} is not a percentage from 0 to 100, e.g. 5 (0 turns the fallback off).")
+    return value
+
+
+def _parse_topic_arn(name: str, raw: str) -> str:
+    if not TOPIC_ARN_PATTERN.fullmatch(raw):
+        raise ConfigError(
+            f"{name}={raw!r} is not an SNS topic ARN, e.g. arn:aws:sns:eu-central-1:123456789012:backend-orchestrator."
+        )
     return raw
 
 
@@ -668,6 +704,7 @@ class Verdict(NamedTuple):
     decision: Decision
     reason: str
     idle_seconds: float | None = None
+    signal: str = "activity"  # what decided: activity, cloudwatch, keep_warm, state, deadline
 
 
 def decide(
@@ -679,7 +716,7 @@ def decide(
 ) -> Verdict:
     """Stop only a running instance whose backend is known to be idle past the timeout."""
     if state != "running":
-        return Verdict(Decision.SKIP, f"instance is {state}, not running")
+        return Verdict(Decision.SKIP, f"instance is {state}, not running", signal="state")
     if activity is None:
         return Verdict(Decision.KEEP, "backend activity was not checked")
     if isinstance(activity, ActivityUnknown):
@@ -706,10 +743,63 @@ def keep_warm(state: str, window: Window) -> Verdict:
     """Inside a keep-warm window: keep a running instance whatever its backend says, start a stopped one."""
     inside = f"inside the keep-warm window {window.text!r}"
     if state in ("running", "pending"):
-        return Verdict(Decision.KEEP, inside)
+        return Verdict(Decision.KEEP, inside, signal="keep_warm")
     if state == "stopped":
-        return Verdict(Decision.START, f"stopped {inside}: started so that it is warm when people arrive")
-    return Verdict(Decision.SKIP, f"instance is {state}, {inside}: nothing to do until it is stopped")
+        reason = f"stopped {inside}: started so that it is warm when people arrive"
+        return Verdict(Decision.START, reason, signal="keep_warm")
+    return Verdict(
+        Decision.SKIP, f"instance is {state}, {inside}: nothing to do until it is stopped", signal="keep_warm"
+    )
+
+
+class MetricSamples(NamedTuple):
+    """The instance's AWS/EC2 datapoints, as (timestamp, value): CPU maximum in %, network in and out in bytes."""
+
+    cpu: list[tuple[datetime, float]]
+    network_in: list[tuple[datetime, float]]
+    network_out: list[tuple[datetime, float]]
+
+
+def metric_window(now: datetime, idle_timeout_seconds: int) -> tuple[datetime, datetime]:
+    """The whole 5-minute periods to judge: as many as cover the idle timeout, ending METRICS_DELAY_SECONDS
+    before now at a period boundary, so that EC2 has published them (its metrics arrive minutes late)."""
+    period = METRIC_PERIOD_SECONDS
+    end = datetime.fromtimestamp((now.timestamp() - METRICS_DELAY_SECONDS) // period * period, UTC)
+    return end - timedelta(seconds=math.ceil(idle_timeout_seconds / period) * period), end
+
+
+def judge_metrics(
+    samples: MetricSamples, start: datetime, end: datetime, cpu_limit: float, network_limit_bytes: float
+) -> tuple[bool, str]:
+    """Idle by the instance's own metrics: every period of [start, end) has CPU and network data, and no
+    period since `start` (later ones too, where already published) reached either limit."""
+
+    def by_period(points: list[tuple[datetime, float]], combine: Callable[[float, float], float]) -> dict[int, float]:
+        periods: dict[int, float] = {}
+        for when, value in points:  # CloudWatch stamps a period's start; bucket by time anyway
+            index = int((when - start).total_seconds() // METRIC_PERIOD_SECONDS)
+            if index >= 0:
+                periods[index] = combine(periods[index], value) if index in periods else value
+        return periods
+
+    cpu = by_period(samples.cpu, max)
+    network_in = by_period(samples.network_in, lambda a, b: a + b)
+    network_out = by_period(samples.network_out, lambda a, b: a + b)
+    network = {i: network_in.get(i, 0.0) + network_out.get(i, 0.0) for i in network_in.keys() | network_out.keys()}
+    expected = int((end - start).total_seconds() // METRIC_PERIOD_SECONDS)
+    span = f"{start:%H:%M}-{end:%H:%M} UTC"
+    missing = [i for i in range(expected) if i not in cpu or i not in network_in or i not in network_out]
+    if missing:
+        return False, f"CloudWatch has no CPU or network data for {len(missing)} of the {expected} periods of {span}"
+    cpu_max, network_max = max(cpu.values()), max(network.values())
+    if cpu_max >= cpu_limit:
+        return False, f"CPU max {cpu_max:.1f}% >= {cpu_limit:g}% since {start:%H:%M} UTC"
+    if network_max >= network_limit_bytes:
+        return False, f"network {network_max / 1024:.0f} KB in 5 min >= {network_limit_bytes / 1024:.0f} KB"
+    return True, (
+        f"CPU max {cpu_max:.1f}% < {cpu_limit:g}%, network at most {network_max / 1024:.0f} KB per 5 min "
+        f"over {expected * METRIC_PERIOD_SECONDS // 60} min ({span})"
+    )
 
 
 def _seconds(value: float) -> str:
@@ -829,6 +919,10 @@ class Deadline:
             raise OutOfTimeError(step, self.left() - keep, needed)
         return granted
 
+    def grant_backend(self, step: str, wanted: float, keep: float = 0.0) -> float:
+        """The seconds a backend request may take: cut to fit, but not below MIN_BACKEND_SECONDS."""
+        return self.grant(step, wanted, at_least=min(MIN_BACKEND_SECONDS, wanted), keep=keep)
+
 
 # --- EC2: every call in one place, errors told apart by their code ----------------------------
 class InstanceInfo(NamedTuple):
@@ -841,24 +935,57 @@ class Transition(NamedTuple):
     state: str
 
 
-def ec2_call_seconds(attempts: int) -> float:
-    """The longest one EC2 call can take with this many attempts: each attempt's connect and read
+def aws_call_seconds(attempts: int) -> float:
+    """The longest one AWS API call can take with this many attempts: each attempt's connect and read
     timeouts, and botocore's longest backoff before each retry."""
     backoff = sum(
-        min(2.0**retry, EC2_BACKOFF_CAP_SECONDS) + EC2_RETRY_AFTER_EXTRA_SECONDS for retry in range(attempts - 1)
+        min(2.0**retry, AWS_BACKOFF_CAP_SECONDS) + AWS_RETRY_AFTER_EXTRA_SECONDS for retry in range(attempts - 1)
     )
-    return attempts * (EC2_CONNECT_TIMEOUT_SECONDS + EC2_READ_TIMEOUT_SECONDS) + backoff
+    return attempts * (AWS_CONNECT_TIMEOUT_SECONDS + AWS_READ_TIMEOUT_SECONDS) + backoff
 
 
 @cache
-def ec2_client(region: str | None, attempts: int = EC2_MAX_ATTEMPTS) -> EC2Client:
-    """One client per container, region and number of attempts: a call late in an invocation gets fewer."""
+def aws_client(service: str, region: str | None, attempts: int = AWS_MAX_ATTEMPTS) -> Any:
+    """One client per container, service, region and number of attempts: a call late in an invocation gets fewer."""
     config = BotoConfig(
         retries={"mode": "standard", "total_max_attempts": attempts},
-        connect_timeout=EC2_CONNECT_TIMEOUT_SECONDS,
-        read_timeout=EC2_READ_TIMEOUT_SECONDS,
+        connect_timeout=AWS_CONNECT_TIMEOUT_SECONDS,
+        read_timeout=AWS_READ_TIMEOUT_SECONDS,
     )
-    return boto3.client("ec2", region_name=region, config=config)
+    return boto3.client(service, region_name=region, config=config)  # type: ignore[call-overload]
+
+
+@contextmanager
+def aws_call(service: str, operation: str, region: str | None, deadline: Deadline, about: str) -> Iterator[Any]:
+    """The client for one API call, with as many attempts as fit before the deadline; errors told apart by code."""
+    name = SERVICE_NAMES[service]
+    left = deadline.left()
+    attempts = next((n for n in range(AWS_MAX_ATTEMPTS, 0, -1) if aws_call_seconds(n) <= left), 0)
+    if attempts == 0:
+        raise OutOfTimeError(f"{name} {operation}", left, aws_call_seconds(1))
+    try:
+        yield aws_client(service, region, attempts)
+    except ClientError as error:
+        code = str(error.response.get("Error", {}).get("Code"))
+        if code in ACCESS_DENIED_CODES:
+            iam_action = IAM_ACTIONS[operation]
+            raise AwsError(
+                f"{name} {operation} was denied ({code}): allow {iam_action} to the Lambda's role on {about}.",
+                code="aws_access_denied",
+                aws_error_code=code,
+                iam_action=iam_action,
+            ) from error
+        raise AwsError(
+            f"{name} {operation} on {about} failed with {code}. See the README's troubleshooting table; "
+            "throttling and server errors were already retried.",
+            aws_error_code=code,
+        ) from error
+    except BotoCoreError as error:
+        raise AwsError(
+            f"{name} {operation} failed before AWS answered ({type(error).__name__}). "
+            f"Check the Lambda's network path to the {name} API (VPC endpoint or NAT) and retry.",
+            code="aws_unreachable",
+        ) from error
 
 
 class Ec2:
@@ -912,46 +1039,48 @@ class Ec2:
 
     @contextmanager
     def _call(self, operation: str) -> Iterator[EC2Client]:
-        """The client for one call, with as many attempts as fit before the deadline; AWS errors translated."""
-        left = self.deadline.left()
-        attempts = next((n for n in range(EC2_MAX_ATTEMPTS, 0, -1) if ec2_call_seconds(n) <= left), 0)
-        if attempts == 0:
-            raise OutOfTimeError(f"EC2 {operation}", left, ec2_call_seconds(1))
+        hint = ' (Describe actions need Resource "*")' if operation.startswith("Describe") else ""
         try:
-            yield ec2_client(self.region, attempts)
-        except ClientError as error:
-            raise self._client_error(operation, str(error.response.get("Error", {}).get("Code"))) from error
-        except BotoCoreError as error:
-            raise AwsError(
-                f"EC2 {operation} failed before AWS answered ({type(error).__name__}). "
-                "Check the Lambda's network path to the EC2 API (VPC endpoint or NAT) and retry.",
-                code="aws_unreachable",
-            ) from error
+            with aws_call("ec2", operation, self.region, self.deadline, f"instance {self.instance_id}{hint}") as client:
+                yield client
+        except AwsError as error:
+            if error.aws_error_code in NOT_FOUND_CODES:
+                raise self._not_found() from error
+            if error.aws_error_code == "InsufficientInstanceCapacity":
+                raise InsufficientCapacityError(
+                    f"AWS has no capacity for instance {self.instance_id}'s type in its Availability Zone right "
+                    f"now (InsufficientInstanceCapacity). This passes: retry after {CAPACITY_RETRY_AFTER_SECONDS} "
+                    "seconds; if it lasts, change the instance type or move the instance to another zone.",
+                    aws_error_code=error.aws_error_code,
+                ) from error
+            raise
 
-    def _client_error(self, operation: str, aws_code: str) -> AwsError:
-        if aws_code in NOT_FOUND_CODES:
-            return self._not_found()
-        if aws_code == "InsufficientInstanceCapacity":
-            return InsufficientCapacityError(
-                f"AWS has no capacity for instance {self.instance_id}'s type in its Availability Zone right now "
-                f"(InsufficientInstanceCapacity). This passes: retry after {CAPACITY_RETRY_AFTER_SECONDS} seconds; "
-                "if it lasts, change the instance type or move the instance to another zone.",
-                aws_error_code=aws_code,
-            )
-        if aws_code in ACCESS_DENIED_CODES:
-            iam_action = IAM_ACTIONS[operation]
-            return AwsError(
-                f"EC2 {operation} was denied ({aws_code}): allow {iam_action} to the Lambda's role "
-                f'on instance {self.instance_id} (Describe actions need Resource "*").',
-                code="aws_access_denied",
-                aws_error_code=aws_code,
-                iam_action=iam_action,
-            )
-        return AwsError(
-            f"EC2 {operation} on instance {self.instance_id} failed with {aws_code}. "
-            "See the README's troubleshooting table; throttling and server errors were already retried.",
-            aws_error_code=aws_code,
-        )
+
+def instance_metrics(ec2: Ec2, start: datetime, end: datetime) -> MetricSamples:
+    """The instance's CPU and network from AWS/EC2 in one GetMetricData call, period 300 s (basic and detailed
+    monitoring alike). https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/viewing_metrics_with_cloudwatch.html"""
+    dimensions = [{"Name": "InstanceId", "Value": ec2.instance_id}]
+    wanted = (
+        ("cpu", "CPUUtilization", "Maximum"),
+        ("network_in", "NetworkIn", "Sum"),
+        ("network_out", "NetworkOut", "Sum"),
+    )
+    queries = [
+        {
+            "Id": query_id,
+            "MetricStat": {
+                "Metric": {"Namespace": "AWS/EC2", "MetricName": name, "Dimensions": dimensions},
+                "Period": METRIC_PERIOD_SECONDS,
+                "Stat": stat,
+            },
+        }
+        for query_id, name, stat in wanted
+    ]
+    about = f'the metrics of instance {ec2.instance_id} (GetMetricData needs Resource "*")'
+    with aws_call("cloudwatch", "GetMetricData", ec2.region, ec2.deadline, about) as client:
+        results = client.get_metric_data(MetricDataQueries=queries, StartTime=start, EndTime=end)["MetricDataResults"]
+    points = {result["Id"]: list(zip(result["Timestamps"], result["Values"], strict=True)) for result in results}
+    return MetricSamples(points.get("cpu", []), points.get("network_in", []), points.get("network_out", []))
 
 
 # --- Actions -------------------------------------------------------------------------------
@@ -965,6 +1094,7 @@ class Outcome:
     warnings: list[str] = field(default_factory=list)
     level: int = logging.INFO
     headers: dict[str, str] = field(default_factory=dict)
+    notify: bool = False  # it started or stopped the instance (or would have): publish to NOTIFY_TOPIC_ARN
 
 
 def start(ec2: Ec2) -> Outcome:
@@ -981,6 +1111,7 @@ def start(ec2: Ec2) -> Outcome:
         {"previous_state": transition.previous_state, "state": transition.state, "message": message},
         status_code=202 if started else 200,
         metrics={"InstanceStarted": int(started)},
+        notify=started,
     )
 
 
@@ -991,7 +1122,7 @@ def _start_once_stopped(ec2: Ec2) -> Transition:
     state = ec2.describe().state
     while state == "stopping":
         # A wait is worth it only if a Describe and a StartInstances still fit after it.
-        if deadline.left() < STOPPING_POLL_SECONDS + 2 * ec2_call_seconds(1):
+        if deadline.left() < STOPPING_POLL_SECONDS + 2 * aws_call_seconds(1):
             raise StillStoppingError(
                 f"Instance {ec2.instance_id} is still stopping. Retry start after {RETRY_AFTER_SECONDS} seconds.",
                 state=state,
@@ -1009,45 +1140,33 @@ def _start_once_stopped(ec2: Ec2) -> Transition:
 
 
 def check_idle(ec2: Ec2, config: Config) -> Outcome:
-    """Stop the instance if its backend is known to be idle past the timeout; keep it whenever in doubt."""
-    activity_url = config.require_backend_url(Action.CHECK_IDLE) + config.last_activity_path
+    """Stop the instance if it is known to be idle past the timeout; keep it whenever in doubt."""
+    config.require_backend_url(Action.CHECK_IDLE)
     outcome = Outcome({})
     verdict: Verdict | None = None
     try:
         info = ec2.describe()
         outcome.fields.update(state=info.state, launch_time=info.launch_time.isoformat())
-        window = config.open_window(ec2.deadline.clock.now())
-        if window is not None:  # working hours: never stop, and start a stopped instance
-            verdict = keep_warm(info.state, window)
-        else:
-            activity = None
-            if info.state == "running":
-                # The answer is worth reading only if a StopInstances still fits after it.
-                seconds = ec2.deadline.grant(
-                    f"GET {activity_url}",
-                    config.http_timeout_seconds,
-                    at_least=min(MIN_BACKEND_SECONDS, config.http_timeout_seconds),
-                    keep=ec2_call_seconds(1),
-                )
-                activity = fetch_activity(activity_url, seconds, ec2.deadline.clock)
-                if isinstance(activity, ActivityUnknown):
-                    outcome.metrics["BackendUnreachable"] = 1
-                    outcome.level = logging.ERROR
-            now = ec2.deadline.clock.now()
-            verdict = decide(info.state, info.launch_time, activity, now, config.idle_timeout_seconds)
-        decision = _act(ec2, config, verdict.decision, outcome)
+        verdict = _act(ec2, config, _judge(ec2, config, info, outcome), outcome)
+        if verdict.decision in (Decision.STOP, Decision.WOULD_STOP):
+            uptime_seconds = round((ec2.deadline.clock.now() - info.launch_time).total_seconds())
+            outcome.fields["uptime_seconds"] = uptime_seconds
+            if verdict.decision is Decision.STOP:
+                outcome.metrics["UptimeSeconds"] = uptime_seconds
         reason = verdict.reason
     except OutOfTimeError as error:
-        decision = Decision.KEEP
         reason = f"out of time before {error.step} ({error.brief}); the next check decides again"
         reason = f"{verdict.reason}, but {reason}" if verdict else reason
+        verdict = Verdict(Decision.KEEP, reason, verdict.idle_seconds if verdict else None, "deadline")
         outcome.level = max(outcome.level, logging.WARNING)
-    idle_seconds = None if verdict is None or verdict.idle_seconds is None else round(verdict.idle_seconds, 1)
+    idle_seconds = None if verdict.idle_seconds is None else round(verdict.idle_seconds, 1)
     if idle_seconds is not None:
         outcome.metrics["IdleSeconds"] = idle_seconds
+    outcome.notify = verdict.decision not in (Decision.KEEP, Decision.SKIP)
     outcome.fields.update(
-        decision=decision.value,
+        decision=verdict.decision.value,
         reason=reason,
+        signal=verdict.signal,
         idle_seconds=idle_seconds,
         idle_timeout_seconds=config.idle_timeout_seconds,
         dry_run=config.dry_run,
@@ -1055,8 +1174,50 @@ def check_idle(ec2: Ec2, config: Config) -> Outcome:
     return outcome
 
 
+def _judge(ec2: Ec2, config: Config, info: InstanceInfo, outcome: Outcome) -> Verdict:
+    """The verdict, from a keep-warm window, the backend's activity, or (when the backend cannot say) CloudWatch."""
+    clock = ec2.deadline.clock
+    window = config.open_window(clock.now())
+    if window is not None:  # working hours: never stop, and start a stopped instance
+        return keep_warm(info.state, window)
+    activity = None
+    if info.state == "running":
+        url = f"{config.backend_base_url}{config.last_activity_path}"
+        fallback = config.idle_cpu_percent > 0
+        # The answer is worth reading only if the calls it may lead to still fit after it.
+        keep = aws_call_seconds(1) * (2 if fallback else 1)
+        seconds = ec2.deadline.grant_backend(f"GET {url}", config.http_timeout_seconds, keep=keep)
+        activity = fetch_activity(url, seconds, clock)
+        if isinstance(activity, ActivityUnknown):
+            outcome.metrics["BackendUnreachable"] = 1
+            outcome.level = logging.ERROR
+            if fallback:
+                return _second_signal(ec2, config, info.launch_time, activity)
+    return decide(info.state, info.launch_time, activity, clock.now(), config.idle_timeout_seconds)
+
+
+def _second_signal(ec2: Ec2, config: Config, launch_time: datetime, activity: ActivityUnknown) -> Verdict:
+    """The backend cannot say: once the instance has run past the timeout, its own CloudWatch metrics decide."""
+    now, timeout = ec2.deadline.clock.now(), config.idle_timeout_seconds
+    unreachable = f"backend unreachable ({activity.reason})"
+    uptime_seconds = (now - launch_time).total_seconds()
+    if uptime_seconds <= timeout:
+        return Verdict(
+            Decision.KEEP, f"{unreachable}; up {_seconds(max(uptime_seconds, 0))}, within the {timeout}s timeout"
+        )
+    start, end = metric_window(now, timeout)
+    try:
+        samples = instance_metrics(ec2, start, now)
+    except AwsError as error:
+        return Verdict(
+            Decision.KEEP, f"{unreachable}; CloudWatch could not be read: {error.message}", signal="cloudwatch"
+        )
+    idle, evidence = judge_metrics(samples, start, end, config.idle_cpu_percent, config.idle_network_kb * 1024)
+    return Verdict(Decision.STOP if idle else Decision.KEEP, f"{unreachable}; {evidence}", signal="cloudwatch")
+
+
 def stop(ec2: Ec2, config: Config) -> Outcome:
-    outcome = Outcome({"state": ec2.describe().state} if config.dry_run else {})
+    outcome = Outcome({"state": ec2.describe().state} if config.dry_run else {}, notify=True)
     decision = _stop(ec2, config, outcome)
     outcome.fields.update(decision=decision.value, reason="stop requested", dry_run=config.dry_run)
     window = config.open_window(ec2.deadline.clock.now())
@@ -1068,12 +1229,17 @@ def stop(ec2: Ec2, config: Config) -> Outcome:
     return outcome
 
 
-def _act(ec2: Ec2, config: Config, decision: Decision, outcome: Outcome) -> Decision:
-    if decision is Decision.STOP:
-        return _stop(ec2, config, outcome)
-    if decision is Decision.START:
-        return _start_warm(ec2, config, outcome)
-    return decision
+def _act(ec2: Ec2, config: Config, verdict: Verdict, outcome: Outcome) -> Verdict:
+    """Carry out a stop or a keep-warm start; a stop the backend's activity decided waits for its drain."""
+    if verdict.decision is Decision.START:
+        return verdict._replace(decision=_start_warm(ec2, config, outcome))
+    if verdict.decision is not Decision.STOP:
+        return verdict
+    if config.drain_path and verdict.signal == "activity" and not config.dry_run:
+        refused = drain(f"{config.backend_base_url}{config.drain_path}", config.http_timeout_seconds, ec2.deadline)
+        if refused is not None:
+            return verdict._replace(decision=Decision.KEEP, reason=f"{verdict.reason}, but {refused}")
+    return verdict._replace(decision=_stop(ec2, config, outcome))
 
 
 def _start_warm(ec2: Ec2, config: Config, outcome: Outcome) -> Decision:
@@ -1105,7 +1271,7 @@ def status(ec2: Ec2, config: Config) -> Outcome:
     if info.state == "running":
         wanted = min(HEALTH_TIMEOUT_SECONDS, config.http_timeout_seconds)
         try:
-            seconds = ec2.deadline.grant(f"GET {health_url}", wanted, at_least=min(MIN_BACKEND_SECONDS, wanted))
+            seconds = ec2.deadline.grant_backend(f"GET {health_url}", wanted)
             backend = probe_health(health_url, seconds, ec2.deadline.clock)
         except OutOfTimeError as error:  # answer what is known: the state
             backend = None
@@ -1134,6 +1300,26 @@ def fetch_activity(url: str, seconds: float, clock: Clock) -> Activity | Activit
     return parse_activity(body, clock.now())
 
 
+def drain(url: str, http_timeout_seconds: float, deadline: Deadline) -> str | None:
+    """POST the backend's drain endpoint right before a stop: None if it drained (it then refuses new work),
+    else why not. Anything but a 2xx {"drained": true} is a refusal."""
+    seconds = deadline.grant_backend(f"POST {url}", http_timeout_seconds, keep=aws_call_seconds(1))
+    try:
+        status_code, body = http_exchange("POST", url, seconds, MAX_ACTIVITY_BYTES, deadline.clock.monotonic)
+    except TimeoutError:
+        return f"the drain (POST {url}) timed out after {seconds:.1f}s"
+    except (OSError, http.client.HTTPException, ResponseTooLargeError) as error:
+        return f"the drain (POST {url}) failed: {type(error).__name__}"
+    try:
+        answer = strict_json(body)
+    except ValueError:
+        answer = None
+    if 200 <= status_code < 300 and isinstance(answer, dict) and answer.get("drained") is True:
+        return None
+    shown = json.dumps(answer)[:200] if answer is not None else _short(body[:60])
+    return f"the backend did not drain (POST {url} answered HTTP {status_code}: {shown})"
+
+
 def probe_health(url: str, seconds: float, clock: Clock) -> dict[str, Any]:
     """GET the health endpoint within `seconds`, reading its status line and nothing more."""
     try:
@@ -1157,8 +1343,9 @@ def http_exchange(
     sock = _connect(parts.hostname or "", parts.port or (443 if https else 80), https, deadline, monotonic)
     try:
         stream = _DeadlineStream(sock, deadline, monotonic, max_bytes)
-        request = f"{method} {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-        stream.sendall(f"{request}Accept: application/json\r\nConnection: close\r\n\r\n".encode())
+        request = f"{method} {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept: application/json\r\n"
+        length = "" if method == "GET" else "Content-Length: 0\r\n"  # a POST without a body says so
+        stream.sendall(f"{request}{length}Connection: close\r\n\r\n".encode())
         if status_only:
             return _status_code(stream.makefile().readline(max_bytes)), b""
         response = http.client.HTTPResponse(stream, method=method)  # type: ignore[arg-type]
@@ -1253,6 +1440,42 @@ def _status_code(line: bytes) -> int:
     return int(rest[:3])
 
 
+# --- Notifications: what the function did, for a person reading a phone -----------------------
+class Notice(NamedTuple):
+    subject: str
+    message: str
+    attributes: dict[str, str]
+
+
+def notification(action: Action, instance_id: str, fields: Mapping[str, Any]) -> Notice:
+    """The SNS message for a start or a stop: a subject and a body a person reads, attributes to filter on."""
+    decision = str(fields.get("decision") or "start")
+    what = {"start": "started", "stop": "stopped", "would_stop": "would be stopped (dry run)",
+            "would_start": "would be started (dry run)"}.get(decision, decision)  # fmt: skip
+    lines = [f"Instance {instance_id} {what} by {action}."]
+    labels = (("reason", "Why"), ("signal", "Decided by"), ("previous_state", "Was"), ("state", "Now"))
+    lines += [f"{label}: {fields[key]}" for key, label in labels if fields.get(key) is not None]
+    uptime = fields.get("uptime_seconds")
+    if uptime is not None:
+        lines.append(f"Ran for: {int(uptime) // 3600} h {int(uptime) % 3600 // 60} min")
+    subject = f"Backend {instance_id} {what}"[:100]  # SNS: at most 100 printable ASCII characters
+    return Notice(subject, "\n".join(lines), {"action": action.value, "decision": decision})
+
+
+def publish(topic_arn: str, notice: Notice, deadline: Deadline) -> str | None:
+    """Publish one notice; None if sent, else a warning. A failure changes neither the decision nor the answer."""
+    region = topic_arn.split(":")[3]
+    attributes = {name: {"DataType": "String", "StringValue": value} for name, value in notice.attributes.items()}
+    try:
+        with aws_call("sns", "Publish", region, deadline, f"topic {topic_arn}") as client:
+            client.publish(
+                TopicArn=topic_arn, Subject=notice.subject, Message=notice.message, MessageAttributes=attributes
+            )
+    except (AwsError, OutOfTimeError) as error:
+        return f"The notification was not published: {error.message}"
+    return None
+
+
 # --- Logs and metrics ------------------------------------------------------------------------
 class JsonFormatter(logging.Formatter):
     """One compact JSON object per line: level, message, then the record's fields."""
@@ -1296,7 +1519,7 @@ def emit_metrics(namespace: str, instance_id: str | None, metrics: Mapping[str, 
 
     https://docs.aws.amazon.com/AmazonCloudWatch/latest/monitoring/CloudWatch_Embedded_Metric_Format_Specification.html
     """
-    units = [{"Name": name, "Unit": "Seconds" if name == "IdleSeconds" else "Count"} for name in metrics]
+    units = [{"Name": name, "Unit": "Seconds" if name.endswith("Seconds") else "Count"} for name in metrics]
     directive = {"Namespace": namespace, "Dimensions": [["InstanceId"]], "Metrics": units}
     document = {"_aws": {"Timestamp": int(now.timestamp() * 1000), "CloudWatchMetrics": [directive]}}
     METRICS_LOG.info(json.dumps({**document, "InstanceId": instance_id or "unknown", **metrics}, separators=(",", ":")))
@@ -1350,6 +1573,10 @@ def _run(
         outcome = status(ec2, config)
     if warning:
         outcome.warnings.insert(0, warning)
+    if outcome.notify and config.notify_topic_arn:
+        failure = publish(config.notify_topic_arn, notification(action, config.instance_id, outcome.fields), deadline)
+        if failure:
+            outcome.warnings.append(failure)
     if outcome.warnings and outcome.level < logging.WARNING:
         outcome.level = logging.WARNING
     return outcome
@@ -1359,7 +1586,7 @@ def _failure(error: OrchestratorError) -> Outcome:
     return Outcome(
         {**error.details, "error": {"code": error.code, "message": error.message}},
         status_code=error.STATUS_CODE,
-        metrics={"Errors": 1},
+        metrics={"Errors" if error.STATUS_CODE >= 500 else "Rejected": 1},  # the alarm watches Errors: ours only'
         level=logging.ERROR if error.STATUS_CODE >= 500 else logging.WARNING,
         headers=dict(error.HEADERS),
     )

@@ -89,9 +89,9 @@ def hermetic(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    bo.ec2_client.cache_clear()
+    bo.aws_client.cache_clear()
     yield
-    bo.ec2_client.cache_clear()
+    bo.aws_client.cache_clear()
 
 
 # --- Time -----------------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ def aws() -> Iterator[None]:
 
 @dataclass
 class Ec2World:
-    """A moto instance plus what real EC2 does that moto does not; counts the function's EC2 calls."""
+    """A moto instance plus what real EC2 does that moto does not; counts the function's AWS API calls."""
 
     client: Any
     instance_id: str
@@ -178,6 +178,11 @@ class Ec2World:
         return [c for c in self.calls if c in ("StartInstances", "StopInstances")]
 
 
+def setup_client(service: str) -> Any:
+    """A client for a test's own setup, from a session of its own: the hooks on the function's calls miss it."""
+    return boto3.session.Session().client(service, region_name=REGION)  # type: ignore[call-overload]
+
+
 def ec2_error(code: str, message: str) -> tuple[AWSResponse, dict[str, Any]]:
     """What a botocore before-call hook returns to make the call fail with EC2's error `code`."""
     return AWSResponse("https://ec2.test/", 400, HTTPHeaders(), None), {
@@ -194,7 +199,7 @@ def ec2(aws: None, clock: FakeClock) -> Ec2World:
     launched = setup.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1, InstanceType="t3.medium")
     instance_id = launched["Instances"][0]["InstanceId"]
     world = Ec2World(setup, instance_id)
-    bo.ec2_client.cache_clear()
+    bo.aws_client.cache_clear()
 
     def count(model: Any, **_: Any) -> None:
         world.calls.append(model.name)
@@ -214,7 +219,7 @@ def ec2(aws: None, clock: FakeClock) -> Ec2World:
         # Real EC2 sets LaunchTime at each start; moto keeps the first one.
         world.set_launch_time(clock.now())
 
-    world.on_function_calls("before-parameter-build.ec2", count)  # once per API call, not per attempt
+    world.on_function_calls("before-parameter-build", count)  # once per API call of any service, not per attempt
     world.on_function_calls("before-call.ec2.StartInstances", start_like_real_ec2)
     world.on_function_calls("after-call.ec2.StartInstances", refresh_launch_time)
     return world
@@ -285,12 +290,12 @@ def moto_server() -> Iterator[str]:
 
 @pytest.fixture
 def moto_url(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A clean moto server, and the function's EC2 client pointed at it."""
+    """A clean moto server, and the function's AWS clients (EC2, CloudWatch, SNS) pointed at it."""
     import requests
 
     requests.post(f"{moto_server}/moto-api/reset", timeout=5).raise_for_status()
-    monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", moto_server)
-    bo.ec2_client.cache_clear()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    bo.aws_client.cache_clear()
     return moto_server
 
 

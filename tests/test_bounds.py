@@ -28,8 +28,8 @@ CONTEXT_SECONDS = 12.0  # a short Lambda timeout, so that the test is short too
 def silent_ec2(monkeypatch: pytest.MonkeyPatch) -> Iterator[SilentServer]:
     """An EC2 endpoint that accepts connections and never answers."""
     server = SilentServer()
-    monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", server.url)
-    bo.ec2_client.cache_clear()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", server.url)
+    bo.aws_client.cache_clear()
     yield server
     server.close()
 
@@ -66,18 +66,27 @@ def invoke(action: str, instance_id: str, backend_url: str, context_seconds: flo
     return bo.handle({"action": action}, LocalContext(context_seconds), environ)
 
 
-def test_a_backend_request_gets_only_the_time_that_leaves_room_for_the_stop(
-    running: str, backend: ScriptedBackend
+@pytest.mark.parametrize(
+    ("context_seconds", "fallback", "calls_kept"),
+    [
+        pytest.param(12.0, "0", 1, id="room-for-StopInstances"),
+        pytest.param(18.0, "5", 2, id="room-for-GetMetricData-and-StopInstances"),
+    ],
+)
+def test_a_backend_request_gets_only_the_time_that_leaves_room_for_what_follows(
+    running: str, backend: ScriptedBackend, context_seconds: float, fallback: str, calls_kept: int
 ) -> None:
-    # HTTP_TIMEOUT_SECONDS is longer than the whole context: the GET is cut to what leaves one StopInstances room.
+    # HTTP_TIMEOUT_SECONDS is longer than the whole context: the GET is cut to what leaves the next calls room.
     backend.answer("/api/last-activity", Answer(mode="silent"))
     started = time.monotonic()
-    body = invoke("check_idle", running, backend.url, CONTEXT_SECONDS, HTTP_TIMEOUT_SECONDS="30")
-    granted = CONTEXT_SECONDS - bo.ANSWER_MARGIN_SECONDS - bo.ec2_call_seconds(1)
+    body = invoke(
+        "check_idle", running, backend.url, context_seconds, HTTP_TIMEOUT_SECONDS="30", IDLE_CPU_PERCENT=fallback
+    )
+    granted = context_seconds - bo.ANSWER_MARGIN_SECONDS - calls_kept * bo.aws_call_seconds(1)
     assert body["decision"] == "keep"
     waited = float(re.search(r"timed out after ([0-9.]+)s", body["reason"]).group(1))  # type: ignore[union-attr]
     assert granted - 0.5 < waited <= granted
-    assert time.monotonic() - started < CONTEXT_SECONDS - bo.ANSWER_MARGIN_SECONDS
+    assert time.monotonic() - started < context_seconds - bo.ANSWER_MARGIN_SECONDS
 
 
 SLOW = [

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "template.yaml"
 POLICY = ROOT / "iam-policy-example.json"
 INSTANCE_ARN = "arn:aws:ec2:us-east-1:123456789012:instance/i-0abc123def4567890"
+EXAMPLE_TOPIC_ARN = "arn:aws:sns:us-east-1:123456789012:backend-orchestrator"
 
 
 def load_template() -> dict[str, Any]:
@@ -39,7 +40,9 @@ def actions_by_resource(policy: dict[str, Any]) -> dict[str, set[str]]:
         assert statement["Effect"] == "Allow"
         actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
         resource = statement["Resource"]
-        if isinstance(resource, dict):
+        if resource in ({"Ref": "Topic"}, EXAMPLE_TOPIC_ARN):
+            resource = "the topic"
+        elif isinstance(resource, dict):
             resource = INSTANCE_ARN if resource["Fn::Sub"].endswith(":instance/${InstanceId}") else str(resource)
         grants.setdefault(resource, set()).update(actions)
     return grants
@@ -59,8 +62,9 @@ def drift(template: dict[str, Any], policy: dict[str, Any]) -> list[str]:
     ]
     required = (bo.ENV_INSTANCE_ID, bo.ENV_BACKEND_BASE_URL)
     problems += [f"the template does not set {name}" for name in required if name not in variables]
-    code_actions = {"*": {bo.IAM_ACTIONS["DescribeInstances"]},
-                    INSTANCE_ARN: {bo.IAM_ACTIONS["StartInstances"], bo.IAM_ACTIONS["StopInstances"]}}  # fmt: skip
+    code_actions = {"*": {bo.IAM_ACTIONS["DescribeInstances"], bo.IAM_ACTIONS["GetMetricData"]},
+                    INSTANCE_ARN: {bo.IAM_ACTIONS["StartInstances"], bo.IAM_ACTIONS["StopInstances"]},
+                    "the topic": {bo.IAM_ACTIONS["Publish"]}}  # fmt: skip
     role = template["Resources"]["Role"]["Properties"]["Policies"][0]["PolicyDocument"]
     for name, grants in (("template Role", actions_by_resource(role)), (POLICY.name, actions_by_resource(policy))):
         if grants != code_actions:
@@ -242,6 +246,26 @@ def test_the_template_accepts_nothing_the_function_refuses(parameter: str, varia
             assert function_accepts(variable, value), f"{parameter}={value!r} deploys, then fails as {variable}"
 
 
+@pytest.mark.parametrize(
+    ("parameter", "variable", "values"),
+    [
+        pytest.param(
+            "IdleCpuPercent", "IDLE_CPU_PERCENT", ["5", "0", "100", "100.5", "2.5", "-1", "101", "5%"], id="cpu"
+        ),
+        pytest.param(
+            "IdleNetworkKbPer5Min", "IDLE_NETWORK_KB_PER_5MIN", ["1024", "0", "0.5", "0.0", "-1", "1e3"], id="network"
+        ),
+        pytest.param("DrainPath", "DRAIN_PATH", ["/api/drain", "/a?b", "/a#b", "/a b", "api/drain", "/é"], id="drain"),
+    ],
+)
+def test_the_fallback_and_drain_parameters_accept_nothing_the_function_refuses(
+    parameter: str, variable: str, values: list[str]
+) -> None:
+    accepted = [value for value in values if template_accepts(parameter, value)]
+    assert accepted  # the probes include ordinary values
+    assert [value for value in accepted if not function_accepts(variable, value)] == []
+
+
 # What a regular expression cannot check: these deploy, and every invocation then answers config_error
 # naming KEEP_WARM (the Errors alarm fires). Listed so that a new gap fails the test below.
 KEEP_WARM_GAPS = {"Mon 08:00-18:00 Mars/Olympus": "no such time zone", "Mon 08:00-08:00": "ends when it starts"}
@@ -295,3 +319,77 @@ def test_a_kms_key_is_granted_only_when_given_and_only_for_ec2() -> None:
     assert {s["Resource"]["Ref"] for s in statements.values()} == {"KmsKeyArn"}
     assert statements["kms:CreateGrant"]["Condition"] == {"Bool": {"kms:GrantIsForAWSResource": "true"}}
     assert template["Parameters"]["KmsKeyArn"]["Default"] == ""
+
+
+def resources_of(template: dict[str, Any], kind: str) -> dict[str, Any]:
+    return {name: resource for name, resource in template["Resources"].items() if resource["Type"] == kind}
+
+
+def emitted_metric_names() -> set[str]:
+    """The EMF metric names the function writes: <Action>Requested, and the literals it sets."""
+    import inspect
+
+    source = inspect.getsource(bo)
+    requested = {f"{action.value.title().replace('_', '')}Requested" for action in bo.Action}
+    literals = {"InstanceStarted", "InstanceStopped", "IdleSeconds", "UptimeSeconds", "BackendUnreachable", "Errors"}
+    return requested | {name for name in literals if f'"{name}"' in source}
+
+
+def test_the_alarms_watch_what_the_function_emits_and_tell_the_topic() -> None:
+    template = load_template()
+    alarms = resources_of(template, "AWS::CloudWatch::Alarm")
+    watched = {(a["Properties"]["Namespace"], a["Properties"]["MetricName"]): a["Properties"] for a in alarms.values()}
+    namespace = template["Resources"]["Function"]["Properties"]["Environment"]["Variables"]["METRICS_NAMESPACE"]
+    assert namespace == bo.Config.metrics_namespace
+    assert set(watched) == {
+        (namespace, "BackendUnreachable"),
+        (namespace, "Errors"),
+        ("AWS/Lambda", "Errors"),
+        (namespace, "CheckIdleRequested"),
+    }
+    assert {name for space, name in watched if space == namespace} <= emitted_metric_names()
+    unreachable = watched[(namespace, "BackendUnreachable")]
+    assert (unreachable["Statistic"], unreachable["Period"], unreachable["Threshold"]) == ("Sum", 900, 3)
+    assert unreachable["ComparisonOperator"] == "GreaterThanOrEqualToThreshold"
+    heartbeat = watched[(namespace, "CheckIdleRequested")]
+    assert (heartbeat["Period"], heartbeat["Threshold"], heartbeat["ComparisonOperator"]) == (
+        900,
+        1,
+        "LessThanThreshold",
+    )
+    assert heartbeat["TreatMissingData"] == "breaching"  # a schedule that stopped running sends nothing at all
+    for properties in alarms.values():
+        assert properties["Properties"]["AlarmActions"] == [{"Ref": "Topic"}]
+        assert len(properties["Properties"]["AlarmDescription"]) > 80  # what it means and what to do
+
+
+def test_one_topic_for_alarms_and_notices_with_an_optional_email() -> None:
+    template = load_template()
+    assert list(resources_of(template, "AWS::SNS::Topic")) == ["Topic"]
+    [subscription] = resources_of(template, "AWS::SNS::Subscription").values()
+    assert subscription["Condition"] == "HasAlarmEmail"
+    assert subscription["Properties"]["Endpoint"] == {"Ref": "AlarmEmail"}
+    variables = template["Resources"]["Function"]["Properties"]["Environment"]["Variables"]
+    assert variables["NOTIFY_TOPIC_ARN"] == {"Ref": "Topic"}
+    role = template["Resources"]["Role"]["Properties"]["Policies"][0]["PolicyDocument"]
+    [publish] = [statement for statement in role["Statement"] if statement["Action"] == "sns:Publish"]
+    assert publish["Resource"] == {"Ref": "Topic"}  # that topic only
+
+
+def test_the_dashboard_answers_its_six_questions() -> None:
+    template = load_template()
+    [dashboard] = resources_of(template, "AWS::CloudWatch::Dashboard").values()
+    body = dashboard["Properties"]["DashboardBody"]["Fn::Sub"]
+    for placeholder in ("${AWS::Region}", "${InstanceId}", "${Function}"):
+        body = body.replace(placeholder, "x")
+    widgets = json.loads(body.replace("${IdleTimeoutSeconds}", "900"))["widgets"]
+    assert [widget["properties"]["title"] for widget in widgets] == [
+        "Starts and stops",
+        "Idle seconds at each check",
+        "Backend unreachable",
+        "Instance CPU",
+        "Running hours per day",
+        "Function errors and duration",
+    ]
+    ours = {m[1] for w in widgets for m in w["properties"]["metrics"] if m[0] == "BackendOrchestrator"}
+    assert ours <= emitted_metric_names()

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,10 @@ def test_the_whole_life_cycle() -> None:
     checks = [result for actor, action, _, result in timeline.rows if action == "check_idle"]
     assert checks[0].startswith("keep: backend is busy")
     assert any(result.startswith("keep: idle for") for result in checks)
-    assert checks[-1].startswith("stop: idle for")
-    assert timeline.rows[-1][2] == "stopped"
+    assert checks[-2].startswith("stop: idle for")
+    assert checks[-1].startswith("stop (cloudwatch): backend unreachable")  # the crashed backend, stopped
+    assert "CPU max 0.8% < 5%" in checks[-1]
+    assert [row[2] for row in timeline.rows if row[1] == "done"] == ["stopped", "stopped"]
     assert [row[1] for row in timeline.rows if row[0] == "app"][-2:] == ["healthy", "POST /api/jobs"]
 
 
@@ -209,3 +212,26 @@ def test_ctrl_c_stops_the_demo_cleanly() -> None:
     assert "interrupted: everything is stopped" in stderr
     with socket.socket() as probe, pytest.raises(ConnectionRefusedError):
         probe.connect(("127.0.0.1", moto_port))
+
+
+def test_with_a_drain_a_request_that_lands_before_the_stop_keeps_the_instance() -> None:
+    with Sandbox(idle_timeout_seconds=1, environment={"DRAIN_PATH": "/api/drain"}) as sandbox:
+        wake_backend(sandbox.function_url, sandbox.backend_url, deadline_seconds=20)
+        backend = sandbox.backend_host.backend
+        assert backend is not None
+        tracker, real_drain = backend.tracker, backend.tracker.drain
+
+        def drain_just_after_a_request(lease_seconds: float = 120.0) -> dict[str, Any]:
+            tracker.request_started()  # a user's request lands between the activity read and the drain
+            tracker.request_finished()
+            return real_drain(lease_seconds)
+
+        time.sleep(1.5)
+        tracker.drain = drain_just_after_a_request  # type: ignore[method-assign]
+        kept = sandbox.invoke({"action": "check_idle"})
+        assert (kept["decision"], sandbox.state()) == ("keep", "running")
+        assert "did not drain" in kept["reason"]
+        tracker.drain = real_drain  # type: ignore[method-assign]
+        time.sleep(1.5)
+        stopped = sandbox.invoke({"action": "check_idle"})
+        assert stopped["decision"] == "stop", stopped["reason"]

@@ -73,3 +73,35 @@ def test_health_is_503_while_booting() -> None:
         backend.shutdown()
         backend.server_close()
         thread.join(5)
+
+
+def drain(server: ReferenceBackend) -> dict[str, object]:
+    answer: dict[str, object] = requests.post(server.url + "/api/drain", timeout=2).json()
+    return answer
+
+
+def test_a_drain_is_refused_when_a_request_arrived_since_the_last_report(server: ReferenceBackend) -> None:
+    activity(server)  # the orchestrator reads the activity...
+    requests.get(server.url + "/api/anything", timeout=2)  # ...a user's request arrives...
+    answer = drain(server)  # ...and the drain that follows is refused: the stop would kill that user's work
+    assert answer["drained"] is False
+    assert requests.get(server.url + "/api/anything", timeout=2).status_code == 404  # still serving
+
+
+def test_a_drain_is_refused_while_a_job_runs(server: ReferenceBackend) -> None:
+    requests.post(server.url + "/api/jobs?seconds=0.5", timeout=2)
+    activity(server)
+    assert drain(server)["drained"] is False
+
+
+def test_a_drained_backend_refuses_new_work_with_retry_after(server: ReferenceBackend) -> None:
+    activity(server)
+    assert drain(server) == {"drained": True, "lease_seconds": 120.0}
+    refused = requests.post(server.url + "/api/jobs?seconds=1", timeout=2)
+    assert refused.status_code == 503
+    assert 0 < int(refused.headers["Retry-After"]) <= 120
+    assert requests.get(server.url + "/health", timeout=2).json() == {"status": "draining"}
+    still_idle = activity(server)
+    assert isinstance(still_idle, bo.Activity)
+    assert still_idle.busy_reason is None  # the refused request did not count as use
+    assert server.jobs_done == 0

@@ -79,7 +79,7 @@ def test_start_gives_up_within_the_invocation_time_with_retry_after(
     assert body["error"]["code"] == "still_stopping"
     assert body["state"] == "stopping"
     # It waited while a Describe and a StartInstances could still follow the wait, and no longer.
-    reserve = bo.ANSWER_MARGIN_SECONDS + bo.STOPPING_POLL_SECONDS + 2 * bo.ec2_call_seconds(1)
+    reserve = bo.ANSWER_MARGIN_SECONDS + bo.STOPPING_POLL_SECONDS + 2 * bo.aws_call_seconds(1)
     assert context.get_remaining_time_in_millis() >= (reserve - bo.STOPPING_POLL_SECONDS) * 1000
     assert sum(clock.sleeps) > 30 - reserve - bo.STOPPING_POLL_SECONDS
     assert ec2.mutations() == ["StartInstances"]
@@ -167,6 +167,6 @@ def test_unreachable_ec2_endpoint_is_502(monkeypatch: pytest.MonkeyPatch) -> Non
     # No moto here: the client goes to a closed port on 127.0.0.1 and fails before AWS answers.
     env = {"INSTANCE_ID": "i-0123456789abcdef0", "AWS_REGION": "us-east-1"}
     monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", f"http://127.0.0.1:{free_port()}")
-    bo.ec2_client.cache_clear()
+    bo.aws_client.cache_clear()
     body = bo.handle({"action": "start"}, LocalContext(60), env)
     assert body["error"]["code"] == "aws_unreachable"

@@ -99,8 +99,10 @@ def test_one_json_log_line_and_one_emf_line_per_invocation(
     assert directive["Namespace"] == "PyElli"
     assert directive["Dimensions"] == [["InstanceId"]]
     names = {metric["Name"] for metric in directive["Metrics"]}
-    assert names == {"CheckIdleRequested", "IdleSeconds", "InstanceStopped"}
+    assert names == {"CheckIdleRequested", "IdleSeconds", "InstanceStopped", "UptimeSeconds"}
+    assert {metric["Unit"] for metric in directive["Metrics"] if metric["Name"].endswith("Seconds")} == {"Seconds"}
     assert (emf["InstanceStopped"], emf["IdleSeconds"], emf["InstanceId"]) == (1, 1000, ec2.instance_id)
+    assert emf["UptimeSeconds"] == log["uptime_seconds"] == pytest.approx(3600, abs=1)  # LaunchTime has whole seconds
 
 
 def test_log_level_hides_info_but_never_errors(invoke: Invoke, ec2: Ec2World, log_lines: Any) -> None:
@@ -168,10 +170,10 @@ def test_the_ec2_client_is_built_once_per_container(invoke: Invoke, ec2: Ec2Worl
     for event in ({"action": "stop"}, {"action": "start"}, {"action": "stop"}):
         assert invoke(event)["ok"] is True
     [config] = clients_built
-    assert config.retries == {"mode": "standard", "total_max_attempts": bo.EC2_MAX_ATTEMPTS}
+    assert config.retries == {"mode": "standard", "total_max_attempts": bo.AWS_MAX_ATTEMPTS}
     assert (config.connect_timeout, config.read_timeout) == (
-        bo.EC2_CONNECT_TIMEOUT_SECONDS,
-        bo.EC2_READ_TIMEOUT_SECONDS,
+        bo.AWS_CONNECT_TIMEOUT_SECONDS,
+        bo.AWS_READ_TIMEOUT_SECONDS,
     )
 
 
@@ -179,8 +181,8 @@ def test_the_ec2_client_is_built_once_per_container(invoke: Invoke, ec2: Ec2Worl
     ("timeout_seconds", "attempts"),
     [
         pytest.param(60, 3, id="plenty-of-time"),
-        pytest.param(bo.ec2_call_seconds(2) + bo.ANSWER_MARGIN_SECONDS, 2, id="two-attempts-fit"),
-        pytest.param(bo.ec2_call_seconds(2) + bo.ANSWER_MARGIN_SECONDS - 0.1, 1, id="one-attempt-fits"),
+        pytest.param(bo.aws_call_seconds(2) + bo.ANSWER_MARGIN_SECONDS, 2, id="two-attempts-fit"),
+        pytest.param(bo.aws_call_seconds(2) + bo.ANSWER_MARGIN_SECONDS - 0.1, 1, id="one-attempt-fits"),
     ],
 )
 def test_an_ec2_call_gets_the_attempts_that_fit_the_time_left(

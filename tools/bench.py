@@ -29,22 +29,24 @@ def worst_case_table(timeout_seconds: float = TEMPLATE_TIMEOUT_SECONDS) -> str:
     sys.path.insert(0, str(ROOT / "lambda"))
     import backend_orchestrator as bo
 
-    call = bo.ec2_call_seconds(bo.EC2_MAX_ATTEMPTS)
+    call = bo.aws_call_seconds(bo.AWS_MAX_ATTEMPTS)
     activity = bo.Config.http_timeout_seconds
     health = min(bo.HEALTH_TIMEOUT_SECONDS, activity)
     budget = timeout_seconds - bo.ANSWER_MARGIN_SECONDS
-    backoff = call - bo.EC2_MAX_ATTEMPTS * (bo.EC2_CONNECT_TIMEOUT_SECONDS + bo.EC2_READ_TIMEOUT_SECONDS)
+    backoff = call - bo.AWS_MAX_ATTEMPTS * (bo.AWS_CONNECT_TIMEOUT_SECONDS + bo.AWS_READ_TIMEOUT_SECONDS)
     poll = bo.STOPPING_POLL_SECONDS
     rows = [
-        ("one EC2 call", f"{bo.EC2_MAX_ATTEMPTS} attempts of {bo.EC2_CONNECT_TIMEOUT_SECONDS:g} s connect and "
-         f"{bo.EC2_READ_TIMEOUT_SECONDS:g} s read, and {backoff:g} s of retry backoff", call),
+        ("one AWS API call", f"{bo.AWS_MAX_ATTEMPTS} attempts of {bo.AWS_CONNECT_TIMEOUT_SECONDS:g} s connect and "
+         f"{bo.AWS_READ_TIMEOUT_SECONDS:g} s read, and {backoff:g} s of retry backoff", call),
         ("`start`", f"StartInstances {call:g} s; if the instance is stopping: Describe, then {poll:g} s waits "
-         f"and Describes while a Describe and a StartInstances still fit, then StartInstances {call:g} s", math.inf),
+         f"and Describes while a Describe and a StartInstances still fit, then StartInstances {call:g} s; "
+         f"SNS Publish {call:g} s", math.inf),
         ("`status`", f"Describe {call:g} s, /health {health:g} s", call + health),
-        ("`check_idle`", f"Describe {call:g} s, activity GET {activity:g} s, StopInstances {call:g} s, "
-         f"hibernate fallback StopInstances {call:g} s", 3 * call + activity),
+        ("`check_idle`", f"Describe {call:g} s, activity GET {activity:g} s, then GetMetricData {call:g} s "
+         f"(backend unknown) or the drain POST {activity:g} s, StopInstances {call:g} s, hibernate fallback "
+         f"{call:g} s, SNS Publish {call:g} s", 5 * call + activity),
         ("`stop`", f"Describe (DRY_RUN only) {call:g} s, StopInstances {call:g} s, "
-         f"hibernate fallback {call:g} s", 3 * call),
+         f"hibernate fallback {call:g} s, SNS Publish {call:g} s", 4 * call),
     ]  # fmt: skip
     lines = [
         f"| action | what it may wait for, each at its worst | sum | answered within ({timeout_seconds:g} s timeout) |",

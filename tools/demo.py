@@ -1,7 +1,9 @@
 """`make demo`: the function's whole life cycle on 127.0.0.1, as a timeline. `make serve`: keep it up.
 
 demo:  the app wakes the backend through the local Function URL and runs a job on it; check_idle
-       runs every second with a 3 s idle timeout: keep (busy), keep (recent activity), stop.
+       runs every second with a 3 s idle timeout: keep (busy), keep (recent activity), stop. Then the
+       instance is started again with its backend crashed and its metrics idle: check_idle stops it
+       on the second signal, CloudWatch.
 serve: the same pieces, left running for developing the app against them, with check_idle every
        CHECK_EVERY seconds.
 """
@@ -93,12 +95,36 @@ def run_demo(
         order = [kind for i, kind in enumerate(seen) if i == 0 or seen[i - 1] != kind]
         if order != expected:
             raise DemoFailure(f"check_idle should go {' -> '.join(expected)}; it went {' -> '.join(order)}")
-        while sandbox.backend_host.backend is not None and time.monotonic() < give_up_at:
+        while sandbox.backend_host.powered and time.monotonic() < give_up_at:
             time.sleep(0.1)
         final = sandbox.state()
         if final != "stopped":
             raise DemoFailure(f"the instance ended {final}, not stopped")
         timeline.row("demo", "done", final, "the instance is stopped: woken, used, idle, stopped")
+        crashed_backend(sandbox, timeline, idle_timeout_seconds, give_up_at)
+
+
+def crashed_backend(sandbox: Sandbox, timeline: Timeline, idle_timeout_seconds: int, give_up_at: float) -> None:
+    """The backend process is dead on a running instance: its metrics show it idle, and check_idle stops it."""
+    sandbox.backend_host.crashed = True
+    sandbox.publish_instance_metrics(cpu_percent=0.8, network_bytes=30 * 1024)
+    timeline.row(
+        "demo", "setup", sandbox.state(), "AWS/EC2 metrics as EC2 would publish them: CPU 0.8%, 30 KB per 5 min"
+    )
+    started = sandbox.invoke({"action": "start"})
+    timeline.row("operator", "start", started.get("state", "?"), started.get("message", str(started.get("error"))))
+    time.sleep(idle_timeout_seconds + 0.5)  # the fallback waits until the instance has run past the idle timeout
+    result = sandbox.invoke({"action": "check_idle"})
+    if not result.get("ok"):
+        raise DemoFailure(f"check_idle failed: {result.get('error')}")
+    timeline.row(
+        "schedule", "check_idle", result["state"], f"{result['decision']} ({result['signal']}): {result['reason']}"
+    )
+    if (result["decision"], result["signal"]) != ("stop", "cloudwatch"):
+        raise DemoFailure(f"a crashed backend on an idle instance should be stopped by CloudWatch; got {result}")
+    while sandbox.backend_host.powered and time.monotonic() < give_up_at:
+        time.sleep(0.1)
+    timeline.row("demo", "done", sandbox.state(), "the instance is stopped: its backend died, its metrics said idle")
 
 
 def serve(check_every: float, idle_timeout_seconds: int) -> None:

@@ -16,7 +16,8 @@ SEVERITIES = ("INFO", "LOW", "MEDIUM", "HIGH", "CRITICAL")
 # What the template's ${...} placeholders become, so that parliament sees a concrete ARN.
 PLACEHOLDERS = {"${AWS::Partition}": "aws", "${AWS::Region}": "us-east-1", "${AWS::AccountId}": "123456789012",
                 "${InstanceId}": "i-0abc123def4567890"}  # fmt: skip
-REFERENCES = {"KmsKeyArn": "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"}
+REFERENCES = {"KmsKeyArn": "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+              "Topic": "arn:aws:sns:us-east-1:123456789012:backend-orchestrator"}  # fmt: skip
 
 
 def template_role_policies(template_path: Path = ROOT / "template.yaml") -> dict[str, dict[str, Any]]:

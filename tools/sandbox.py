@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -138,12 +138,15 @@ class _FunctionUrlRequest(BaseHTTPRequestHandler):
 
 # --- The instance's stand-in ------------------------------------------------------------------------------
 class BackendHost:
-    """Serves the reference backend on a fixed port while moto says the instance is running."""
+    """Serves the reference backend on a fixed port while moto says the instance is running; with
+    `crashed` set, the instance runs but its backend process does not (nothing listens)."""
 
     def __init__(self, ec2: Any, instance_id: str, boot_seconds: float, on_change: Callable[[str, str], None]) -> None:
         self.ec2, self.instance_id, self.boot_seconds, self.on_change = ec2, instance_id, boot_seconds, on_change
         self.port = _free_port()
         self.backend: ReferenceBackend | None = None
+        self.powered = False
+        self.crashed = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="backend-host", daemon=True)
 
@@ -164,15 +167,20 @@ class BackendHost:
             state = self.ec2.describe_instances(InstanceIds=[self.instance_id])["Reservations"][0]["Instances"][0][
                 "State"
             ]["Name"]
-            if state == "running" and self.backend is None:
+            if state == "running" and not self.powered:
                 self._power_on()
-            elif state != "running" and self.backend is not None:
+            elif state != "running" and self.powered:
                 self._power_off()
                 self.on_change(state, "backend down: connections refused")
+                self.powered = False  # only now: whoever waits for it sees the line above first
 
     def _power_on(self) -> None:
         # Real EC2 sets LaunchTime at each start; moto keeps the first one.
         set_moto_launch_time(self.instance_id, datetime.now(UTC))
+        self.powered = True
+        if self.crashed:
+            self.on_change("running", f"backend crashed: nothing listens on {self.url}")
+            return
         self.backend = ReferenceBackend(("127.0.0.1", self.port), self.boot_seconds)
         threading.Thread(target=self.backend.serve_forever, name="reference-backend", daemon=True).start()
         self.on_change("running", f"backend booting on {self.url} ({self.boot_seconds:g}s)")
@@ -242,6 +250,21 @@ class Sandbox:
         reservations = self.ec2.describe_instances(InstanceIds=[self.instance_id])["Reservations"]
         return str(reservations[0]["Instances"][0]["State"]["Name"])
 
+    def publish_instance_metrics(self, cpu_percent: float, network_bytes: float) -> None:
+        """Put what EC2 would have published for the instance into moto's AWS/EC2: one datapoint per metric for
+        each 5-minute period the function's CloudWatch fallback reads now."""
+        cloudwatch = boto3.client("cloudwatch", region_name=REGION, endpoint_url=self.moto_url)
+        start, end = bo.metric_window(datetime.now(UTC), self.idle_timeout_seconds)
+        dimensions = [{"Name": "InstanceId", "Value": self.instance_id}]
+        values = {"CPUUtilization": cpu_percent, "NetworkIn": network_bytes / 2, "NetworkOut": network_bytes / 2}
+        periods = int((end - start).total_seconds() // bo.METRIC_PERIOD_SECONDS)
+        data: list[Any] = [
+            {"MetricName": name, "Dimensions": dimensions, "Value": value,
+             "Timestamp": start + timedelta(seconds=index * bo.METRIC_PERIOD_SECONDS + 60)}
+            for index in range(periods) for name, value in values.items()
+        ]  # fmt: skip
+        cloudwatch.put_metric_data(Namespace="AWS/EC2", MetricData=data)
+
     def _start(self) -> None:
         from moto.server import ThreadedMotoServer
 
@@ -269,7 +292,7 @@ class Sandbox:
             _environment(
                 {
                     "AWS_REGION": REGION,
-                    "AWS_ENDPOINT_URL_EC2": self.moto_url,
+                    "AWS_ENDPOINT_URL": self.moto_url,  # EC2, CloudWatch and SNS alike
                     "AWS_EC2_METADATA_DISABLED": "true",
                     "INSTANCE_ID": self.instance_id,
                     "BACKEND_BASE_URL": self.backend_url,
@@ -296,7 +319,7 @@ def _environment(values: dict[str, str], unset: tuple[str, ...] = ()) -> Iterato
     os.environ.update(values)
     for name in unset:
         os.environ.pop(name, None)
-    bo.ec2_client.cache_clear()
+    bo.aws_client.cache_clear()
     try:
         yield
     finally:
@@ -305,7 +328,7 @@ def _environment(values: dict[str, str], unset: tuple[str, ...] = ()) -> Iterato
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        bo.ec2_client.cache_clear()
+        bo.aws_client.cache_clear()
 
 
 @contextmanager
