@@ -3,7 +3,8 @@
 Actions:
   start       start the instance and answer at once (the app then polls the backend's /health)
   status      the instance's state and whether the backend answers its health check
-  check_idle  ask the backend how long it has been idle; stop the instance past the timeout
+  check_idle  ask the backend how long it has been idle (when it cannot say, the instance's CloudWatch
+              metrics); stop the instance past the timeout; keep it, and start it, in keep-warm windows
   stop        stop the instance now (direct or scheduled invocation only)
 
 Events accepted:
@@ -16,6 +17,10 @@ Events accepted:
   - An EventBridge "Scheduled Event" without constant input: treated as check_idle, so that a
     schedule can never keep the backend awake.
     https://docs.aws.amazon.com/eventbridge/latest/userguide/eb-run-lambda-schedule.html
+
+Read top to bottom: settings, errors, configuration, the clock and the deadline, events, the pure
+decision, the AWS and backend edges, the actions, logs, and the entry point (parse, authorise, act,
+render). Every wait fits the invocation's deadline: see Deadline.
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ ENV_NOTIFY_TOPIC_ARN: Final = "NOTIFY_TOPIC_ARN"
 MAX_BODY_BYTES: Final = 16 * 1024  # an HTTP event's body
 MAX_ACTIVITY_BYTES: Final = 64 * 1024  # the whole activity answer: status line, headers and body
 MAX_STATUS_LINE_BYTES: Final = 1024  # all the health probe reads
-HEALTH_TIMEOUT_SECONDS: Final = 2.0
+HEALTH_TIMEOUT_SECONDS: Final = 2.0  # status answers the app's wake loop: a slow probe is a slow wake
 STOPPING_POLL_SECONDS: Final = 3.0
 ANSWER_MARGIN_SECONDS: Final = 2.0  # kept back from the context's remaining time, to log and answer
 RETRY_AFTER_SECONDS: Final = 10
@@ -144,7 +149,7 @@ class Decision(StrEnum):
     WOULD_START = "would_start"
 
 
-# --- Errors: each class carries its HTTP status and a stable code ----------------------------
+# --- Errors: each class carries its HTTP status and a stable code ---------------------------------
 class OrchestratorError(Exception):
     """An answer to the caller that says what went wrong and what to do."""
 
@@ -196,7 +201,6 @@ class PayloadTooLargeError(OrchestratorError):
 class ConfigError(OrchestratorError):
     STATUS_CODE = 500
     CODE = "config_error"
-    auth_token: str | None = None  # read before the failure, to authenticate HTTP callers first
 
 
 class AwsError(OrchestratorError):
@@ -242,17 +246,18 @@ class OutOfTimeError(OrchestratorError):
         )
 
 
-# --- Configuration ---------------------------------------------------------------------------
+# --- Configuration: every variable read and checked in one place ----------------------------------
 @dataclass(frozen=True)
 class Config:
-    instance_id: str
+    """Every setting but AUTH_TOKEN (see AuthToken), with its default: the one place defaults are written."""
+
+    instance_id: str = ""
     backend_base_url: str | None = None
     idle_timeout_seconds: int = 900
     region: str | None = None
     http_timeout_seconds: float = 5.0
     stop_hibernate: bool = False
     dry_run: bool = False
-    auth_token: str | None = field(default=None, repr=False)
     last_activity_path: str = "/api/last-activity"
     health_path: str = "/health"
     log_level: str = "INFO"
@@ -265,36 +270,14 @@ class Config:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
-        """Read and validate every variable; the first bad one raises a ConfigError naming it."""
-
-        def read(name: str, parse: Callable[[str, str], T], default: T) -> T:
+        """Read and check every variable of VARIABLES; an unset or empty one keeps its default, the first bad
+        one raises a ConfigError naming it."""
+        values = {}
+        for name, (field_name, parse) in VARIABLES.items():
             raw = environ.get(name, "").strip()
-            return parse(name, raw) if raw else default
-
-        raw_token = environ.get(ENV_AUTH_TOKEN, "")
-        try:
-            return cls(
-                instance_id=read(ENV_INSTANCE_ID, _parse_instance_id, ""),
-                backend_base_url=read(ENV_BACKEND_BASE_URL, _parse_base_url, None),
-                idle_timeout_seconds=read(ENV_IDLE_TIMEOUT_SECONDS, _parse_positive_int, 900),
-                region=read(ENV_AWS_REGION, _parse_text, None),
-                http_timeout_seconds=read(ENV_HTTP_TIMEOUT_SECONDS, _parse_positive_float, 5.0),
-                stop_hibernate=read(ENV_STOP_HIBERNATE, _parse_bool, False),
-                dry_run=read(ENV_DRY_RUN, _parse_bool, False),
-                auth_token=_parse_token(ENV_AUTH_TOKEN, raw_token),
-                last_activity_path=read(ENV_LAST_ACTIVITY_PATH, _parse_path, "/api/last-activity"),
-                health_path=read(ENV_HEALTH_PATH, _parse_path, "/health"),
-                log_level=read(ENV_LOG_LEVEL, _parse_log_level, "INFO"),
-                metrics_namespace=read(ENV_METRICS_NAMESPACE, _parse_text, "BackendOrchestrator"),
-                keep_warm=read(ENV_KEEP_WARM, _parse_keep_warm, ()),
-                idle_cpu_percent=read(ENV_IDLE_CPU_PERCENT, _parse_percent, 5.0),
-                idle_network_kb=read(ENV_IDLE_NETWORK_KB, _parse_positive_float, 1024.0),
-                drain_path=read(ENV_DRAIN_PATH, _parse_path, None),
-                notify_topic_arn=read(ENV_NOTIFY_TOPIC_ARN, _parse_topic_arn, None),
-            )
-        except ConfigError as error:
-            error.auth_token = raw_token.strip() if raw_token else None  # blank: no HTTP caller gets through
-            raise
+            if raw:
+                values[field_name] = parse(name, raw)
+        return cls(**values)
 
     def __post_init__(self) -> None:
         if not self.instance_id:
@@ -315,25 +298,48 @@ class Config:
         return self.backend_base_url
 
 
+@dataclass(frozen=True)
+class AuthToken:
+    """AUTH_TOKEN, read first and only here, so that an HTTP caller without it learns nothing, not even
+    that the configuration is broken. `value` None lets every caller in; a blank one ("") lets nobody in."""
+
+    value: str | None = field(repr=False)
+    problem: ConfigError | None = None  # a blank or short token: answered once the caller is authorised
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> AuthToken:
+        raw = environ.get(ENV_AUTH_TOKEN, "")
+        try:
+            return cls(_parse_token(ENV_AUTH_TOKEN, raw))
+        except ConfigError as problem:
+            return cls(raw.strip(), problem)
+
+    def require_valid(self) -> None:
+        if self.problem is not None:
+            raise self.problem
+
+
+@dataclass(frozen=True)
+class Window:
+    """A keep-warm window: days of the week, a start and an end in minutes of the local day, a time zone.
+    An end at or before the start crosses midnight: the window starts on the listed day, ends the next."""
+
+    text: str
+    days: frozenset[int]  # 0 is Monday, as datetime.weekday()
+    start: int
+    end: int  # up to 24 * 60
+    zone: tzinfo
+
+    def holds(self, moment: datetime) -> bool:
+        """Whether the window is open at `moment`, read on the zone's wall clock (summer time included)."""
+        local = moment.astimezone(self.zone)
+        minute, day = local.hour * 60 + local.minute, local.weekday()
+        if self.start < self.end:
+            return day in self.days and self.start <= minute < self.end
+        return (day in self.days and minute >= self.start) or ((day - 1) % 7 in self.days and minute < self.end)
+
+
 def _parse_text(name: str, raw: str) -> str:
-    return raw
-
-
-def _parse_percent(name: str, raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value <= 100:
-        raise ConfigError(f"{name}={raw!r} is not a percentage from 0 to 100, e.g. 5 (0 turns the fallback off).")
-    return value
-
-
-def _parse_topic_arn(name: str, raw: str) -> str:
-    if not TOPIC_ARN_PATTERN.fullmatch(raw):
-        raise ConfigError(
-            f"{name}={raw!r} is not an SNS topic ARN, e.g. arn:aws:sns:eu-central-1:123456789012:backend-orchestrator."
-        )
     return raw
 
 
@@ -401,6 +407,16 @@ def _parse_positive_float(name: str, raw: str) -> float:
     return value
 
 
+def _parse_percent(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 100:
+        raise ConfigError(f"{name}={raw!r} is not a percentage from 0 to 100, e.g. 5 (0 turns the fallback off).")
+    return value
+
+
 def _parse_bool(name: str, raw: str) -> bool:
     if raw.lower() not in BOOLEANS:
         raise ConfigError(f"{name}={raw!r} is not a boolean: use true/false, 1/0 or yes/no.")
@@ -416,24 +432,18 @@ def _parse_path(name: str, raw: str) -> str:
     return raw
 
 
-@dataclass(frozen=True)
-class Window:
-    """A keep-warm window: days of the week, a start and an end in minutes of the local day, a time zone.
-    An end at or before the start crosses midnight: the window starts on the listed day, ends the next."""
+def _parse_log_level(name: str, raw: str) -> str:
+    if raw.upper() not in LOG_LEVELS:
+        raise ConfigError(f"{name}={raw!r} is not a log level: use one of {', '.join(LOG_LEVELS)}.")
+    return raw.upper()
 
-    text: str
-    days: frozenset[int]  # 0 is Monday, as datetime.weekday()
-    start: int
-    end: int  # up to 24 * 60
-    zone: tzinfo
 
-    def holds(self, moment: datetime) -> bool:
-        """Whether the window is open at `moment`, read on the zone's wall clock (summer time included)."""
-        local = moment.astimezone(self.zone)
-        minute, day = local.hour * 60 + local.minute, local.weekday()
-        if self.start < self.end:
-            return day in self.days and self.start <= minute < self.end
-        return (day in self.days and minute >= self.start) or ((day - 1) % 7 in self.days and minute < self.end)
+def _parse_topic_arn(name: str, raw: str) -> str:
+    if not TOPIC_ARN_PATTERN.fullmatch(raw):
+        raise ConfigError(
+            f"{name}={raw!r} is not an SNS topic ARN, e.g. arn:aws:sns:eu-central-1:123456789012:backend-orchestrator."
+        )
+    return raw
 
 
 def _parse_keep_warm(name: str, raw: str) -> tuple[Window, ...]:
@@ -482,13 +492,70 @@ def _minute(name: str, text: str) -> int:
     return hours * 60 + minutes
 
 
-def _parse_log_level(name: str, raw: str) -> str:
-    if raw.upper() not in LOG_LEVELS:
-        raise ConfigError(f"{name}={raw!r} is not a log level: use one of {', '.join(LOG_LEVELS)}.")
-    return raw.upper()
+# Each variable Config reads: the field it sets and the parser that checks it.
+VARIABLES: Final[dict[str, tuple[str, Callable[[str, str], Any]]]] = {
+    ENV_INSTANCE_ID: ("instance_id", _parse_instance_id),
+    ENV_BACKEND_BASE_URL: ("backend_base_url", _parse_base_url),
+    ENV_IDLE_TIMEOUT_SECONDS: ("idle_timeout_seconds", _parse_positive_int),
+    ENV_AWS_REGION: ("region", _parse_text),
+    ENV_HTTP_TIMEOUT_SECONDS: ("http_timeout_seconds", _parse_positive_float),
+    ENV_STOP_HIBERNATE: ("stop_hibernate", _parse_bool),
+    ENV_DRY_RUN: ("dry_run", _parse_bool),
+    ENV_LAST_ACTIVITY_PATH: ("last_activity_path", _parse_path),
+    ENV_HEALTH_PATH: ("health_path", _parse_path),
+    ENV_LOG_LEVEL: ("log_level", _parse_log_level),
+    ENV_METRICS_NAMESPACE: ("metrics_namespace", _parse_text),
+    ENV_KEEP_WARM: ("keep_warm", _parse_keep_warm),
+    ENV_IDLE_CPU_PERCENT: ("idle_cpu_percent", _parse_percent),
+    ENV_IDLE_NETWORK_KB: ("idle_network_kb", _parse_positive_float),
+    ENV_DRAIN_PATH: ("drain_path", _parse_path),
+    ENV_NOTIFY_TOPIC_ARN: ("notify_topic_arn", _parse_topic_arn),
+}
 
 
-# --- Events ----------------------------------------------------------------------------------
+# --- Time: the clock, and one deadline per invocation ---------------------------------------------
+@dataclass(frozen=True)
+class Clock:
+    """Wall time for decisions, monotonic time for deadlines, and sleep: injected, so tests never wait."""
+
+    now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    monotonic: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When the invocation must have answered: the context's remaining time less ANSWER_MARGIN_SECONDS.
+
+    Lambda kills a function at its timeout with no log line and no answer, so every wait (EC2 calls with
+    their retries, backend requests, sleeps) is given only the time that fits before this deadline."""
+
+    at: float
+    clock: Clock
+
+    @classmethod
+    def from_context(cls, context: object, clock: Clock) -> Deadline:
+        remaining_ms = getattr(context, "get_remaining_time_in_millis", lambda: DEFAULT_REMAINING_MS)()
+        return cls(clock.monotonic() + float(remaining_ms) / 1000 - ANSWER_MARGIN_SECONDS, clock)
+
+    def left(self) -> float:
+        return self.at - self.clock.monotonic()
+
+    def grant(self, step: str, wanted: float, *, at_least: float | None = None, keep: float = 0.0) -> float:
+        """The seconds `step` may take: `wanted`, cut to what is left once `keep` is set aside for the steps
+        after it. OutOfTimeError if that is less than `at_least` (by default, all of `wanted`)."""
+        needed = wanted if at_least is None else at_least
+        granted = min(wanted, self.left() - keep)
+        if granted < needed:
+            raise OutOfTimeError(step, self.left() - keep, needed)
+        return granted
+
+    def grant_backend(self, step: str, wanted: float, keep: float = 0.0) -> float:
+        """The seconds a backend request may take: cut to fit, but not below MIN_BACKEND_SECONDS."""
+        return self.grant(step, wanted, at_least=min(MIN_BACKEND_SECONDS, wanted), keep=keep)
+
+
+# --- Events: what the invocation asks -------------------------------------------------------------
 @dataclass(frozen=True)
 class HttpRequest:
     """The parts of a Function URL or API Gateway event the function reads."""
@@ -644,11 +711,16 @@ def _decode_body(request: HttpRequest) -> str:
         ) from None
 
 
-def _short(value: object) -> str:
-    if isinstance(value, dict | list):  # never the repr of a nested value: it can be deep and long
-        return f"a JSON {_json_type(value)}"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+def _action(value: object) -> Action:
+    known = ", ".join(a.value for a in Action)
+    if not isinstance(value, str):
+        raise BadRequestError(
+            f"The action must be a string, one of {known}; got a JSON {_json_type(value)}.", code="invalid_action"
+        )
+    try:
+        return Action(value)
+    except ValueError:
+        raise BadRequestError(f"Unknown action {_short(value)}: use one of {known}.", code="unknown_action") from None
 
 
 def strict_json(text: str | bytes) -> object:
@@ -669,24 +741,19 @@ def strict_json(text: str | bytes) -> object:
         raise ValueError("nested too deep") from None
 
 
+def _short(value: object) -> str:
+    if isinstance(value, dict | list):  # never the repr of a nested value: it can be deep and long
+        return f"a JSON {_json_type(value)}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _json_type(value: object) -> str:
     names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
-def _action(value: object) -> Action:
-    known = ", ".join(a.value for a in Action)
-    if not isinstance(value, str):
-        raise BadRequestError(
-            f"The action must be a string, one of {known}; got a JSON {_json_type(value)}.", code="invalid_action"
-        )
-    try:
-        return Action(value)
-    except ValueError:
-        raise BadRequestError(f"Unknown action {_short(value)}: use one of {known}.", code="unknown_action") from None
-
-
-# --- The idle decision: pure, plain values in, a decision and its reason out -------------------
+# --- The decision: pure, plain values in, a verdict and its reason out ----------------------------
 class Activity(NamedTuple):
     """What the backend reported: seconds idle (None if only busy was reported) and busy."""
 
@@ -708,17 +775,9 @@ class Verdict(NamedTuple):
 
 
 def decide(
-    state: str,
-    launch_time: datetime,
-    activity: Activity | ActivityUnknown | None,
-    now: datetime,
-    idle_timeout_seconds: int,
+    launch_time: datetime, activity: Activity | ActivityUnknown, now: datetime, idle_timeout_seconds: int
 ) -> Verdict:
-    """Stop only a running instance whose backend is known to be idle past the timeout."""
-    if state != "running":
-        return Verdict(Decision.SKIP, f"instance is {state}, not running", signal="state")
-    if activity is None:
-        return Verdict(Decision.KEEP, "backend activity was not checked")
+    """For a running instance: stop only if its backend is known to be idle past the timeout."""
     if isinstance(activity, ActivityUnknown):
         return Verdict(
             Decision.KEEP, f"backend activity unknown ({activity.reason}); never stop on missing information"
@@ -802,10 +861,6 @@ def judge_metrics(
     )
 
 
-def _seconds(value: float) -> str:
-    return f"{value:.0f}s" if value >= 60 else f"{value:.1f}s"
-
-
 def parse_activity(body: str | bytes, now: datetime) -> Activity | ActivityUnknown:
     """Read the activity contract (README) from the backend's answer; never raises.
 
@@ -882,49 +937,11 @@ def _number(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
-# --- Time: one deadline per invocation ------------------------------------------------------
-@dataclass(frozen=True)
-class Clock:
-    """Wall time for decisions, monotonic time for deadlines, and sleep: injected, so tests never wait."""
-
-    now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
-    monotonic: Callable[[], float] = time.monotonic
-    sleep: Callable[[float], None] = time.sleep
+def _seconds(value: float) -> str:
+    return f"{value:.0f}s" if value >= 60 else f"{value:.1f}s"
 
 
-@dataclass(frozen=True)
-class Deadline:
-    """When the invocation must have answered: the context's remaining time less ANSWER_MARGIN_SECONDS.
-
-    Lambda kills a function at its timeout with no log line and no answer, so every wait (EC2 calls with
-    their retries, backend requests, sleeps) is given only the time that fits before this deadline."""
-
-    at: float
-    clock: Clock
-
-    @classmethod
-    def from_context(cls, context: object, clock: Clock) -> Deadline:
-        remaining_ms = getattr(context, "get_remaining_time_in_millis", lambda: DEFAULT_REMAINING_MS)()
-        return cls(clock.monotonic() + float(remaining_ms) / 1000 - ANSWER_MARGIN_SECONDS, clock)
-
-    def left(self) -> float:
-        return self.at - self.clock.monotonic()
-
-    def grant(self, step: str, wanted: float, *, at_least: float | None = None, keep: float = 0.0) -> float:
-        """The seconds `step` may take: `wanted`, cut to what is left once `keep` is set aside for the steps
-        after it. OutOfTimeError if that is less than `at_least` (by default, all of `wanted`)."""
-        needed = wanted if at_least is None else at_least
-        granted = min(wanted, self.left() - keep)
-        if granted < needed:
-            raise OutOfTimeError(step, self.left() - keep, needed)
-        return granted
-
-    def grant_backend(self, step: str, wanted: float, keep: float = 0.0) -> float:
-        """The seconds a backend request may take: cut to fit, but not below MIN_BACKEND_SECONDS."""
-        return self.grant(step, wanted, at_least=min(MIN_BACKEND_SECONDS, wanted), keep=keep)
-
-
-# --- EC2: every call in one place, errors told apart by their code ----------------------------
+# --- AWS: every call within the deadline, errors told apart by their code -------------------------
 class InstanceInfo(NamedTuple):
     state: str
     launch_time: datetime
@@ -1006,15 +1023,15 @@ class Ec2:
         launch_time = instances[0].get("LaunchTime") or self.deadline.clock.now()
         return InstanceInfo(instances[0]["State"]["Name"], launch_time)
 
-    def start(self) -> Transition:
+    def start_instance(self) -> Transition:
         with self._call("StartInstances") as client:
             change = client.start_instances(InstanceIds=[self.instance_id])["StartingInstances"][0]
         return Transition(change["PreviousState"]["Name"], change["CurrentState"]["Name"])
 
-    def stop(self, hibernate: bool) -> tuple[Transition, str | None]:
+    def stop_instance(self, hibernate: bool) -> tuple[Transition, str | None]:
         """Stop, hibernating if asked; the second value is a warning when EC2 refused hibernation."""
         try:
-            return self._stop(hibernate), None
+            return self._stop_instances(hibernate), None
         except AwsError as error:
             if not hibernate or error.aws_error_code != "UnsupportedHibernationConfiguration":
                 raise
@@ -1022,9 +1039,9 @@ class Ec2:
             f"EC2 refused to hibernate instance {self.instance_id}, so it was stopped normally: "
             f"enable hibernation on the instance or set {ENV_STOP_HIBERNATE}=false."
         )
-        return self._stop(hibernate=False), warning
+        return self._stop_instances(hibernate=False), warning
 
-    def _stop(self, hibernate: bool) -> Transition:
+    def _stop_instances(self, hibernate: bool) -> Transition:
         with self._call("StopInstances") as client:
             response = client.stop_instances(InstanceIds=[self.instance_id], Hibernate=hibernate)
         change = response["StoppingInstances"][0]
@@ -1083,204 +1100,42 @@ def instance_metrics(ec2: Ec2, start: datetime, end: datetime) -> MetricSamples:
     return MetricSamples(points.get("cpu", []), points.get("network_in", []), points.get("network_out", []))
 
 
-# --- Actions -------------------------------------------------------------------------------
-@dataclass
-class Outcome:
-    """What an action did: the response's fields (logged too), its metrics and warnings."""
-
-    fields: dict[str, Any]
-    status_code: int = 200
-    metrics: dict[str, float] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    level: int = logging.INFO
-    headers: dict[str, str] = field(default_factory=dict)
-    notify: bool = False  # it started or stopped the instance (or would have): publish to NOTIFY_TOPIC_ARN
+class Notice(NamedTuple):
+    subject: str
+    message: str
+    attributes: dict[str, str]
 
 
-def start(ec2: Ec2) -> Outcome:
-    """One StartInstances; if the instance is stopping, wait for stopped within the deadline."""
+def notification(action: Action, instance_id: str, fields: Mapping[str, Any]) -> Notice:
+    """The SNS message for a start or a stop: a subject and a body a person reads, attributes to filter on."""
+    decision = str(fields.get("decision") or "start")
+    what = {"start": "started", "stop": "stopped", "would_stop": "would be stopped (dry run)",
+            "would_start": "would be started (dry run)"}.get(decision, decision)  # fmt: skip
+    lines = [f"Instance {instance_id} {what} by {action}."]
+    labels = (("reason", "Why"), ("signal", "Decided by"), ("previous_state", "Was"), ("state", "Now"))
+    lines += [f"{label}: {fields[key]}" for key, label in labels if fields.get(key) is not None]
+    uptime = fields.get("uptime_seconds")
+    if uptime is not None:
+        lines.append(f"Ran for: {int(uptime) // 3600} h {int(uptime) % 3600 // 60} min")
+    subject = f"Backend {instance_id} {what}"[:100]  # SNS: at most 100 printable ASCII characters
+    return Notice(subject, "\n".join(lines), {"action": action.value, "decision": decision})
+
+
+def publish(topic_arn: str, notice: Notice, deadline: Deadline) -> str | None:
+    """Publish one notice; None if sent, else a warning. A failure changes neither the decision nor the answer."""
+    region = topic_arn.split(":")[3]
+    attributes = {name: {"DataType": "String", "StringValue": value} for name, value in notice.attributes.items()}
     try:
-        transition = ec2.start()
-    except AwsError as error:
-        if error.aws_error_code != "IncorrectInstanceState":
-            raise
-        transition = _start_once_stopped(ec2)
-    started = transition.previous_state in ("stopped", "stopping")
-    message = "Instance is starting: poll the backend's health endpoint." if started else "Instance is already up."
-    return Outcome(
-        {"previous_state": transition.previous_state, "state": transition.state, "message": message},
-        status_code=202 if started else 200,
-        metrics={"InstanceStarted": int(started)},
-        notify=started,
-    )
-
-
-def _start_once_stopped(ec2: Ec2) -> Transition:
-    # StartInstances on a stopping instance fails with IncorrectInstanceState (so do shutting-down
-    # and terminated): look at the state, and wait out a stop in progress.
-    deadline = ec2.deadline
-    state = ec2.describe().state
-    while state == "stopping":
-        # A wait is worth it only if a Describe and a StartInstances still fit after it.
-        if deadline.left() < STOPPING_POLL_SECONDS + 2 * aws_call_seconds(1):
-            raise StillStoppingError(
-                f"Instance {ec2.instance_id} is still stopping. Retry start after {RETRY_AFTER_SECONDS} seconds.",
-                state=state,
+        with aws_call("sns", "Publish", region, deadline, f"topic {topic_arn}") as client:
+            client.publish(
+                TopicArn=topic_arn, Subject=notice.subject, Message=notice.message, MessageAttributes=attributes
             )
-        deadline.clock.sleep(STOPPING_POLL_SECONDS)
-        state = ec2.describe().state
-    if state in GONE_STATES:
-        raise InstanceGoneError(
-            f"Instance {ec2.instance_id} is {state} and cannot be started. Point {ENV_INSTANCE_ID} at a live instance.",
-            state=state,
-        )
-    if state == "stopped":
-        return ec2.start()
-    return Transition(state, state)  # someone else started it meanwhile
+    except (AwsError, OutOfTimeError) as error:
+        return f"The notification was not published: {error.message}"
+    return None
 
 
-def check_idle(ec2: Ec2, config: Config) -> Outcome:
-    """Stop the instance if it is known to be idle past the timeout; keep it whenever in doubt."""
-    config.require_backend_url(Action.CHECK_IDLE)
-    outcome = Outcome({})
-    verdict: Verdict | None = None
-    try:
-        info = ec2.describe()
-        outcome.fields.update(state=info.state, launch_time=info.launch_time.isoformat())
-        verdict = _act(ec2, config, _judge(ec2, config, info, outcome), outcome)
-        if verdict.decision in (Decision.STOP, Decision.WOULD_STOP):
-            uptime_seconds = round((ec2.deadline.clock.now() - info.launch_time).total_seconds())
-            outcome.fields["uptime_seconds"] = uptime_seconds
-            if verdict.decision is Decision.STOP:
-                outcome.metrics["UptimeSeconds"] = uptime_seconds
-        reason = verdict.reason
-    except OutOfTimeError as error:
-        reason = f"out of time before {error.step} ({error.brief}); the next check decides again"
-        reason = f"{verdict.reason}, but {reason}" if verdict else reason
-        verdict = Verdict(Decision.KEEP, reason, verdict.idle_seconds if verdict else None, "deadline")
-        outcome.level = max(outcome.level, logging.WARNING)
-    idle_seconds = None if verdict.idle_seconds is None else round(verdict.idle_seconds, 1)
-    if idle_seconds is not None:
-        outcome.metrics["IdleSeconds"] = idle_seconds
-    outcome.notify = verdict.decision not in (Decision.KEEP, Decision.SKIP)
-    outcome.fields.update(
-        decision=verdict.decision.value,
-        reason=reason,
-        signal=verdict.signal,
-        idle_seconds=idle_seconds,
-        idle_timeout_seconds=config.idle_timeout_seconds,
-        dry_run=config.dry_run,
-    )
-    return outcome
-
-
-def _judge(ec2: Ec2, config: Config, info: InstanceInfo, outcome: Outcome) -> Verdict:
-    """The verdict, from a keep-warm window, the backend's activity, or (when the backend cannot say) CloudWatch."""
-    clock = ec2.deadline.clock
-    window = config.open_window(clock.now())
-    if window is not None:  # working hours: never stop, and start a stopped instance
-        return keep_warm(info.state, window)
-    activity = None
-    if info.state == "running":
-        url = f"{config.backend_base_url}{config.last_activity_path}"
-        fallback = config.idle_cpu_percent > 0
-        # The answer is worth reading only if the calls it may lead to still fit after it.
-        keep = aws_call_seconds(1) * (2 if fallback else 1)
-        seconds = ec2.deadline.grant_backend(f"GET {url}", config.http_timeout_seconds, keep=keep)
-        activity = fetch_activity(url, seconds, clock)
-        if isinstance(activity, ActivityUnknown):
-            outcome.metrics["BackendUnreachable"] = 1
-            outcome.level = logging.ERROR
-            if fallback:
-                return _second_signal(ec2, config, info.launch_time, activity)
-    return decide(info.state, info.launch_time, activity, clock.now(), config.idle_timeout_seconds)
-
-
-def _second_signal(ec2: Ec2, config: Config, launch_time: datetime, activity: ActivityUnknown) -> Verdict:
-    """The backend cannot say: once the instance has run past the timeout, its own CloudWatch metrics decide."""
-    now, timeout = ec2.deadline.clock.now(), config.idle_timeout_seconds
-    unreachable = f"backend unreachable ({activity.reason})"
-    uptime_seconds = (now - launch_time).total_seconds()
-    if uptime_seconds <= timeout:
-        return Verdict(
-            Decision.KEEP, f"{unreachable}; up {_seconds(max(uptime_seconds, 0))}, within the {timeout}s timeout"
-        )
-    start, end = metric_window(now, timeout)
-    try:
-        samples = instance_metrics(ec2, start, now)
-    except AwsError as error:
-        return Verdict(
-            Decision.KEEP, f"{unreachable}; CloudWatch could not be read: {error.message}", signal="cloudwatch"
-        )
-    idle, evidence = judge_metrics(samples, start, end, config.idle_cpu_percent, config.idle_network_kb * 1024)
-    return Verdict(Decision.STOP if idle else Decision.KEEP, f"{unreachable}; {evidence}", signal="cloudwatch")
-
-
-def stop(ec2: Ec2, config: Config) -> Outcome:
-    outcome = Outcome({"state": ec2.describe().state} if config.dry_run else {}, notify=True)
-    decision = _stop(ec2, config, outcome)
-    outcome.fields.update(decision=decision.value, reason="stop requested", dry_run=config.dry_run)
-    window = config.open_window(ec2.deadline.clock.now())
-    if window is not None:
-        outcome.warnings.append(
-            f"The keep-warm window {window.text!r} is open: the next check_idle starts the instance again. "
-            f"To keep it stopped, remove the window from {ENV_KEEP_WARM} first."
-        )
-    return outcome
-
-
-def _act(ec2: Ec2, config: Config, verdict: Verdict, outcome: Outcome) -> Verdict:
-    """Carry out a stop or a keep-warm start; a stop the backend's activity decided waits for its drain."""
-    if verdict.decision is Decision.START:
-        return verdict._replace(decision=_start_warm(ec2, config, outcome))
-    if verdict.decision is not Decision.STOP:
-        return verdict
-    if config.drain_path and verdict.signal == "activity" and not config.dry_run:
-        refused = drain(f"{config.backend_base_url}{config.drain_path}", config.http_timeout_seconds, ec2.deadline)
-        if refused is not None:
-            return verdict._replace(decision=Decision.KEEP, reason=f"{verdict.reason}, but {refused}")
-    return verdict._replace(decision=_stop(ec2, config, outcome))
-
-
-def _start_warm(ec2: Ec2, config: Config, outcome: Outcome) -> Decision:
-    if config.dry_run:
-        return Decision.WOULD_START
-    transition = ec2.start()
-    outcome.fields.update(previous_state=transition.previous_state, state=transition.state)
-    outcome.metrics["InstanceStarted"] = 1
-    return Decision.START
-
-
-def _stop(ec2: Ec2, config: Config, outcome: Outcome) -> Decision:
-    if config.dry_run:
-        return Decision.WOULD_STOP
-    transition, warning = ec2.stop(config.stop_hibernate)
-    if warning:
-        outcome.warnings.append(warning)
-    outcome.fields.update(previous_state=transition.previous_state, state=transition.state)
-    outcome.metrics["InstanceStopped"] = 1
-    return Decision.STOP
-
-
-def status(ec2: Ec2, config: Config) -> Outcome:
-    """The instance's state and, when it runs, whether the backend's health endpoint answers 2xx."""
-    health_url = config.require_backend_url(Action.STATUS) + config.health_path
-    info = ec2.describe()
-    outcome = Outcome({"state": info.state, "launch_time": info.launch_time.isoformat()})
-    backend: dict[str, Any] | None = {"reachable": False, "healthy": False, "status_code": None}
-    if info.state == "running":
-        wanted = min(HEALTH_TIMEOUT_SECONDS, config.http_timeout_seconds)
-        try:
-            seconds = ec2.deadline.grant_backend(f"GET {health_url}", wanted)
-            backend = probe_health(health_url, seconds, ec2.deadline.clock)
-        except OutOfTimeError as error:  # answer what is known: the state
-            backend = None
-            outcome.warnings.append(error.message)
-    outcome.fields["backend"] = backend
-    return outcome
-
-
-# --- The backend: one HTTP exchange, bounded in time and bytes whatever the server does ----------
+# --- The backend: one HTTP exchange, bounded in time and bytes whatever the server does -----------
 class ResponseTooLargeError(Exception):
     """The server sent more bytes than the exchange allows."""
 
@@ -1440,43 +1295,223 @@ def _status_code(line: bytes) -> int:
     return int(rest[:3])
 
 
-# --- Notifications: what the function did, for a person reading a phone -----------------------
-class Notice(NamedTuple):
-    subject: str
-    message: str
-    attributes: dict[str, str]
+# --- Actions: what each one does with the instance ------------------------------------------------
+@dataclass
+class Outcome:
+    """What an action did: the response's fields (logged too), its metrics and warnings."""
+
+    fields: dict[str, Any]
+    status_code: int = 200
+    metrics: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    level: int = logging.INFO
+    headers: dict[str, str] = field(default_factory=dict)
+    notify: bool = False  # it started or stopped the instance (or would have): publish to NOTIFY_TOPIC_ARN
 
 
-def notification(action: Action, instance_id: str, fields: Mapping[str, Any]) -> Notice:
-    """The SNS message for a start or a stop: a subject and a body a person reads, attributes to filter on."""
-    decision = str(fields.get("decision") or "start")
-    what = {"start": "started", "stop": "stopped", "would_stop": "would be stopped (dry run)",
-            "would_start": "would be started (dry run)"}.get(decision, decision)  # fmt: skip
-    lines = [f"Instance {instance_id} {what} by {action}."]
-    labels = (("reason", "Why"), ("signal", "Decided by"), ("previous_state", "Was"), ("state", "Now"))
-    lines += [f"{label}: {fields[key]}" for key, label in labels if fields.get(key) is not None]
-    uptime = fields.get("uptime_seconds")
-    if uptime is not None:
-        lines.append(f"Ran for: {int(uptime) // 3600} h {int(uptime) % 3600 // 60} min")
-    subject = f"Backend {instance_id} {what}"[:100]  # SNS: at most 100 printable ASCII characters
-    return Notice(subject, "\n".join(lines), {"action": action.value, "decision": decision})
-
-
-def publish(topic_arn: str, notice: Notice, deadline: Deadline) -> str | None:
-    """Publish one notice; None if sent, else a warning. A failure changes neither the decision nor the answer."""
-    region = topic_arn.split(":")[3]
-    attributes = {name: {"DataType": "String", "StringValue": value} for name, value in notice.attributes.items()}
+def start(ec2: Ec2, config: Config) -> Outcome:
+    """One StartInstances; if the instance is stopping, wait for stopped within the deadline."""
     try:
-        with aws_call("sns", "Publish", region, deadline, f"topic {topic_arn}") as client:
-            client.publish(
-                TopicArn=topic_arn, Subject=notice.subject, Message=notice.message, MessageAttributes=attributes
+        transition = ec2.start_instance()
+    except AwsError as error:
+        if error.aws_error_code != "IncorrectInstanceState":
+            raise
+        transition = _start_once_stopped(ec2)
+    started = transition.previous_state in ("stopped", "stopping")
+    message = "Instance is starting: poll the backend's health endpoint." if started else "Instance is already up."
+    return Outcome(
+        {"previous_state": transition.previous_state, "state": transition.state, "message": message},
+        status_code=202 if started else 200,
+        metrics={"InstanceStarted": int(started)},
+        notify=started,
+    )
+
+
+def _start_once_stopped(ec2: Ec2) -> Transition:
+    # StartInstances on a stopping instance fails with IncorrectInstanceState (so do shutting-down
+    # and terminated): look at the state, and wait out a stop in progress.
+    deadline = ec2.deadline
+    state = ec2.describe().state
+    while state == "stopping":
+        # A wait is worth it only if a Describe and a StartInstances still fit after it.
+        if deadline.left() < STOPPING_POLL_SECONDS + 2 * aws_call_seconds(1):
+            raise StillStoppingError(
+                f"Instance {ec2.instance_id} is still stopping. Retry start after {RETRY_AFTER_SECONDS} seconds.",
+                state=state,
             )
-    except (AwsError, OutOfTimeError) as error:
-        return f"The notification was not published: {error.message}"
-    return None
+        deadline.clock.sleep(STOPPING_POLL_SECONDS)
+        state = ec2.describe().state
+    if state in GONE_STATES:
+        raise InstanceGoneError(
+            f"Instance {ec2.instance_id} is {state} and cannot be started. Point {ENV_INSTANCE_ID} at a live instance.",
+            state=state,
+        )
+    if state == "stopped":
+        return ec2.start_instance()
+    return Transition(state, state)  # someone else started it meanwhile
 
 
-# --- Logs and metrics ------------------------------------------------------------------------
+def status(ec2: Ec2, config: Config) -> Outcome:
+    """The instance's state and, when it runs, whether the backend's health endpoint answers 2xx."""
+    health_url = config.require_backend_url(Action.STATUS) + config.health_path
+    info = ec2.describe()
+    outcome = Outcome({"state": info.state, "launch_time": info.launch_time.isoformat()})
+    backend: dict[str, Any] | None = {"reachable": False, "healthy": False, "status_code": None}
+    if info.state == "running":
+        wanted = min(HEALTH_TIMEOUT_SECONDS, config.http_timeout_seconds)
+        try:
+            seconds = ec2.deadline.grant_backend(f"GET {health_url}", wanted)
+            backend = probe_health(health_url, seconds, ec2.deadline.clock)
+        except OutOfTimeError as error:  # answer what is known: the state
+            backend = None
+            outcome.warnings.append(error.message)
+    outcome.fields["backend"] = backend
+    return outcome
+
+
+def check_idle(ec2: Ec2, config: Config) -> Outcome:
+    """Stop the instance if it is known to be idle past the timeout; keep it whenever in doubt."""
+    config.require_backend_url(Action.CHECK_IDLE)
+    outcome = Outcome({})
+    verdict: Verdict | None = None
+    try:
+        info = ec2.describe()
+        outcome.fields.update(state=info.state, launch_time=info.launch_time.isoformat())
+        verdict = _act(ec2, config, _judge(ec2, config, info, outcome), outcome)
+        if verdict.decision in (Decision.STOP, Decision.WOULD_STOP):
+            uptime_seconds = round((ec2.deadline.clock.now() - info.launch_time).total_seconds())
+            outcome.fields["uptime_seconds"] = uptime_seconds
+            if verdict.decision is Decision.STOP:
+                outcome.metrics["UptimeSeconds"] = uptime_seconds
+        reason = verdict.reason
+    except OutOfTimeError as error:
+        reason = f"out of time before {error.step} ({error.brief}); the next check decides again"
+        reason = f"{verdict.reason}, but {reason}" if verdict else reason
+        verdict = Verdict(Decision.KEEP, reason, verdict.idle_seconds if verdict else None, "deadline")
+        outcome.level = max(outcome.level, logging.WARNING)
+    idle_seconds = None if verdict.idle_seconds is None else round(verdict.idle_seconds, 1)
+    if idle_seconds is not None:
+        outcome.metrics["IdleSeconds"] = idle_seconds
+    outcome.notify = verdict.decision not in (Decision.KEEP, Decision.SKIP)
+    outcome.fields.update(
+        decision=verdict.decision.value,
+        reason=reason,
+        signal=verdict.signal,
+        idle_seconds=idle_seconds,
+        idle_timeout_seconds=config.idle_timeout_seconds,
+        dry_run=config.dry_run,
+    )
+    return outcome
+
+
+def _judge(ec2: Ec2, config: Config, info: InstanceInfo, outcome: Outcome) -> Verdict:
+    """The verdict, from a keep-warm window, the backend's activity, or (when the backend cannot say) CloudWatch."""
+    clock = ec2.deadline.clock
+    window = config.open_window(clock.now())
+    if window is not None:  # working hours: never stop, and start a stopped instance
+        return keep_warm(info.state, window)
+    if info.state != "running":
+        return Verdict(Decision.SKIP, f"instance is {info.state}, not running", signal="state")
+    url = f"{config.backend_base_url}{config.last_activity_path}"
+    fallback = config.idle_cpu_percent > 0
+    # The answer is worth reading only if the calls it may lead to still fit after it.
+    keep = aws_call_seconds(1) * (2 if fallback else 1)
+    activity = fetch_activity(url, ec2.deadline.grant_backend(f"GET {url}", config.http_timeout_seconds, keep), clock)
+    if isinstance(activity, ActivityUnknown):
+        outcome.metrics["BackendUnreachable"] = 1
+        outcome.level = logging.ERROR
+        if fallback:
+            return _second_signal(ec2, config, info.launch_time, activity)
+    return decide(info.launch_time, activity, clock.now(), config.idle_timeout_seconds)
+
+
+def _second_signal(ec2: Ec2, config: Config, launch_time: datetime, activity: ActivityUnknown) -> Verdict:
+    """The backend cannot say: once the instance has run past the timeout, its own CloudWatch metrics decide."""
+    now, timeout = ec2.deadline.clock.now(), config.idle_timeout_seconds
+    unreachable = f"backend unreachable ({activity.reason})"
+    uptime_seconds = (now - launch_time).total_seconds()
+    if uptime_seconds <= timeout:
+        return Verdict(
+            Decision.KEEP, f"{unreachable}; up {_seconds(max(uptime_seconds, 0))}, within the {timeout}s timeout"
+        )
+    start, end = metric_window(now, timeout)
+    try:
+        samples = instance_metrics(ec2, start, now)
+    except AwsError as error:
+        return Verdict(
+            Decision.KEEP, f"{unreachable}; CloudWatch could not be read: {error.message}", signal="cloudwatch"
+        )
+    idle, evidence = judge_metrics(samples, start, end, config.idle_cpu_percent, config.idle_network_kb * 1024)
+    return Verdict(Decision.STOP if idle else Decision.KEEP, f"{unreachable}; {evidence}", signal="cloudwatch")
+
+
+def _act(ec2: Ec2, config: Config, verdict: Verdict, outcome: Outcome) -> Verdict:
+    """Carry out a stop or a keep-warm start; a stop the backend's activity decided waits for its drain."""
+    if verdict.decision is Decision.START:
+        return verdict._replace(decision=_start_unless_dry_run(ec2, config, outcome))
+    if verdict.decision is not Decision.STOP:
+        return verdict
+    if config.drain_path and verdict.signal == "activity" and not config.dry_run:
+        refused = drain(f"{config.backend_base_url}{config.drain_path}", config.http_timeout_seconds, ec2.deadline)
+        if refused is not None:
+            return verdict._replace(decision=Decision.KEEP, reason=f"{verdict.reason}, but {refused}")
+    return verdict._replace(decision=_stop_unless_dry_run(ec2, config, outcome))
+
+
+def _start_unless_dry_run(ec2: Ec2, config: Config, outcome: Outcome) -> Decision:
+    if config.dry_run:
+        return Decision.WOULD_START
+    transition = ec2.start_instance()
+    outcome.fields.update(previous_state=transition.previous_state, state=transition.state)
+    outcome.metrics["InstanceStarted"] = 1
+    return Decision.START
+
+
+def stop(ec2: Ec2, config: Config) -> Outcome:
+    """The operator's stop, now (direct invocation only): honours DRY_RUN and STOP_HIBERNATE."""
+    outcome = Outcome({"state": ec2.describe().state} if config.dry_run else {}, notify=True)
+    decision = _stop_unless_dry_run(ec2, config, outcome)
+    outcome.fields.update(decision=decision.value, reason="stop requested", dry_run=config.dry_run)
+    window = config.open_window(ec2.deadline.clock.now())
+    if window is not None:
+        outcome.warnings.append(
+            f"The keep-warm window {window.text!r} is open: the next check_idle starts the instance again. "
+            f"To keep it stopped, remove the window from {ENV_KEEP_WARM} first."
+        )
+    return outcome
+
+
+def _stop_unless_dry_run(ec2: Ec2, config: Config, outcome: Outcome) -> Decision:
+    if config.dry_run:
+        return Decision.WOULD_STOP
+    transition, warning = ec2.stop_instance(config.stop_hibernate)
+    if warning:
+        outcome.warnings.append(warning)
+    outcome.fields.update(previous_state=transition.previous_state, state=transition.state)
+    outcome.metrics["InstanceStopped"] = 1
+    return Decision.STOP
+
+
+# The actions by name; each takes the instance and the configuration.
+ACTIONS: Final[dict[Action, Callable[[Ec2, Config], Outcome]]] = {
+    Action.START: start,
+    Action.STATUS: status,
+    Action.CHECK_IDLE: check_idle,
+    Action.STOP: stop,
+}
+
+
+def act(action: Action, config: Config, deadline: Deadline) -> Outcome:
+    """Run the action on the instance; publish a start or a stop to NOTIFY_TOPIC_ARN."""
+    outcome = ACTIONS[action](Ec2(config.region, config.instance_id, deadline), config)
+    if outcome.notify and config.notify_topic_arn:
+        failure = publish(config.notify_topic_arn, notification(action, config.instance_id, outcome.fields), deadline)
+        if failure:
+            outcome.warnings.append(failure)
+    return outcome
+
+
+# --- Logs and metrics: one JSON line and one EMF line per invocation ------------------------------
 class JsonFormatter(logging.Formatter):
     """One compact JSON object per line: level, message, then the record's fields."""
 
@@ -1525,133 +1560,116 @@ def emit_metrics(namespace: str, instance_id: str | None, metrics: Mapping[str, 
     METRICS_LOG.info(json.dumps({**document, "InstanceId": instance_id or "unknown", **metrics}, separators=(",", ":")))
 
 
-# --- Entry point ---------------------------------------------------------------------------
-@dataclass
-class Invocation:
-    """What one call is: where it came from and what it asks; filled in as it is learned."""
+def log_invocation(response: Response, body: dict[str, Any], request_id: str | None, duration_ms: float) -> None:
+    """The invocation's one log line: what was asked, what happened, why, and how long it took."""
+    outcome = response.outcome
+    fields = {"source": response.source, **body, "status_code": outcome.status_code}
+    fields.update(warnings=outcome.warnings or None, aws_request_id=request_id, duration_ms=duration_ms)
+    message = fields.pop("message", None)
+    if "error" in body:
+        message = body["error"]["message"]
+    elif message is None:
+        message = f"{body['action']}: {body.get('decision') or body.get('state')}"
+    level = max(outcome.level, logging.WARNING) if outcome.warnings else outcome.level
+    clean = {key: value for key, value in fields.items() if value is not None}
+    LOG.log(level, message, exc_info=response.bug, extra={"fields": clean})
 
+
+# --- The entry point: parse, authorise, act, render -----------------------------------------------
+@dataclass(frozen=True)
+class Response:
+    """One invocation, answered: what it asked, as far as it was understood, and what came of it."""
+
+    outcome: Outcome
     source: Source | None = None
     action: Action | None = None
     config: Config | None = None
-    authorized: bool = False  # may see the instance; an HTTP caller without the token may not
+    authorized: bool = False  # may see the instance ID: an HTTP caller without the token may not
+    bug: Exception | None = None
 
 
-def _run(
-    event: object,
-    environ: Mapping[str, str],
-    *,
-    deadline: Deadline,
-    invocation: Invocation,
-) -> Outcome:
-    request = parse_event(event)
-    invocation.source = Source.HTTP if isinstance(request, HttpRequest) else request.source
+def respond(event: object, environ: Mapping[str, str], deadline: Deadline) -> Response:
+    """Parse, authorise, configure and act; every failure becomes a Response that says what to fix."""
+    source, action, config, authorized = None, None, None, False
     try:
-        config = Config.from_env(environ)
-    except ConfigError as error:  # show what is misconfigured only to a caller who may know
+        request = parse_event(event)
+        source = Source.HTTP if isinstance(request, HttpRequest) else request.source
+        token, loaded = AuthToken.from_env(environ), _load_config(environ)
+        config = loaded if isinstance(loaded, Config) else None  # the log names the instance, even on a 401
         if isinstance(request, HttpRequest):
-            authorize(request, error.auth_token)
-        raise
-    invocation.config = config
-    LOG.setLevel(config.log_level)
-    warning = None
-    if isinstance(request, HttpRequest):
-        authorize(request, config.auth_token)
-        invocation.authorized = True
-        action = invocation.action = http_action(request)
-    else:  # direct and scheduled invocations need no token
-        invocation.authorized = True
-        action = invocation.action = request.action
-        warning = request.warning
-    ec2 = Ec2(config.region, config.instance_id, deadline)
-    if action is Action.START:
-        outcome = start(ec2)
-    elif action is Action.CHECK_IDLE:
-        outcome = check_idle(ec2, config)
-    elif action is Action.STOP:
-        outcome = stop(ec2, config)
-    else:
-        outcome = status(ec2, config)
-    if warning:
-        outcome.warnings.insert(0, warning)
-    if outcome.notify and config.notify_topic_arn:
-        failure = publish(config.notify_topic_arn, notification(action, config.instance_id, outcome.fields), deadline)
-        if failure:
-            outcome.warnings.append(failure)
-    if outcome.warnings and outcome.level < logging.WARNING:
-        outcome.level = logging.WARNING
-    return outcome
+            authorize(request, token.value)
+        authorized = True  # direct and scheduled invocations need no token
+        config = _configured(token, loaded)  # what is misconfigured, told only to a caller who may know
+        action = http_action(request) if isinstance(request, HttpRequest) else request.action
+        outcome = act(action, config, deadline)
+        if isinstance(request, EventRequest) and request.warning:
+            outcome.warnings.insert(0, request.warning)
+    except OrchestratorError as error:
+        return Response(_failure(error), source, action, config, authorized)
+    except Exception as bug:  # noqa: BLE001 - the one broad catch: a bug is logged with its traceback, answered 500
+        failure = _failure(OrchestratorError("Unexpected error: the function's log has the traceback."))
+        return Response(failure, source, action, config, authorized, bug)
+    return Response(outcome, source, action, config, authorized)
+
+
+def _load_config(environ: Mapping[str, str]) -> Config | ConfigError:
+    try:
+        return Config.from_env(environ)
+    except ConfigError as error:
+        return error
+
+
+def _configured(token: AuthToken, loaded: Config | ConfigError) -> Config:
+    token.require_valid()
+    if isinstance(loaded, ConfigError):
+        raise loaded
+    LOG.setLevel(loaded.log_level)
+    return loaded
 
 
 def _failure(error: OrchestratorError) -> Outcome:
     return Outcome(
         {**error.details, "error": {"code": error.code, "message": error.message}},
         status_code=error.STATUS_CODE,
-        metrics={"Errors" if error.STATUS_CODE >= 500 else "Rejected": 1},  # the alarm watches Errors: ours only'
+        metrics={"Errors" if error.STATUS_CODE >= 500 else "Rejected": 1},  # the alarm watches Errors: ours only
         level=logging.ERROR if error.STATUS_CODE >= 500 else logging.WARNING,
         headers=dict(error.HEADERS),
     )
 
 
-def _log(
-    outcome: Outcome,
-    body: dict[str, Any],
-    *,
-    source: Source | None,
-    request_id: str | None,
-    duration_ms: float,
-    bug: Exception | None,
-) -> None:
-    """The invocation's one log line: what was asked, what happened, why, and how long it took."""
-    fields = {"source": source, **body, "status_code": outcome.status_code, "warnings": outcome.warnings or None}
-    fields.update(aws_request_id=request_id, duration_ms=duration_ms)
-    message = fields.pop("message", None)
-    if "error" in body:
-        message = body["error"]["message"]
-    elif message is None:
-        message = f"{body['action']}: {body.get('decision') or body.get('state')}"
-    clean = {key: value for key, value in fields.items() if value is not None}
-    LOG.log(outcome.level, message, exc_info=bug, extra={"fields": clean})
-
-
-def handle(
-    event: object,
-    context: object,
-    environ: Mapping[str, str],
-    clock: Clock | None = None,
-) -> dict[str, Any]:
-    """Parse, configure, authorise, act, log and render, within the context's time. No exception escapes."""
-    clock = clock or Clock()
-    started = clock.monotonic()
-    deadline = Deadline.from_context(context, clock)
-    invocation = Invocation()
-    bug: Exception | None = None
-    try:
-        outcome = _run(event, environ, deadline=deadline, invocation=invocation)
-    except OrchestratorError as error:
-        outcome = _failure(error)
-    except Exception as error:  # noqa: BLE001 - the one broad catch: a bug is logged with its traceback, answered 500
-        outcome = _failure(OrchestratorError("Unexpected error: the function's log has the traceback."))
-        bug = error
-    config = invocation.config
-    instance_id = config.instance_id if config else None
-    shown_id = instance_id if invocation.authorized else None
-    body = {"ok": outcome.status_code < 400, "action": invocation.action, "instance_id": shown_id, **outcome.fields}
-    duration_ms = round((clock.monotonic() - started) * 1000, 1)
-    request_id = getattr(context, "aws_request_id", None)
-    logged = {**body, "instance_id": instance_id}  # the log is private: it always names the instance
-    _log(outcome, logged, source=invocation.source, request_id=request_id, duration_ms=duration_ms, bug=bug)
-    namespace = config.metrics_namespace if config else Config.metrics_namespace
-    requested = {f"{invocation.action.title().replace('_', '')}Requested": 1} if invocation.action else {}
-    emit_metrics(namespace, instance_id, {**requested, **outcome.metrics}, clock.now())
-    if not _is_http(event):
+def render(response: Response, body: dict[str, Any], http: bool) -> dict[str, Any]:
+    """The answer as the caller expects it: a Function URL / API Gateway response, or the body itself."""
+    if not http:
         return body
-    headers = {"Content-Type": "application/json", "Cache-Control": "no-store", **outcome.headers}
+    headers = {"Content-Type": "application/json", "Cache-Control": "no-store", **response.outcome.headers}
     return {
-        "statusCode": outcome.status_code,
+        "statusCode": response.outcome.status_code,
         "headers": headers,
         "body": json.dumps(body, default=str),
         "isBase64Encoded": False,
     }
+
+
+def handle(event: object, context: object, environ: Mapping[str, str], clock: Clock | None = None) -> dict[str, Any]:
+    """One invocation from end to end, within the context's time: respond, log, emit metrics, render."""
+    clock = clock or Clock()
+    started = clock.monotonic()
+    response = respond(event, environ, Deadline.from_context(context, clock))
+    outcome, config = response.outcome, response.config
+    instance_id = config.instance_id if config else None
+    body = {
+        "ok": outcome.status_code < 400,
+        "action": response.action,
+        "instance_id": instance_id if response.authorized else None,
+        **outcome.fields,
+    }
+    duration_ms = round((clock.monotonic() - started) * 1000, 1)
+    request_id = getattr(context, "aws_request_id", None)
+    log_invocation(response, {**body, "instance_id": instance_id}, request_id, duration_ms)  # the log always names it
+    requested = {f"{response.action.title().replace('_', '')}Requested": 1} if response.action else {}
+    namespace = config.metrics_namespace if config else Config.metrics_namespace
+    emit_metrics(namespace, instance_id, {**requested, **outcome.metrics}, clock.now())
+    return render(response, body, _is_http(event))
 
 
 def lambda_handler(event: object, context: object) -> dict[str, Any]:

@@ -16,9 +16,7 @@ import boto3
 import pytest
 
 import backend_orchestrator as bo
-from tests.conftest import REGION, stopped_instance
-from tests.servers import Answer, ScriptedBackend, SilentServer
-from tools.sandbox import LocalContext
+from tests.helpers import REGION, Answer, RealContext, ScriptedBackend, SilentServer, stopped_instance
 
 pytestmark = pytest.mark.integration
 CONTEXT_SECONDS = 12.0  # a short Lambda timeout, so that the test is short too
@@ -40,7 +38,7 @@ def test_no_action_outlives_its_context_when_ec2_never_answers(
     environ = {"INSTANCE_ID": "i-0123456789abcdef0", "AWS_REGION": REGION, "BACKEND_BASE_URL": backend.url}
 
     def invoke(action: str) -> tuple[dict[str, Any], int]:
-        context = LocalContext(CONTEXT_SECONDS)
+        context = RealContext(CONTEXT_SECONDS)
         return bo.handle({"action": action}, context, environ), context.get_remaining_time_in_millis()
 
     actions = ["start", "status", "check_idle", "stop"]
@@ -63,7 +61,7 @@ def running(moto_url: str) -> str:
 
 def invoke(action: str, instance_id: str, backend_url: str, context_seconds: float = 60, **env: str) -> dict[str, Any]:
     environ = {"INSTANCE_ID": instance_id, "AWS_REGION": REGION, "BACKEND_BASE_URL": backend_url, **env}
-    return bo.handle({"action": action}, LocalContext(context_seconds), environ)
+    return bo.handle({"action": action}, RealContext(context_seconds), environ)
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,8 @@ from typing import Any
 import pytest
 
 import backend_orchestrator as bo
-from tests.conftest import ACTIVITY_PATH as ACTIVITY
-from tests.conftest import Ec2World, FakeClock, Invoke, ec2_error
-from tests.servers import Answer, ScriptedBackend, free_port
+from tests.helpers import ACTIVITY_PATH as ACTIVITY
+from tests.helpers import Answer, Ec2World, FakeClock, Invoke, ScriptedBackend, ec2_error, free_port
 
 CHECK = {"action": "check_idle"}
 HOUR = 3600

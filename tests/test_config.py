@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 import backend_orchestrator as bo
-from tests.conftest import Ec2World, Invoke, body_of, http_event
+from tests.helpers import Ec2World, Invoke, body_of, http_event
 
 
 def test_defaults() -> None:
@@ -15,12 +15,8 @@ def test_defaults() -> None:
     assert config == bo.Config(instance_id="i-0abc123def4567890")
     assert (config.idle_timeout_seconds, config.http_timeout_seconds) == (900, 5.0)
     assert (config.last_activity_path, config.health_path) == ("/api/last-activity", "/health")
-    assert (config.stop_hibernate, config.dry_run, config.auth_token, config.backend_base_url) == (
-        False,
-        False,
-        None,
-        None,
-    )
+    assert (config.stop_hibernate, config.dry_run, config.backend_base_url) == (False, False, None)
+    assert bo.AuthToken.from_env({}).value is None
 
 
 def test_every_variable_is_read() -> None:
@@ -42,10 +38,12 @@ def test_every_variable_is_read() -> None:
     )
     assert config.backend_base_url == "https://backend.example.com"  # trailing slash dropped
     assert (config.idle_timeout_seconds, config.region, config.http_timeout_seconds) == (600, "eu-west-1", 2.5)
-    assert (config.stop_hibernate, config.dry_run, config.auth_token) == (True, True, "t0ken-value-0123456789")
+    assert (config.stop_hibernate, config.dry_run) == (True, True)
     assert (config.last_activity_path, config.health_path, config.log_level) == ("/idle", "/healthz", "DEBUG")
     assert config.metrics_namespace == "PyElli"
-    assert "t0ken-value" not in repr(config)
+    token = bo.AuthToken.from_env({"AUTH_TOKEN": " t0ken-value-0123456789 "})
+    assert token == bo.AuthToken("t0ken-value-0123456789")
+    assert "t0ken-value" not in repr(config) + repr(token)
 
 
 @pytest.mark.parametrize(
@@ -164,7 +162,7 @@ def test_a_blank_token_lets_no_http_caller_through(invoke: Invoke, ec2: Ec2World
 
 
 def test_no_environment_read_outside_config() -> None:
-    """Config.from_env reads every variable; lambda_handler hands it os.environ; nothing else looks."""
+    """Config.from_env reads every variable but AUTH_TOKEN, AuthToken.from_env that one; nothing else looks."""
     import ast
     import inspect
 
@@ -195,7 +193,7 @@ def test_no_environment_read_outside_config() -> None:
     assert readers == {
         "lambda_handler": {"os.environ"},  # hands it over, once
         "handle": {"environ"},  # passes it on
-        "_run": {"environ"},  # passes it to Config.from_env
-        "from_env": {"environ"},
-        "read": {"environ"},  # from_env's own helper
+        "respond": {"environ"},  # passes it to AuthToken.from_env and _load_config
+        "_load_config": {"environ"},  # passes it to Config.from_env
+        "from_env": {"environ"},  # Config's and AuthToken's
     }

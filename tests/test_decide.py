@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -10,63 +12,90 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import backend_orchestrator as bo
+from tests.helpers import JSON
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
-STATES = st.sampled_from(["pending", "running", "stopping", "stopped", "shutting-down", "terminated"])
 ACTIVITY = st.one_of(
-    st.none(),
     st.builds(bo.ActivityUnknown, st.text(min_size=1, max_size=20)),
     st.builds(
         bo.Activity,
-        st.one_of(st.none(), st.floats(min_value=0, max_value=1e7)),
+        st.one_of(st.none(), st.integers(min_value=0, max_value=10**7).map(float)),
         st.one_of(st.none(), st.sampled_from(["busy is true", "active_jobs=1"])),
     ),
 )
 
 
+@dataclass(frozen=True)
+class Case:
+    """One check of a running instance, in the README's terms."""
+
+    activity: bo.Activity | bo.ActivityUnknown
+    launched: datetime
+    timeout: int
+
+    def effective_idle(self) -> float:
+        """The README's formula: now - max(last activity, LaunchTime), read on the calendar."""
+        assert isinstance(self.activity, bo.Activity)
+        assert self.activity.idle_seconds is not None
+        last_activity = NOW - timedelta(seconds=self.activity.idle_seconds)
+        return (NOW - max(last_activity, self.launched)).total_seconds()
+
+
+# The README's rules as a table, in its order: the first rule that applies decides. An oracle written
+# apart from decide(), so that a mistake in one does not hide in the other.
+RULES: list[tuple[str, Callable[[Case], bool], bo.Decision]] = [
+    ("activity unknown", lambda c: isinstance(c.activity, bo.ActivityUnknown), bo.Decision.KEEP),
+    ("busy", lambda c: c.activity.busy_reason is not None, bo.Decision.KEEP),  # type: ignore[union-attr]
+    ("no idle time", lambda c: c.activity.idle_seconds is None, bo.Decision.KEEP),  # type: ignore[union-attr]
+    ("idle past the timeout", lambda c: c.effective_idle() > c.timeout, bo.Decision.STOP),
+    ("idle within the timeout", lambda c: True, bo.Decision.KEEP),
+]
+
+
+def oracle(case: Case) -> tuple[str, bo.Decision]:
+    return next((name, decision) for name, applies, decision in RULES if applies(case))
+
+
 @given(
-    state=STATES,
-    uptime=st.floats(min_value=-600, max_value=1e7),
     activity=ACTIVITY,
+    uptime=st.integers(min_value=-600, max_value=10**7),
     timeout=st.integers(min_value=1, max_value=86_400),
 )
-def test_stop_only_when_running_known_not_busy_and_idle_past_the_timeout(
-    state: str, uptime: float, activity: bo.Activity | bo.ActivityUnknown | None, timeout: int
-) -> None:
-    verdict = bo.decide(state, NOW - timedelta(seconds=uptime), activity, NOW, timeout)
-    should_stop = (
-        state == "running"
-        and isinstance(activity, bo.Activity)
-        and activity.busy_reason is None
-        and activity.idle_seconds is not None
-        and min(activity.idle_seconds, max(uptime, 0)) > timeout
-    )
-    assert (verdict.decision is bo.Decision.STOP) is should_stop
-    assert verdict.decision in (bo.Decision.STOP, bo.Decision.KEEP, bo.Decision.SKIP)
-    assert (verdict.decision is bo.Decision.SKIP) is (state != "running")
+def test_decide_follows_the_rules_table(activity: bo.Activity | bo.ActivityUnknown, uptime: int, timeout: int) -> None:
+    case = Case(activity, NOW - timedelta(seconds=uptime), timeout)
+    rule, expected = oracle(case)
+    verdict = bo.decide(case.launched, activity, NOW, timeout)
+    assert verdict.decision is expected, rule
     assert verdict.reason
+
+
+def test_every_rule_of_the_table_is_reached() -> None:
+    launched = NOW - timedelta(hours=3)
+    cases = [
+        Case(bo.ActivityUnknown("refused"), launched, 900),
+        Case(bo.Activity(5000, "busy is true"), launched, 900),
+        Case(bo.Activity(None, "active_jobs=1"), launched, 900),
+        Case(bo.Activity(None), launched, 900),
+        Case(bo.Activity(1000), launched, 900),
+        Case(bo.Activity(100), launched, 900),
+    ]
+    assert {oracle(case)[0] for case in cases} == {name for name, _, _ in RULES}
 
 
 @given(idle=st.floats(min_value=0, max_value=1e7), uptime=st.floats(min_value=0, max_value=1e7))
 def test_effective_idle_is_capped_by_the_time_since_launch(idle: float, uptime: float) -> None:
-    verdict = bo.decide("running", NOW - timedelta(seconds=uptime), bo.Activity(idle), NOW, 900)
+    verdict = bo.decide(NOW - timedelta(seconds=uptime), bo.Activity(idle), NOW, 900)
     assert verdict.idle_seconds is not None
     assert abs(verdict.idle_seconds - min(idle, uptime)) < 1e-3
 
 
 def test_reasons_say_why() -> None:
     launched = NOW - timedelta(hours=3)
-    assert bo.decide("stopped", launched, None, NOW, 900).reason == "instance is stopped, not running"
-    assert "busy" in bo.decide("running", launched, bo.Activity(5000, "busy is true"), NOW, 900).reason
-    assert "refused" in bo.decide("running", launched, bo.ActivityUnknown("GET x refused"), NOW, 900).reason
-    assert bo.decide("running", launched, bo.Activity(1000), NOW, 900).reason == "idle for 1000s, over the 900s timeout"
+    assert "busy" in bo.decide(launched, bo.Activity(5000, "busy is true"), NOW, 900).reason
+    assert "refused" in bo.decide(launched, bo.ActivityUnknown("GET x refused"), NOW, 900).reason
+    assert bo.decide(launched, bo.Activity(1000), NOW, 900).reason == "idle for 1000s, over the 900s timeout"
 
 
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=20), children, max_size=5),
-    max_leaves=15,
-)
 FIELDS = st.sampled_from([*bo.IDLE_SECONDS_FIELDS, *bo.LAST_ACTIVITY_FIELDS, *bo.IN_FLIGHT_FIELDS, "busy"])
 VALUES = JSON | st.floats(min_value=-1e13, max_value=1e13) | st.integers(min_value=-(10**400), max_value=10**400)
 # Key-value pairs written out as JSON text by hand, so that a key may repeat, as it may on the wire.
@@ -107,7 +136,7 @@ def test_a_payload_that_says_busy_is_never_a_stop(
     pairs: list[tuple[str, object]], busy: tuple[str, object], position: int
 ) -> None:
     pairs.insert(position, busy)
-    verdict = bo.decide("running", NOW - timedelta(days=30), bo.parse_activity(object_text(pairs), NOW), NOW, 1)
+    verdict = bo.decide(NOW - timedelta(days=30), bo.parse_activity(object_text(pairs), NOW), NOW, 1)
     assert verdict.decision is bo.Decision.KEEP
 
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import Ec2World, Invoke, body_of, http_event, load_event
+from tests.helpers import JSON, Ec2World, Invoke, body_of, http_event, load_event
 
 
 @pytest.mark.parametrize(
@@ -183,11 +183,6 @@ def test_no_event_whatsoever_raises(invoke: Invoke, ec2: Ec2World, event: object
     assert ec2.mutations() == []
 
 
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
-    max_leaves=12,
-)
 SHAPED = st.fixed_dictionaries(
     {},
     optional={

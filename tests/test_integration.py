@@ -19,10 +19,9 @@ import requests
 
 import backend_orchestrator as bo
 from examples.wake_backend import Progress, WakeAuthError, WakeServerError, WakeTimeout, wake_backend
-from tests.conftest import REGION, instance_state, stopped_instance
-from tests.servers import Answer, ScriptedBackend
+from tests.helpers import REGION, Answer, RealContext, ScriptedBackend, instance_state, stopped_instance
 from tools.demo import Timeline, run_demo
-from tools.sandbox import LocalContext, Sandbox
+from tools.sandbox import Sandbox
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +51,7 @@ def running(moto_url: str) -> str:
 
 def check_idle(instance_id: str, backend_url: str, **env: str) -> dict[str, Any]:
     environ = {"INSTANCE_ID": instance_id, "AWS_REGION": REGION, "BACKEND_BASE_URL": backend_url, **env}
-    return bo.handle({"action": "check_idle"}, LocalContext(60), environ)
+    return bo.handle({"action": "check_idle"}, RealContext(60), environ)
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 
 import backend_orchestrator as bo
-from tests.conftest import ACTIVITY_PATH, Ec2World, FakeClock, Invoke, http_event
-from tests.servers import Answer, ScriptedBackend
+from tests.helpers import ACTIVITY_PATH, Answer, Ec2World, FakeClock, Invoke, ScriptedBackend, http_event
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECK = {"action": "check_idle"}

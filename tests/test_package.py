@@ -16,7 +16,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from tests.conftest import REGION, instance_state, stopped_instance
+from tests.helpers import REGION, instance_state, stopped_instance
 from tools import package
 
 HOST_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"

@@ -10,8 +10,18 @@ from typing import Any
 import pytest
 
 import backend_orchestrator as bo
-from tests.conftest import ACTIVITY_PATH, Ec2World, FakeClock, Invoke, ec2_error, http_event, setup_client
-from tests.servers import Answer, ScriptedBackend, free_port
+from tests.helpers import (
+    ACTIVITY_PATH,
+    Answer,
+    Ec2World,
+    FakeClock,
+    Invoke,
+    ScriptedBackend,
+    ec2_error,
+    free_port,
+    http_event,
+    setup_client,
+)
 
 CHECK = {"action": "check_idle"}
 TIMEOUT = 900  # three 5-minute periods

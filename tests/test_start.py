@@ -7,9 +7,17 @@ from typing import Any
 import pytest
 
 import backend_orchestrator as bo
-from tests.conftest import Ec2World, FakeClock, FakeContext, Invoke, body_of, ec2_error, http_event
-from tests.servers import free_port
-from tools.sandbox import LocalContext
+from tests.helpers import (
+    Ec2World,
+    FakeClock,
+    FakeContext,
+    Invoke,
+    RealContext,
+    body_of,
+    ec2_error,
+    free_port,
+    http_event,
+)
 
 
 @pytest.mark.parametrize(
@@ -168,5 +176,5 @@ def test_unreachable_ec2_endpoint_is_502(monkeypatch: pytest.MonkeyPatch) -> Non
     env = {"INSTANCE_ID": "i-0123456789abcdef0", "AWS_REGION": "us-east-1"}
     monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", f"http://127.0.0.1:{free_port()}")
     bo.aws_client.cache_clear()
-    body = bo.handle({"action": "start"}, LocalContext(60), env)
+    body = bo.handle({"action": "start"}, RealContext(60), env)
     assert body["error"]["code"] == "aws_unreachable"

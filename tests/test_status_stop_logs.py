@@ -10,8 +10,19 @@ import boto3
 import pytest
 
 import backend_orchestrator as bo
-from tests.conftest import ACTIVITY_PATH, Ec2World, FakeClock, FakeContext, Invoke, body_of, http_event, load_event
-from tests.servers import Answer, ScriptedBackend, free_port
+from tests.helpers import (
+    ACTIVITY_PATH,
+    Answer,
+    Ec2World,
+    FakeClock,
+    FakeContext,
+    Invoke,
+    ScriptedBackend,
+    body_of,
+    free_port,
+    http_event,
+    load_event,
+)
 
 
 def test_status_of_a_stopped_instance_makes_no_http_request(
@@ -143,7 +154,7 @@ def test_an_unexpected_bug_is_a_500_with_the_traceback_in_the_log(
     def broken(*_: Any) -> Any:
         raise KeyError("StartingInstances")
 
-    monkeypatch.setattr(bo, "start", broken)
+    monkeypatch.setitem(bo.ACTIONS, bo.Action.START, broken)
     response = invoke(http_event())
     assert response["statusCode"] == 500
     assert body_of(response)["error"]["code"] == "internal_error"

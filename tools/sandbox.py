@@ -175,8 +175,6 @@ class BackendHost:
                 self.powered = False  # only now: whoever waits for it sees the line above first
 
     def _power_on(self) -> None:
-        # Real EC2 sets LaunchTime at each start; moto keeps the first one.
-        set_moto_launch_time(self.instance_id, datetime.now(UTC))
         self.powered = True
         if self.crashed:
             self.on_change("running", f"backend crashed: nothing listens on {self.url}")
@@ -190,15 +188,6 @@ class BackendHost:
             self.backend.shutdown()
             self.backend.server_close()
             self.backend = None
-
-
-def set_moto_launch_time(instance_id: str, when: datetime) -> None:
-    """Set an instance's LaunchTime in moto (in this process, as its threaded server is)."""
-    from moto.core.models import DEFAULT_ACCOUNT_ID
-    from moto.ec2.models import ec2_backends
-
-    instance = ec2_backends[DEFAULT_ACCOUNT_ID][REGION].get_instance(instance_id)
-    instance.launch_time = when.astimezone(UTC).replace(tzinfo=None)  # moto keeps naive UTC
 
 
 def _free_port() -> int:
@@ -266,14 +255,15 @@ class Sandbox:
         cloudwatch.put_metric_data(Namespace="AWS/EC2", MetricData=data)
 
     def _start(self) -> None:
-        from moto.server import ThreadedMotoServer
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+        from werkzeug.serving import make_server
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request otherwise
-        moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        moto.start()
-        self._stack.callback(stop_moto_server, moto)
-        host, port = moto.get_host_and_port()
-        self.moto_url = f"http://{host}:{port}"
+        moto = make_server("127.0.0.1", 0, DomainDispatcherApplication(create_backend_app), threaded=True)
+        threading.Thread(target=moto.serve_forever, name="moto", daemon=True).start()
+        self._stack.callback(moto.server_close)
+        self._stack.callback(moto.shutdown)
+        self.moto_url = f"http://127.0.0.1:{moto.server_port}"
         # No default AMIs: moto would spend a second loading them, and any image ID will do here.
         setup = {**FAKE_CREDENTIALS, "AWS_DEFAULT_REGION": REGION, "MOTO_EC2_LOAD_DEFAULT_AMIS": "false"}
         self._stack.enter_context(_environment(setup))
@@ -348,10 +338,3 @@ def _function_logs_to(path: Path) -> Iterator[None]:
         finally:
             for logger, handlers in saved.items():
                 logger.handlers = handlers
-
-
-def stop_moto_server(moto: Any) -> None:
-    """Stop moto's threaded server and close its socket."""
-    moto.stop()
-    if moto._server is not None:
-        moto._server.server_close()  # stop() leaves the socket listening

@@ -1,0 +1,369 @@
+"""What the tests share: sample events, a fake clock and context, moto's EC2 seen through the function's own
+calls, and servers on 127.0.0.1 (moto's, a scripted backend, a silent one), each stopped by whoever starts it.
+
+`ScriptedBackend` answers each path as a test scripts it, well or badly: at once, never, one byte at a
+time in its headers or its body, or without end. It speaks raw HTTP/1.1 over a socket so that it can
+misbehave in ways an HTTP framework would not let it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import boto3
+from botocore.awsrequest import AWSResponse, HTTPHeaders
+from hypothesis import strategies as st
+from moto.core.models import DEFAULT_ACCOUNT_ID
+from moto.ec2.models import ec2_backends
+
+import backend_orchestrator as bo
+
+EVENTS = Path(__file__).parent / "events"
+REGION = "us-east-1"
+ACTIVITY_PATH = "/api/last-activity"
+STATE_CODES = {"pending": 0, "running": 16, "shutting-down": 32, "terminated": 48, "stopping": 64, "stopped": 80}
+Invoke = Callable[..., dict[str, Any]]
+
+# Any JSON value, for the property tests.
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=20), children, max_size=5),
+    max_leaves=15,
+)
+
+
+# --- Events ---------------------------------------------------------------------------------------
+def load_event(name: str) -> dict[str, Any]:
+    """A sample event from tests/events/, written from AWS's documented shapes."""
+    event: dict[str, Any] = json.loads((EVENTS / f"{name}.json").read_text())
+    return event
+
+
+def http_event(
+    method: str = "POST", body: str | None = None, headers: dict[str, str] | None = None, *, base64: bool = False
+) -> dict[str, Any]:
+    """A Function URL event (payload 2.0) with the given method, body and extra headers."""
+    event = copy.deepcopy(load_event("function_url_start"))
+    event["requestContext"]["http"]["method"] = method
+    event["body"] = body
+    event["isBase64Encoded"] = base64
+    event["headers"].update(headers or {})
+    return event
+
+
+def body_of(response: dict[str, Any]) -> dict[str, Any]:
+    """The JSON body of an HTTP response, or a direct invocation's result as it is."""
+    if "statusCode" in response:
+        parsed: dict[str, Any] = json.loads(response["body"])
+        return parsed
+    return response
+
+
+# --- Time ------------------------------------------------------------------------------------------
+@dataclass
+class FakeClock:
+    """Wall time and monotonic time that move only when the code sleeps or a test says so."""
+
+    wall: datetime = field(default_factory=lambda: datetime.now(UTC))
+    mono: float = 1000.0
+    sleeps: list[float] = field(default_factory=list)
+
+    def now(self) -> datetime:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.advance(seconds)
+
+    def advance(self, seconds: float) -> None:
+        self.wall += timedelta(seconds=seconds)
+        self.mono += seconds
+
+    def as_clock(self) -> bo.Clock:
+        return bo.Clock(now=self.now, monotonic=self.monotonic, sleep=self.sleep)
+
+
+@dataclass
+class FakeContext:
+    """A Lambda context whose remaining time follows the fake clock."""
+
+    clock: FakeClock
+    timeout_seconds: float = 60.0
+    aws_request_id: str = "req-0001"
+    started: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.started = self.clock.mono
+
+    def get_remaining_time_in_millis(self) -> int:
+        return int((self.timeout_seconds - (self.clock.mono - self.started)) * 1000)
+
+
+class RealContext:
+    """A Lambda context whose remaining time counts down for real, for tests against real servers."""
+
+    def __init__(self, timeout_seconds: float) -> None:
+        self.aws_request_id = "req-real"
+        self._deadline = time.monotonic() + timeout_seconds
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+# --- EC2 in moto ---------------------------------------------------------------------------------
+@dataclass
+class Ec2World:
+    """A moto instance plus what real EC2 does that moto does not; counts the function's AWS API calls."""
+
+    client: Any
+    instance_id: str
+    calls: list[str] = field(default_factory=list)
+
+    @staticmethod
+    def on_function_calls(event_name: str, handler: Callable[..., Any]) -> None:
+        """Hook every EC2 client the function builds from now on (it keeps one per number of attempts)."""
+        boto3.DEFAULT_SESSION.events.register(event_name, handler)  # type: ignore[union-attr]
+
+    def set_state(self, name: str) -> None:
+        # moto changes state at once; a test that needs pending, stopping or shutting-down sets it.
+        instance = ec2_backends[DEFAULT_ACCOUNT_ID][REGION].get_instance(self.instance_id)
+        instance._state.name, instance._state.code = name, STATE_CODES[name]
+
+    def set_launch_time(self, when: datetime) -> None:
+        # Real EC2 sets LaunchTime at each start; moto keeps the first one, and has no API to change it.
+        instance = ec2_backends[DEFAULT_ACCOUNT_ID][REGION].get_instance(self.instance_id)
+        instance.launch_time = when.astimezone(UTC).replace(tzinfo=None)  # moto keeps naive UTC
+
+    def state(self) -> str:
+        reservations = self.client.describe_instances(InstanceIds=[self.instance_id])["Reservations"]
+        return str(reservations[0]["Instances"][0]["State"]["Name"])
+
+    def mutations(self) -> list[str]:
+        return [c for c in self.calls if c in ("StartInstances", "StopInstances")]
+
+
+def setup_client(service: str) -> Any:
+    """A client for a test's own setup, from a session of its own: the hooks on the function's calls miss it."""
+    return boto3.session.Session().client(service, region_name=REGION)  # type: ignore[call-overload]
+
+
+def ec2_error(code: str, message: str) -> tuple[AWSResponse, dict[str, Any]]:
+    """What a botocore before-call hook returns to make the call fail with EC2's error `code`."""
+    return AWSResponse("https://ec2.test/", 400, HTTPHeaders(), None), {
+        "Error": {"Code": code, "Message": message},
+        "ResponseMetadata": {"HTTPStatusCode": 400},
+    }
+
+
+# --- moto's server on 127.0.0.1 -------------------------------------------------------------------
+class MotoServer:
+    """moto over real HTTP on a free loopback port, from the parts moto's own server command uses."""
+
+    def __init__(self) -> None:
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+        from werkzeug.serving import make_server
+
+        self._server = make_server("127.0.0.1", 0, DomainDispatcherApplication(create_backend_app), threaded=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="moto", daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_port}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+def stopped_instance(endpoint: str) -> str:
+    """A stopped instance in moto's server, as the backend sits between uses."""
+    client = boto3.client("ec2", region_name=REGION, endpoint_url=endpoint)
+    instance_id: str = client.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1)["Instances"][0][
+        "InstanceId"
+    ]
+    client.stop_instances(InstanceIds=[instance_id])
+    return instance_id
+
+
+def instance_state(endpoint: str, instance_id: str) -> str:
+    client = boto3.client("ec2", region_name=REGION, endpoint_url=endpoint)
+    reservations = client.describe_instances(InstanceIds=[instance_id])["Reservations"]
+    return str(reservations[0]["Instances"][0]["State"]["Name"])
+
+
+# --- A backend that misbehaves on purpose, and one that never answers -----------------------------
+Mode = Literal["normal", "silent", "trickle-status", "trickle-headers", "trickle-length", "trickle-close", "endless"]
+TRICKLE_FOR_SECONDS = 30.0  # a trickle stops by itself, so that a broken bound shows as a slow test, not a hang
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the backend sends for one path."""
+
+    status: int = 200
+    body: bytes = b"{}"
+    headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "application/json"})
+    mode: Mode = "normal"
+    interval: float = 0.2  # seconds between trickled bytes
+
+    @classmethod
+    def json(cls, payload: object, status: int = 200) -> Answer:
+        return cls(status, json.dumps(payload).encode())
+
+
+@dataclass(frozen=True)
+class Call:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class ScriptedBackend(socketserver.ThreadingTCPServer):
+    """A backend on 127.0.0.1 whose answers the test sets per path; it records every request."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.routes: dict[str, Answer] = {}
+        self.calls: list[Call] = []
+        self.on_request: Callable[[Call], None] = lambda _call: None  # e.g. to move a test's fake clock
+        self.stopping = threading.Event()
+        self._thread = threading.Thread(target=self.serve_forever, name="scripted-backend", daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def answer(self, path: str, answer: Answer) -> None:
+        self.routes[path] = answer
+
+    def reset(self) -> None:
+        self.routes.clear()
+        self.calls.clear()
+        self.on_request = lambda _call: None
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.shutdown()
+        self.server_close()
+        self._thread.join(5)
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: ScriptedBackend
+
+    def handle(self) -> None:
+        call = self._read_request()
+        if call is None:
+            return
+        self.server.calls.append(call)
+        self.server.on_request(call)
+        answer = self.server.routes.get(call.path, Answer(404, b'{"error": "no route"}'))
+        with contextlib.suppress(OSError):  # the client hung up, as it should when it gives up
+            self._play(answer)
+
+    def _read_request(self) -> Call | None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = self.request.recv(4096)
+            if not chunk:
+                return None
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        request_line, *header_lines = head.decode("latin-1").split("\r\n")
+        method, path, _ = request_line.split(" ", 2)
+        headers = {name.strip().lower(): value.strip() for name, _, value in (h.partition(":") for h in header_lines)}
+        length = int(headers.get("content-length", "0"))
+        while len(body) < length:
+            body += self.request.recv(length - len(body))
+        return Call(method, path, headers, body)
+
+    def _play(self, answer: Answer) -> None:
+        status_line = f"HTTP/1.1 {answer.status} Scripted\r\n".encode()
+        headers = "".join(f"{name}: {value}\r\n" for name, value in answer.headers.items()).encode()
+        if answer.mode == "normal":
+            length = f"Content-Length: {len(answer.body)}\r\nConnection: close\r\n\r\n".encode()
+            self.request.sendall(status_line + headers + length + answer.body)
+        elif answer.mode == "silent":
+            self.server.stopping.wait(TRICKLE_FOR_SECONDS)
+        elif answer.mode == "trickle-status":
+            self._trickle(status_line + headers + b"\r\n" + answer.body, answer.interval)
+        elif answer.mode == "trickle-headers":
+            self.request.sendall(status_line + b"X-Slow: ")
+            self._trickle(b"x" * 10_000, answer.interval)
+        elif answer.mode == "trickle-length":
+            self.request.sendall(status_line + headers + f"Content-Length: {len(answer.body)}\r\n\r\n".encode())
+            self._trickle(answer.body, answer.interval)
+        elif answer.mode == "trickle-close":
+            self.request.sendall(status_line + headers + b"Connection: close\r\n\r\n")
+            self._trickle(answer.body, answer.interval)
+        else:  # endless: a body with no length, sent as fast as the client takes it
+            self.request.sendall(status_line + headers + b"Connection: close\r\n\r\n")
+            block = b"[" * 65536
+            give_up_at = time.monotonic() + TRICKLE_FOR_SECONDS
+            while not self.server.stopping.is_set() and time.monotonic() < give_up_at:
+                self.request.sendall(block)
+
+    def _trickle(self, data: bytes, interval: float) -> None:
+        give_up_at = time.monotonic() + TRICKLE_FOR_SECONDS
+        for index in range(len(data)):
+            if self.server.stopping.wait(interval) or time.monotonic() > give_up_at:
+                return
+            self.request.sendall(data[index : index + 1])
+
+
+class SilentServer:
+    """Accepts TCP connections on 127.0.0.1 and never answers: an EC2 endpoint or backend that hangs."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="silent-server", daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.held.append(self.listener.accept()[0])
+            except TimeoutError:
+                continue
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for connection in self.held:
+            connection.close()
+        self.listener.close()
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (for a backend that is down)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
