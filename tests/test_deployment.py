@@ -176,11 +176,11 @@ def test_a_public_url_gets_both_permissions_and_needs_a_token() -> None:
     assert template["Parameters"]["AuthToken"]["NoEcho"] is True
 
 
-def test_the_readme_carries_the_worst_case_table_for_the_templates_timeout() -> None:
+def test_the_deploy_doc_carries_the_worst_case_table_for_the_templates_timeout() -> None:
     timeout = load_template()["Resources"]["Function"]["Properties"]["Timeout"]
     assert timeout == bench.TEMPLATE_TIMEOUT_SECONDS
     table = bench.worst_case_table(timeout)
-    assert table in (ROOT / "README.md").read_text()
+    assert table in (ROOT / "docs" / "deploy.md").read_text()
     answered_within = [float(row.rsplit("|", 2)[-2].strip().removesuffix(" s")) for row in table.splitlines()[2:]]
     assert max(answered_within) == timeout - bo.ANSWER_MARGIN_SECONDS < timeout
 
@@ -393,3 +393,39 @@ def test_the_dashboard_answers_its_six_questions() -> None:
     ]
     ours = {m[1] for w in widgets for m in w["properties"]["metrics"] if m[0] == "BackendOrchestrator"}
     assert ours <= emitted_metric_names()
+
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_every_function_the_docs_name_exists_under_that_name() -> None:
+    from examples import reference_backend, wake_backend
+
+    named = {name for doc in DOCS for name in re.findall(r"`(\w+)\(\)`", doc.read_text())}
+    places = [bo, wake_backend, reference_backend, reference_backend.ActivityTracker]
+    assert named  # the docs do name functions
+    assert [name for name in named if not any(callable(getattr(place, name, None)) for place in places)] == []
+
+
+def test_the_configuration_table_lists_every_variable_and_only_those() -> None:
+    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    table = deploy[deploy.index("## Configuration") : deploy.index("## Where the action comes from")]
+    documented = set(re.findall(r"^\| `([A-Z_0-9]+)` \|", table, flags=re.MULTILINE))
+    assert documented == {value for name, value in vars(bo).items() if name.startswith("ENV_")}
+
+
+def test_the_docs_link_only_to_files_and_headings_that_exist() -> None:
+    def slug(heading: str) -> str:  # GitHub's anchors: lower case, punctuation dropped, spaces as dashes
+        return re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", "")).replace(" ", "-")
+
+    anchors = {doc: {slug(h) for h in re.findall(r"^#+ (.*)$", doc.read_text(), flags=re.MULTILINE)} for doc in DOCS}
+    broken = []
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            if target.startswith("http"):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (doc.parent / path).resolve() if path else doc
+            if not linked.exists() or (anchor and anchor not in anchors.get(linked, {anchor})):
+                broken.append(f"{doc.name}: {target}")
+    assert broken == []

@@ -2,7 +2,7 @@
 action's latency against moto.
 
 Timings live here, not in tests: they vary with the machine. Medians of several runs. The worst-case
-table is arithmetic on the function's constants, so it is exact, and the README carries it (a test
+table is arithmetic on the function's constants, so it is exact, and docs/deploy.md carries it (a test
 keeps the two equal).
 """
 
@@ -167,7 +167,7 @@ def wake_overshoot(boot_delays: tuple[float, ...] = (2.0, 3.3, 4.7), runs: int =
 
 
 if __name__ == "__main__":
-    print("worst-case wall time per action (README, 'Time bounds'):")
+    print("worst-case wall time per action (docs/deploy.md, 'Time bounds'):")
     print(worst_case_table())
     print()
     wake_overshoot()
