@@ -8,6 +8,7 @@ import json
 import os
 import socket
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 os.environ["MOTO_EC2_LOAD_DEFAULT_AMIS"] = "false"  # before moto loads: saves a second per test
@@ -26,6 +27,8 @@ from tests.helpers import (
     MotoServer,
     ScriptedBackend,
     ec2_error,
+    setup_client,
+    stopped_instance,
 )
 
 
@@ -135,6 +138,13 @@ def backend(backend_server: ScriptedBackend) -> ScriptedBackend:
 
 
 @pytest.fixture
+def long_running(ec2: Ec2World, clock: FakeClock) -> Ec2World:
+    """The instance has been up for two hours."""
+    ec2.set_launch_time(clock.now() - timedelta(hours=2))
+    return ec2
+
+
+@pytest.fixture
 def env(ec2: Ec2World, backend: ScriptedBackend) -> dict[str, str]:
     return {"INSTANCE_ID": ec2.instance_id, "BACKEND_BASE_URL": backend.url, "AWS_REGION": REGION}
 
@@ -177,3 +187,11 @@ def moto_url(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
     bo.aws_client.cache_clear()
     return moto_server
+
+
+@pytest.fixture
+def running(moto_url: str) -> str:
+    """A running instance in moto's server."""
+    instance_id = stopped_instance(moto_url)
+    setup_client("ec2", moto_url).start_instances(InstanceIds=[instance_id])
+    return instance_id

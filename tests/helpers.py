@@ -34,6 +34,7 @@ REGION = "us-east-1"
 ACTIVITY_PATH = "/api/last-activity"
 STATE_CODES = {"pending": 0, "running": 16, "shutting-down": 32, "terminated": 48, "stopping": 64, "stopped": 80}
 Invoke = Callable[..., dict[str, Any]]
+CHECK = {"action": "check_idle"}
 
 # Any JSON value, for the property tests.
 JSON = st.recursive(
@@ -113,6 +114,14 @@ class FakeContext:
         return int((self.timeout_seconds - (self.clock.mono - self.started)) * 1000)
 
 
+def invoke_for_real(
+    action: str, instance_id: str, backend_url: str, context_seconds: float = 60, **env: str
+) -> dict[str, Any]:
+    """The handler against real servers (moto's, a backend), with a context that counts down for real."""
+    environ = {"INSTANCE_ID": instance_id, "AWS_REGION": REGION, "BACKEND_BASE_URL": backend_url, **env}
+    return bo.handle({"action": action}, RealContext(context_seconds), environ)
+
+
 class RealContext:
     """A Lambda context whose remaining time counts down for real, for tests against real servers."""
 
@@ -156,9 +165,10 @@ class Ec2World:
         return [c for c in self.calls if c in ("StartInstances", "StopInstances")]
 
 
-def setup_client(service: str) -> Any:
+def setup_client(service: str, endpoint_url: str | None = None) -> Any:
     """A client for a test's own setup, from a session of its own: the hooks on the function's calls miss it."""
-    return boto3.session.Session().client(service, region_name=REGION)  # type: ignore[call-overload]
+    session = boto3.session.Session()
+    return session.client(service, region_name=REGION, endpoint_url=endpoint_url)  # type: ignore[call-overload]
 
 
 def ec2_error(code: str, message: str) -> tuple[AWSResponse, dict[str, Any]]:

@@ -12,11 +12,10 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import boto3
 import pytest
 
 import backend_orchestrator as bo
-from tests.helpers import REGION, Answer, RealContext, ScriptedBackend, SilentServer, stopped_instance
+from tests.helpers import REGION, Answer, RealContext, ScriptedBackend, SilentServer, invoke_for_real
 
 pytestmark = pytest.mark.integration
 CONTEXT_SECONDS = 12.0  # a short Lambda timeout, so that the test is short too
@@ -52,18 +51,6 @@ def test_no_action_outlives_its_context_when_ec2_never_answers(
     assert sum(1 for line in lines if "_aws" in line) == len(actions)  # and its metrics line
 
 
-@pytest.fixture
-def running(moto_url: str) -> str:
-    instance_id = stopped_instance(moto_url)
-    boto3.client("ec2", region_name=REGION, endpoint_url=moto_url).start_instances(InstanceIds=[instance_id])
-    return instance_id
-
-
-def invoke(action: str, instance_id: str, backend_url: str, context_seconds: float = 60, **env: str) -> dict[str, Any]:
-    environ = {"INSTANCE_ID": instance_id, "AWS_REGION": REGION, "BACKEND_BASE_URL": backend_url, **env}
-    return bo.handle({"action": action}, RealContext(context_seconds), environ)
-
-
 @pytest.mark.parametrize(
     ("context_seconds", "fallback", "calls_kept"),
     [
@@ -77,7 +64,7 @@ def test_a_backend_request_gets_only_the_time_that_leaves_room_for_what_follows(
     # HTTP_TIMEOUT_SECONDS is longer than the whole context: the GET is cut to what leaves the next calls room.
     backend.answer("/api/last-activity", Answer(mode="silent"))
     started = time.monotonic()
-    body = invoke(
+    body = invoke_for_real(
         "check_idle", running, backend.url, context_seconds, HTTP_TIMEOUT_SECONDS="30", IDLE_CPU_PERCENT=fallback
     )
     granted = context_seconds - bo.ANSWER_MARGIN_SECONDS - calls_kept * bo.aws_call_seconds(1)
@@ -103,7 +90,7 @@ def test_the_activity_read_ends_within_its_timeout_whatever_the_backend_does(
 ) -> None:
     backend.answer("/api/last-activity", answer)
     started = time.monotonic()
-    body = invoke("check_idle", running, backend.url, HTTP_TIMEOUT_SECONDS="1")
+    body = invoke_for_real("check_idle", running, backend.url, HTTP_TIMEOUT_SECONDS="1")
     elapsed = time.monotonic() - started
     assert body["decision"] == "keep"
     assert reason in body["reason"]
@@ -125,7 +112,7 @@ def test_the_health_probe_reads_only_the_status_line_within_its_timeout(
 ) -> None:
     backend.answer("/health", answer)
     started = time.monotonic()
-    body = invoke("status", running, backend.url, HTTP_TIMEOUT_SECONDS="1")
+    body = invoke_for_real("status", running, backend.url, HTTP_TIMEOUT_SECONDS="1")
     assert time.monotonic() - started < 1 + 2
     assert body["backend"]["healthy"] is bool(healthy)
     assert body["backend"]["reachable"] is (healthy is not None)

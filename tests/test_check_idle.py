@@ -10,17 +10,9 @@ import pytest
 
 import backend_orchestrator as bo
 from tests.helpers import ACTIVITY_PATH as ACTIVITY
-from tests.helpers import Answer, Ec2World, FakeClock, Invoke, ScriptedBackend, ec2_error, free_port
+from tests.helpers import CHECK, Answer, Ec2World, FakeClock, Invoke, ScriptedBackend, ec2_error, free_port
 
-CHECK = {"action": "check_idle"}
 HOUR = 3600
-
-
-@pytest.fixture
-def long_running(ec2: Ec2World, clock: FakeClock) -> Ec2World:
-    """The instance has been up for two hours."""
-    ec2.set_launch_time(clock.now() - timedelta(hours=2))
-    return ec2
 
 
 # --- The state table -----------------------------------------------------------------------------------

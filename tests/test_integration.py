@@ -17,9 +17,8 @@ import boto3
 import pytest
 import requests
 
-import backend_orchestrator as bo
 from examples.wake_backend import Progress, WakeAuthError, WakeServerError, WakeTimeout, wake_backend
-from tests.helpers import REGION, Answer, RealContext, ScriptedBackend, instance_state, stopped_instance
+from tests.helpers import Answer, ScriptedBackend, instance_state, invoke_for_real
 from tools.demo import Timeline, run_demo
 from tools.sandbox import Sandbox
 
@@ -42,18 +41,6 @@ def test_the_whole_life_cycle() -> None:
 
 
 # --- A running instance in moto's server, and backends that misbehave -----------------------------------
-@pytest.fixture
-def running(moto_url: str) -> str:
-    instance_id = stopped_instance(moto_url)
-    boto3.client("ec2", region_name=REGION, endpoint_url=moto_url).start_instances(InstanceIds=[instance_id])
-    return instance_id
-
-
-def check_idle(instance_id: str, backend_url: str, **env: str) -> dict[str, Any]:
-    environ = {"INSTANCE_ID": instance_id, "AWS_REGION": REGION, "BACKEND_BASE_URL": backend_url, **env}
-    return bo.handle({"action": "check_idle"}, RealContext(60), environ)
-
-
 @pytest.mark.parametrize(
     ("answer", "reason"),
     [
@@ -66,7 +53,7 @@ def test_a_misbehaving_backend_is_kept_with_a_clear_reason(
     running: str, moto_url: str, backend: ScriptedBackend, answer: Answer, reason: str
 ) -> None:
     backend.answer("/api/last-activity", answer)
-    result = check_idle(running, backend.url)
+    result = invoke_for_real("check_idle", running, backend.url)
     assert result["decision"] == "keep"
     assert reason in result["reason"]
     assert instance_state(moto_url, running) == "running"

@@ -12,10 +12,9 @@ from typing import Any
 import pytest
 
 import backend_orchestrator as bo
-from tests.helpers import ACTIVITY_PATH, Answer, Ec2World, FakeClock, Invoke, ScriptedBackend, http_event
+from tests.helpers import ACTIVITY_PATH, CHECK, Answer, Ec2World, FakeClock, Invoke, ScriptedBackend, http_event
 
 ROOT = Path(__file__).resolve().parent.parent
-CHECK = {"action": "check_idle"}
 BERLIN_WORKDAYS = "Mon-Fri 08:00-18:00 Europe/Berlin"
 
 

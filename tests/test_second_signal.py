@@ -12,6 +12,7 @@ import pytest
 import backend_orchestrator as bo
 from tests.helpers import (
     ACTIVITY_PATH,
+    CHECK,
     Answer,
     Ec2World,
     FakeClock,
@@ -23,15 +24,8 @@ from tests.helpers import (
     setup_client,
 )
 
-CHECK = {"action": "check_idle"}
 TIMEOUT = 900  # three 5-minute periods
 KB = 1024
-
-
-@pytest.fixture
-def long_running(ec2: Ec2World, clock: FakeClock) -> Ec2World:
-    ec2.set_launch_time(clock.now() - timedelta(hours=2))
-    return ec2
 
 
 @pytest.fixture
