@@ -160,8 +160,7 @@ def wake_overshoot(boot_delays: tuple[float, ...] = (2.0, 3.3, 4.7), runs: int =
                 assert host.backend is not None
                 overshoots.append(returned - host.backend.ready_at)
                 sandbox.invoke({"action": "stop"})
-                while host.backend is not None:  # powered off: the next wake starts cold
-                    time.sleep(0.05)
+                host.wait_until_off(time.monotonic() + 10)  # powered off: the next wake starts cold
     print(f"wake_backend() after the backend turned healthy ({runs} wakes each after {boot_delays} s of boot):")
     print(f"  overshoot median {statistics.median(overshoots):5.2f} s, max {max(overshoots):5.2f} s")
 

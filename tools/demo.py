@@ -95,8 +95,7 @@ def run_demo(
         order = [kind for i, kind in enumerate(seen) if i == 0 or seen[i - 1] != kind]
         if order != expected:
             raise DemoFailure(f"check_idle should go {' -> '.join(expected)}; it went {' -> '.join(order)}")
-        while sandbox.backend_host.powered and time.monotonic() < give_up_at:
-            time.sleep(0.1)
+        sandbox.backend_host.wait_until_off(give_up_at)
         final = sandbox.state()
         if final != "stopped":
             raise DemoFailure(f"the instance ended {final}, not stopped")
@@ -122,8 +121,7 @@ def crashed_backend(sandbox: Sandbox, timeline: Timeline, idle_timeout_seconds: 
     )
     if (result["decision"], result["signal"]) != ("stop", "cloudwatch"):
         raise DemoFailure(f"a crashed backend on an idle instance should be stopped by CloudWatch; got {result}")
-    while sandbox.backend_host.powered and time.monotonic() < give_up_at:
-        time.sleep(0.1)
+    sandbox.backend_host.wait_until_off(give_up_at)
     timeline.row("demo", "done", sandbox.state(), "the instance is stopped: its backend died, its metrics said idle")
 
 

@@ -157,6 +157,11 @@ class BackendHost:
     def start(self) -> None:
         self._thread.start()
 
+    def wait_until_off(self, give_up_at: float) -> None:
+        """Wait, until the monotonic time `give_up_at` at most, for the host to have powered off."""
+        while self.powered and time.monotonic() < give_up_at:
+            time.sleep(0.05)
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
