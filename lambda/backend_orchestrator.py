@@ -541,18 +541,14 @@ class Deadline:
     def left(self) -> float:
         return self.at - self.clock.monotonic()
 
-    def grant(self, step: str, wanted: float, *, at_least: float | None = None, keep: float = 0.0) -> float:
-        """The seconds `step` may take: `wanted`, cut to what is left once `keep` is set aside for the steps
-        after it. OutOfTimeError if that is less than `at_least` (by default, all of `wanted`)."""
-        needed = wanted if at_least is None else at_least
+    def grant_backend(self, step: str, wanted: float, keep: float = 0.0) -> float:
+        """The seconds a backend request may take: `wanted`, cut to what is left once `keep` is set aside for
+        the calls after it. OutOfTimeError if that is below MIN_BACKEND_SECONDS (or `wanted`, if smaller)."""
+        needed = min(MIN_BACKEND_SECONDS, wanted)
         granted = min(wanted, self.left() - keep)
         if granted < needed:
             raise OutOfTimeError(step, self.left() - keep, needed)
         return granted
-
-    def grant_backend(self, step: str, wanted: float, keep: float = 0.0) -> float:
-        """The seconds a backend request may take: cut to fit, but not below MIN_BACKEND_SECONDS."""
-        return self.grant(step, wanted, at_least=min(MIN_BACKEND_SECONDS, wanted), keep=keep)
 
 
 # --- Events: what the invocation asks -------------------------------------------------------------
@@ -1377,7 +1373,8 @@ def check_idle(ec2: Ec2, config: Config) -> Outcome:
     try:
         info = ec2.describe()
         outcome.fields.update(state=info.state, launch_time=info.launch_time.isoformat())
-        verdict = _act(ec2, config, _judge(ec2, config, info, outcome), outcome)
+        verdict = _judge(ec2, config, info, outcome)  # kept apart: a stop out of time still says why it was due
+        verdict = _act(ec2, config, verdict, outcome)
         if verdict.decision in (Decision.STOP, Decision.WOULD_STOP):
             uptime_seconds = round((ec2.deadline.clock.now() - info.launch_time).total_seconds())
             outcome.fields["uptime_seconds"] = uptime_seconds
