@@ -9,6 +9,7 @@ and `job()` around background work).
     POST /api/drain           {"drained": true} if nothing ran or arrived since the last report, and from then on
                               every request is refused 503 with Retry-After for DRAIN_LEASE_SECONDS; else
                               {"drained": false, ...the activity}; not activity
+    DELETE /api/drain         ends a drain ("resume work now": the stop did not happen); not activity
     POST /api/jobs?seconds=N  runs a simulated job for N seconds (busy meanwhile); activity
     anything else             404, and counts as activity like any real request
 
@@ -87,6 +88,13 @@ class ActivityTracker:
             self._draining_until = time.monotonic() + lease_seconds
             return {"drained": True, "lease_seconds": lease_seconds}
 
+    def resume(self) -> dict[str, Any]:
+        """End a drain: the orchestrator could not stop the instance, so serve again now, not at the lease's end."""
+        with self._lock:
+            was_draining = self._draining_until > time.monotonic()
+            self._draining_until = 0.0
+            return {"drained": False, "resumed": was_draining}
+
     def draining_seconds_left(self) -> float:
         with self._lock:
             return max(0.0, self._draining_until - time.monotonic())
@@ -136,6 +144,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._serve()
 
+    def do_DELETE(self) -> None:
+        self._serve()
+
     def _serve(self) -> None:
         url = urlsplit(self.path)
         if url.path in PROBE_PATHS:
@@ -166,8 +177,10 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/api/drain":
             if self.command == "POST":
                 self._send(200, tracker.drain())
+            elif self.command == "DELETE":
+                self._send(200, tracker.resume())
             else:
-                self._send(405, {"error": "POST /api/drain"}, {"Allow": "POST"})
+                self._send(405, {"error": "POST or DELETE /api/drain"}, {"Allow": "POST, DELETE"})
         else:
             self._send(200, tracker.snapshot())
 

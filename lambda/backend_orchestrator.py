@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import http.client
 import io
+import ipaddress
 import json
 import logging
 import math
@@ -37,8 +38,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
 from enum import StrEnum
@@ -93,12 +93,19 @@ AWS_RETRY_AFTER_EXTRA_SECONDS: Final = 5
 MIN_BACKEND_SECONDS: Final = 1.0  # a backend request given less than this is not worth making
 METRIC_PERIOD_SECONDS: Final = 300  # EC2's basic monitoring period; detailed monitoring's minutes add up to it
 METRICS_DELAY_SECONDS: Final = 600  # EC2 publishes a period's datapoint minutes after the period ends
+# CPUUtilization averages all vCPUs: one vCPU at full load reads 100 / vCPUs %. Half of that is the most an
+# idle instance may show, so that one busy vCPU keeps an instance of any size (64 vCPUs: 0.78 %).
+ONE_BUSY_VCPU_PERCENT: Final = 50.0
 
+INTERIM_STATUS: Final = re.compile(rb"HTTP/1\.[01] 1(?!01)[0-9]{2}[ \r]")  # 1xx but 101 Switching Protocols
 MIN_TOKEN_CHARS: Final = 16
 TOPIC_ARN_PATTERN: Final = re.compile(r"arn:aws[a-z-]*:sns:[a-z0-9-]+:[0-9]{12}:[A-Za-z0-9_-]{1,256}")
 INSTANCE_ID_PATTERN: Final = re.compile(r"i-(?:[0-9a-f]{8}|[0-9a-f]{17})")
 DAYS: Final = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-WINDOW_PATTERN: Final = re.compile(r"(?P<days>\S+)\s+(?P<start>\d\d:\d\d)-(?P<end>\d\d:\d\d)(?:\s+(?P<zone>\S+))?")
+WINDOW_PATTERN: Final = re.compile(
+    r"(?P<days>\S+)\s+(?P<start>[0-9]{2}:[0-9]{2})-(?P<end>[0-9]{2}:[0-9]{2})(?:\s+(?P<zone>\S+))?", re.ASCII
+)
+REGION_PATTERN: Final = re.compile(r"[a-z]{2}(?:-[a-z0-9]+)+", re.ASCII)
 BOOLEANS: Final = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -120,6 +127,7 @@ ACCESS_DENIED_CODES: Final = frozenset({"UnauthorizedOperation", "AccessDenied",
 # EC2 API error codes: https://docs.aws.amazon.com/AWSEC2/latest/APIReference/errors-overview.html
 NOT_FOUND_CODES: Final = frozenset({"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"})
 GONE_STATES: Final = frozenset({"shutting-down", "terminated"})
+STOPPED_STATES: Final = frozenset({"stopping", "stopped"})
 
 T = TypeVar("T")
 
@@ -276,7 +284,13 @@ class Config:
         for name, (field_name, parse) in VARIABLES.items():
             raw = environ.get(name, "").strip()
             if raw:
-                values[field_name] = parse(name, raw)
+                try:
+                    values[field_name] = parse(name, raw)
+                except (ValueError, OSError, OverflowError) as error:  # a parser's own gap: still the variable's fault
+                    raise ConfigError(
+                        f"{name} could not be read ({type(error).__name__}): set it as the README's configuration "
+                        "table describes."
+                    ) from None
         return cls(**values)
 
     def __post_init__(self) -> None:
@@ -343,6 +357,12 @@ def _parse_text(name: str, raw: str) -> str:
     return raw
 
 
+def _parse_region(name: str, raw: str) -> str:
+    if not REGION_PATTERN.fullmatch(raw):
+        raise ConfigError(f"{name}={raw!r} is not an AWS region, e.g. eu-central-1: deploy in the instance's region.")
+    return raw
+
+
 def _parse_instance_id(name: str, raw: str) -> str:
     if not INSTANCE_ID_PATTERN.fullmatch(raw):
         raise ConfigError(
@@ -353,21 +373,30 @@ def _parse_instance_id(name: str, raw: str) -> str:
 
 
 def _parse_base_url(name: str, raw: str) -> str:
-    parts = urlsplit(raw)
-    if parts.username is not None or parts.password is not None:
-        shown = f"{parts.scheme}://***@{parts.netloc.rpartition('@')[2]}{parts.path}"  # never the password
+    shown = re.sub(r"^([^:/?#]*:)?//[^/?#]*@", r"\1//***@", raw)  # never a password, even in a broken URL
+    if shown != raw:
         raise ConfigError(
             f"{name}={shown!r} carries a user name or password, which would travel in clear and reach the logs: "
             "remove them, and restrict who reaches the backend with its security group instead."
         )
     try:
-        port_ok = parts.port is None or parts.port > 0
-    except ValueError:  # not a number from 0 to 65535
-        port_ok = False
-    if not port_ok or parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        parts = urlsplit(raw)
+        host, port = parts.hostname or "", parts.port  # both raise ValueError: a bad [IPv6] literal, a bad port
+        if "[" in parts.netloc:
+            ipaddress.IPv6Address(host)
+    except ValueError:
+        host, port, parts = "", 0, urlsplit("")
+    if port == 0 or parts.scheme not in ("http", "https") or not host or parts.query or parts.fragment:
         raise ConfigError(
             f"{name}={raw!r} is not an http(s) base URL: expected e.g. http://10.0.1.50:8000 or https://backend.example.com."
         )
+    try:
+        host.encode("idna")  # what the name lookup does first: refuse here what it would refuse at every check
+    except UnicodeError:
+        raise ConfigError(
+            f"{name}={raw!r}: the host name {host!r} is not a valid DNS name (an empty label, or one over 63 "
+            "characters): fix the host, e.g. backend.internal or 10.0.1.50."
+        ) from None
     return raw.rstrip("/")
 
 
@@ -397,14 +426,18 @@ def _parse_positive_int(name: str, raw: str) -> int:
     return value
 
 
-def _parse_positive_float(name: str, raw: str) -> float:
+def _parse_positive_float(name: str, raw: str, unit: str = "seconds, e.g. 5 or 2.5") -> float:
     try:
         value = float(raw)
     except ValueError:
         value = math.nan
     if not (value > 0 and math.isfinite(value)):
-        raise ConfigError(f"{name}={raw!r} is not a positive number of seconds, e.g. 5 or 2.5.")
+        raise ConfigError(f"{name}={raw!r} is not a positive number of {unit}.")
     return value
+
+
+def _parse_kilobytes(name: str, raw: str) -> float:
+    return _parse_positive_float(name, raw, "KB, e.g. 1024")
 
 
 def _parse_percent(name: str, raw: str) -> float:
@@ -467,7 +500,7 @@ def _parse_window(name: str, text: str) -> Window:
         )
     try:
         zone = ZoneInfo(match["zone"] or "UTC")
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a directory of the database (Europe), a long name
         raise ConfigError(f"{name}: {match['zone']!r} is not an IANA time zone, e.g. Europe/Berlin or UTC.") from None
     return Window(text, days, start, end, zone)
 
@@ -475,8 +508,8 @@ def _parse_window(name: str, text: str) -> Window:
 def _days(name: str, text: str) -> frozenset[int]:
     days: set[int] = set()
     for item in text.lower().split(","):
-        first, _, last = item.partition("-")
-        if first not in DAYS or (last and last not in DAYS):
+        first, dash, last = item.partition("-")
+        if first not in DAYS or (dash and last not in DAYS):
             raise ConfigError(
                 f"{name}: {text!r} is not a list of days: use Mon..Sun, ranges and commas, e.g. Mon-Fri,Sun."
             )
@@ -497,7 +530,7 @@ VARIABLES: Final[dict[str, tuple[str, Callable[[str, str], Any]]]] = {
     ENV_INSTANCE_ID: ("instance_id", _parse_instance_id),
     ENV_BACKEND_BASE_URL: ("backend_base_url", _parse_base_url),
     ENV_IDLE_TIMEOUT_SECONDS: ("idle_timeout_seconds", _parse_positive_int),
-    ENV_AWS_REGION: ("region", _parse_text),
+    ENV_AWS_REGION: ("region", _parse_region),
     ENV_HTTP_TIMEOUT_SECONDS: ("http_timeout_seconds", _parse_positive_float),
     ENV_STOP_HIBERNATE: ("stop_hibernate", _parse_bool),
     ENV_DRY_RUN: ("dry_run", _parse_bool),
@@ -507,7 +540,7 @@ VARIABLES: Final[dict[str, tuple[str, Callable[[str, str], Any]]]] = {
     ENV_METRICS_NAMESPACE: ("metrics_namespace", _parse_text),
     ENV_KEEP_WARM: ("keep_warm", _parse_keep_warm),
     ENV_IDLE_CPU_PERCENT: ("idle_cpu_percent", _parse_percent),
-    ENV_IDLE_NETWORK_KB: ("idle_network_kb", _parse_positive_float),
+    ENV_IDLE_NETWORK_KB: ("idle_network_kb", _parse_kilobytes),
     ENV_DRAIN_PATH: ("drain_path", _parse_path),
     ENV_NOTIFY_TOPIC_ARN: ("notify_topic_arn", _parse_topic_arn),
 }
@@ -532,11 +565,26 @@ class Deadline:
 
     at: float
     clock: Clock
+    warning: str | None = None  # the context could not say how much time is left
 
     @classmethod
     def from_context(cls, context: object, clock: Clock) -> Deadline:
-        remaining_ms = getattr(context, "get_remaining_time_in_millis", lambda: DEFAULT_REMAINING_MS)()
-        return cls(clock.monotonic() + float(remaining_ms) / 1000 - ANSWER_MARGIN_SECONDS, clock)
+        """The context's remaining time; without a context (local use), or from one that cannot say, the default."""
+        remaining_ms: object = DEFAULT_REMAINING_MS
+        try:
+            if hasattr(context, "get_remaining_time_in_millis"):
+                remaining_ms = context.get_remaining_time_in_millis()
+        except Exception as error:  # noqa: BLE001 - the runtime's object: whatever it raises, the time is unknown
+            remaining_ms = error
+        is_number = isinstance(remaining_ms, int | float) and not isinstance(remaining_ms, bool)
+        seconds = max(min(remaining_ms, 1e9), 0) / 1000 if is_number else math.nan  # type: ignore[call-overload]
+        if not math.isfinite(seconds):
+            warning = (
+                f"The Lambda context's get_remaining_time_in_millis() gave {_short(remaining_ms)}, not a number: "
+                f"assumed {DEFAULT_REMAINING_MS // 1000} s. Invoke the handler with the runtime's context."
+            )
+            return cls(clock.monotonic() + DEFAULT_REMAINING_MS / 1000 - ANSWER_MARGIN_SECONDS, clock, warning)
+        return cls(clock.monotonic() + seconds - ANSWER_MARGIN_SECONDS, clock)
 
     def left(self) -> float:
         return self.at - self.clock.monotonic()
@@ -644,7 +692,8 @@ def authorize(request: HttpRequest, token: str | None) -> None:
     import hmac
 
     scheme, _, given = (request.authorization or "").strip().partition(" ")
-    if not token or scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    given_bytes, token_bytes = (text.encode("utf-8", "surrogatepass") for text in (given.strip(), token))  # "\ud800"
+    if not token or scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, token_bytes):
         raise UnauthorizedError("Missing or wrong bearer token: send the header 'Authorization: Bearer <AUTH_TOKEN>'.")
 
 
@@ -824,16 +873,26 @@ def metric_window(now: datetime, idle_timeout_seconds: int) -> tuple[datetime, d
 
 
 def judge_metrics(
-    samples: MetricSamples, start: datetime, end: datetime, cpu_limit: float, network_limit_bytes: float
+    samples: MetricSamples,
+    start: datetime,
+    end: datetime,
+    cpu_limit: float,
+    network_limit_bytes: float,
+    *,
+    launch_time: datetime,
 ) -> tuple[bool, str]:
-    """Idle by the instance's own metrics: every period of [start, end) has CPU and network data, and no
-    period since `start` (later ones too, where already published) reached either limit."""
+    """Idle by the instance's own metrics: every period of [start, end) has CPU and network data of the current
+    run, and no period since `start` (later ones too, where already published) reached either limit.
+
+    A period that began before `launch_time` holds the previous run's data, idle since that run was stopped
+    for it: it counts as missing, and so does a value that is not a finite number."""
+    first = max(0, math.ceil((launch_time - start).total_seconds() / METRIC_PERIOD_SECONDS))  # of the current run
 
     def by_period(points: list[tuple[datetime, float]], combine: Callable[[float, float], float]) -> dict[int, float]:
         periods: dict[int, float] = {}
         for when, value in points:  # CloudWatch stamps a period's start; bucket by time anyway
             index = int((when - start).total_seconds() // METRIC_PERIOD_SECONDS)
-            if index >= 0:
+            if index >= first and math.isfinite(value):
                 periods[index] = combine(periods[index], value) if index in periods else value
         return periods
 
@@ -845,7 +904,9 @@ def judge_metrics(
     span = f"{start:%H:%M}-{end:%H:%M} UTC"
     missing = [i for i in range(expected) if i not in cpu or i not in network_in or i not in network_out]
     if missing:
-        return False, f"CloudWatch has no CPU or network data for {len(missing)} of the {expected} periods of {span}"
+        before = f"; {min(first, expected)} began before the launch at {launch_time:%H:%M:%S} UTC" if first else ""
+        lacking = f"CloudWatch has no CPU or network data for {len(missing)} of the {expected} periods"
+        return False, f"{lacking} of {span}{before}"
     cpu_max, network_max = max(cpu.values()), max(network.values())
     if cpu_max >= cpu_limit:
         return False, f"CPU max {cpu_max:.1f}% >= {cpu_limit:g}% since {start:%H:%M} UTC"
@@ -941,6 +1002,7 @@ def _seconds(value: float) -> str:
 class InstanceInfo(NamedTuple):
     state: str
     launch_time: datetime
+    vcpus: int | None = None  # CpuOptions: cores x threads per core
 
 
 class Transition(NamedTuple):
@@ -957,6 +1019,25 @@ def aws_call_seconds(attempts: int) -> float:
     return attempts * (AWS_CONNECT_TIMEOUT_SECONDS + AWS_READ_TIMEOUT_SECONDS) + backoff
 
 
+def stop_seconds(config: Config) -> float:
+    """What a stop may take at the least: one StopInstances, and one more for a refused hibernation."""
+    return aws_call_seconds(1) * (2 if config.stop_hibernate else 1)
+
+
+def after_activity_seconds(config: Config) -> float:
+    """What check_idle keeps for after the activity read: GetMetricData (fallback on) and one StopInstances, or
+    with a drain the shortest drain and the whole stop, which a drained backend must not be left without."""
+    fallback = aws_call_seconds(1) if config.idle_cpu_percent > 0 else 0.0
+    drain = min(MIN_BACKEND_SECONDS, config.http_timeout_seconds) + stop_seconds(config) if config.drain_path else 0.0
+    return max(fallback + aws_call_seconds(1), drain)
+
+
+def shortest_check_seconds(config: Config) -> float:
+    """The shortest function timeout at which check_idle reaches a decision when AWS and the backend answer at once."""
+    activity = min(MIN_BACKEND_SECONDS, config.http_timeout_seconds)
+    return ANSWER_MARGIN_SECONDS + max(aws_call_seconds(1), activity + after_activity_seconds(config))
+
+
 @cache
 def aws_client(service: str, region: str | None, attempts: int = AWS_MAX_ATTEMPTS) -> Any:
     """One client per container, service, region and number of attempts: a call late in an invocation gets fewer."""
@@ -968,16 +1049,24 @@ def aws_client(service: str, region: str | None, attempts: int = AWS_MAX_ATTEMPT
     return boto3.client(service, region_name=region, config=config)  # type: ignore[call-overload]
 
 
-@contextmanager
-def aws_call(service: str, operation: str, region: str | None, deadline: Deadline, about: str) -> Iterator[Any]:
-    """The client for one API call, with as many attempts as fit before the deadline; errors told apart by code."""
+def aws_call(
+    service: str,
+    operation: str,
+    region: str | None,
+    deadline: Deadline,
+    about: str,
+    *,
+    call: Callable[[Any], T],
+) -> T:
+    """One API call, `call(client)`, with as many attempts as fit before the deadline; errors told apart by code."""
     name = SERVICE_NAMES[service]
     left = deadline.left()
     attempts = next((n for n in range(AWS_MAX_ATTEMPTS, 0, -1) if aws_call_seconds(n) <= left), 0)
     if attempts == 0:
         raise OutOfTimeError(f"{name} {operation}", left, aws_call_seconds(1))
     try:
-        yield aws_client(service, region, attempts)
+        client = aws_client(service, region, attempts)
+        return within(aws_call_seconds(attempts), lambda: call(client), f"{name} {operation}")
     except ClientError as error:
         code = str(error.response.get("Error", {}).get("Code"))
         if code in ACCESS_DENIED_CODES:
@@ -993,12 +1082,35 @@ def aws_call(service: str, operation: str, region: str | None, deadline: Deadlin
             "throttling and server errors were already retried.",
             aws_error_code=code,
         ) from error
-    except BotoCoreError as error:
+    except (BotoCoreError, TimeoutError) as error:
         raise AwsError(
             f"{name} {operation} failed before AWS answered ({type(error).__name__}). "
             f"Check the Lambda's network path to the {name} API (VPC endpoint or NAT) and retry.",
             code="aws_unreachable",
         ) from error
+
+
+def within(seconds: float, work: Callable[[], T], what: str) -> T:
+    """`work()` on a worker thread, waited for at most `seconds`: botocore's timeouts bound each connect and
+    read, but not the lookup of the endpoint's name, nor an answer that trickles in. A call still running
+    then is left to finish on its own (it changes nothing the next invocation does not see again)."""
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(work())
+        except BaseException as error:  # noqa: BLE001 - handed to the caller's thread, which raises it
+            failure.append(error)
+
+    worker = threading.Thread(target=run, name=f"{threading.current_thread().name}: {what}", daemon=True)
+    worker.start()
+    worker.join(max(seconds, 0.0))
+    if failure:
+        raise failure[0]
+    if not result:
+        raise TimeoutError(f"{what} did not end within {seconds:.0f}s")
+    return result[0]
 
 
 class Ec2:
@@ -1010,18 +1122,21 @@ class Ec2:
         self.deadline = deadline
 
     def describe(self) -> InstanceInfo:
-        with self._call("DescribeInstances") as client:
-            reservations = client.describe_instances(InstanceIds=[self.instance_id])["Reservations"]
+        reservations = self._call(
+            "DescribeInstances", lambda client: client.describe_instances(InstanceIds=[self.instance_id])
+        )["Reservations"]
         instances = [instance for reservation in reservations for instance in reservation.get("Instances", [])]
         if not instances:
             raise self._not_found()
         # Real EC2 always sends LaunchTime; were it missing, count the instance as just started (safe).
         launch_time = instances[0].get("LaunchTime") or self.deadline.clock.now()
-        return InstanceInfo(instances[0]["State"]["Name"], launch_time)
+        cpu = instances[0].get("CpuOptions") or {}
+        vcpus = cpu.get("CoreCount", 0) * cpu.get("ThreadsPerCore", 1)  # real EC2 always sends both
+        return InstanceInfo(instances[0]["State"]["Name"], launch_time, vcpus if vcpus > 0 else None)
 
     def start_instance(self) -> Transition:
-        with self._call("StartInstances") as client:
-            change = client.start_instances(InstanceIds=[self.instance_id])["StartingInstances"][0]
+        response = self._call("StartInstances", lambda client: client.start_instances(InstanceIds=[self.instance_id]))
+        change = response["StartingInstances"][0]
         return Transition(change["PreviousState"]["Name"], change["CurrentState"]["Name"])
 
     def stop_instance(self, hibernate: bool) -> tuple[Transition, str | None]:
@@ -1038,8 +1153,9 @@ class Ec2:
         return self._stop_instances(hibernate=False), warning
 
     def _stop_instances(self, hibernate: bool) -> Transition:
-        with self._call("StopInstances") as client:
-            response = client.stop_instances(InstanceIds=[self.instance_id], Hibernate=hibernate)
+        response = self._call(
+            "StopInstances", lambda client: client.stop_instances(InstanceIds=[self.instance_id], Hibernate=hibernate)
+        )
         change = response["StoppingInstances"][0]
         return Transition(change["PreviousState"]["Name"], change["CurrentState"]["Name"])
 
@@ -1050,12 +1166,11 @@ class Ec2:
             code="instance_not_found",
         )
 
-    @contextmanager
-    def _call(self, operation: str) -> Iterator[EC2Client]:
+    def _call(self, operation: str, call: Callable[[EC2Client], T]) -> T:
         hint = ' (Describe actions need Resource "*")' if operation.startswith("Describe") else ""
+        about = f"instance {self.instance_id}{hint}"
         try:
-            with aws_call("ec2", operation, self.region, self.deadline, f"instance {self.instance_id}{hint}") as client:
-                yield client
+            return aws_call("ec2", operation, self.region, self.deadline, about, call=call)
         except AwsError as error:
             if error.aws_error_code in NOT_FOUND_CODES:
                 raise self._not_found() from error
@@ -1090,8 +1205,14 @@ def instance_metrics(ec2: Ec2, start: datetime, end: datetime) -> MetricSamples:
         for query_id, name, stat in wanted
     ]
     about = f'the metrics of instance {ec2.instance_id} (GetMetricData needs Resource "*")'
-    with aws_call("cloudwatch", "GetMetricData", ec2.region, ec2.deadline, about) as client:
-        results = client.get_metric_data(MetricDataQueries=queries, StartTime=start, EndTime=end)["MetricDataResults"]
+    results = aws_call(
+        "cloudwatch",
+        "GetMetricData",
+        ec2.region,
+        ec2.deadline,
+        about,
+        call=lambda client: client.get_metric_data(MetricDataQueries=queries, StartTime=start, EndTime=end),
+    )["MetricDataResults"]
     points = {result["Id"]: list(zip(result["Timestamps"], result["Values"], strict=True)) for result in results}
     return MetricSamples(points.get("cpu", []), points.get("network_in", []), points.get("network_out", []))
 
@@ -1122,10 +1243,16 @@ def publish(topic_arn: str, notice: Notice, deadline: Deadline) -> str | None:
     region = topic_arn.split(":")[3]
     attributes = {name: {"DataType": "String", "StringValue": value} for name, value in notice.attributes.items()}
     try:
-        with aws_call("sns", "Publish", region, deadline, f"topic {topic_arn}") as client:
-            client.publish(
+        aws_call(
+            "sns",
+            "Publish",
+            region,
+            deadline,
+            f"topic {topic_arn}",
+            call=lambda client: client.publish(
                 TopicArn=topic_arn, Subject=notice.subject, Message=notice.message, MessageAttributes=attributes
-            )
+            ),
+        )
     except (AwsError, OutOfTimeError) as error:
         return f"The notification was not published: {error.message}"
     return None
@@ -1151,10 +1278,10 @@ def fetch_activity(url: str, seconds: float, clock: Clock) -> Activity | Activit
     return parse_activity(body, clock.now())
 
 
-def drain(url: str, http_timeout_seconds: float, deadline: Deadline) -> str | None:
-    """POST the backend's drain endpoint right before a stop: None if it drained (it then refuses new work),
-    else why not. Anything but a 2xx {"drained": true} is a refusal."""
-    seconds = deadline.grant_backend(f"POST {url}", http_timeout_seconds, keep=aws_call_seconds(1))
+def drain(url: str, http_timeout_seconds: float, deadline: Deadline, keep: float) -> str | None:
+    """POST the backend's drain endpoint right before a stop, keeping `keep` seconds for the stop: None if it
+    drained (it then refuses new work), else why not. Anything but a 2xx {"drained": true} is a refusal."""
+    seconds = deadline.grant_backend(f"POST {url}", http_timeout_seconds, keep=keep)
     try:
         status_code, body = http_exchange("POST", url, seconds, MAX_ACTIVITY_BYTES, deadline.clock.monotonic)
     except TimeoutError:
@@ -1169,6 +1296,21 @@ def drain(url: str, http_timeout_seconds: float, deadline: Deadline) -> str | No
         return None
     shown = json.dumps(answer)[:200] if answer is not None else _short(body[:60])
     return f"the backend did not drain (POST {url} answered HTTP {status_code}: {shown})"
+
+
+def undrain(url: str, http_timeout_seconds: float, deadline: Deadline) -> str:
+    """DELETE the drain ("resume work now") after a stop that did not happen, within what is left; says how it went.
+    A backend that cannot be told resumes when its drain lease ends."""
+    try:
+        seconds = deadline.grant_backend(f"DELETE {url}", http_timeout_seconds)
+        status_code, _ = http_exchange("DELETE", url, seconds, MAX_ACTIVITY_BYTES, deadline.clock.monotonic)
+    except (OutOfTimeError, OSError, http.client.HTTPException, ResponseTooLargeError) as error:
+        answer = "out of time" if isinstance(error, OutOfTimeError) else type(error).__name__
+    else:
+        if 200 <= status_code < 300:
+            return f"The backend was told to resume work (DELETE {url} answered HTTP {status_code})."
+        answer = f"HTTP {status_code}"
+    return f"The backend could not be told to resume (DELETE {url}: {answer}): it refuses work until its lease ends."
 
 
 def probe_health(url: str, seconds: float, clock: Clock) -> dict[str, Any]:
@@ -1197,11 +1339,14 @@ def http_exchange(
         request = f"{method} {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept: application/json\r\n"
         length = "" if method == "GET" else "Content-Length: 0\r\n"  # a POST without a body says so
         stream.sendall(f"{request}{length}Connection: close\r\n\r\n".encode())
+        stream.skip_interim_responses()
         if status_only:
             return _status_code(stream.makefile().readline(max_bytes)), b""
         response = http.client.HTTPResponse(stream, method=method)  # type: ignore[arg-type]
         response.begin()
-        return response.status, response.read()
+        if response.length is not None and response.length > max_bytes:  # refused before a byte of it is read
+            raise ResponseTooLargeError
+        return response.status, response.read(max_bytes)  # never read(): it allocates what the server declares
     finally:
         sock.close()
 
@@ -1213,17 +1358,36 @@ class _DeadlineStream(io.RawIOBase):
     def __init__(self, sock: socket.socket, deadline: float, monotonic: Callable[[], float], max_bytes: int) -> None:
         super().__init__()
         self._sock, self._deadline, self._monotonic, self._bytes_left = sock, deadline, monotonic, max_bytes
+        self._pending = b""  # read while looking past interim responses, served first
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
+        if self._pending:
+            size = min(len(buffer), len(self._pending))
+            buffer[:size], self._pending = self._pending[:size], self._pending[size:]
+            return size
         if self._bytes_left <= 0:
             raise ResponseTooLargeError
         self._sock.settimeout(_seconds_left(self._deadline, self._monotonic))
         received = self._sock.recv_into(buffer, min(len(buffer), self._bytes_left))
         self._bytes_left -= received
         return received
+
+    def skip_interim_responses(self) -> None:
+        """Drop 1xx responses before the final one (103 Early Hints, a stray 100 Continue): http.client skips
+        only 100, and the health probe none. They count against the byte limit like the rest."""
+        head = b""
+        while True:
+            while b"\n" not in head and (chunk := self.read(4096)):
+                head += chunk
+            if not INTERIM_STATUS.match(head):
+                break
+            while b"\r\n\r\n" not in head and (chunk := self.read(4096)):
+                head += chunk
+            head = head.partition(b"\r\n\r\n")[2]
+        self._pending = head
 
     def sendall(self, data: bytes) -> None:
         self._sock.settimeout(_seconds_left(self._deadline, self._monotonic))  # sendall's total since 3.5
@@ -1241,7 +1405,8 @@ def _connect(host: str, port: int, https: bool, deadline: float, monotonic: Call
         try:
             sock.settimeout(_seconds_left(deadline, monotonic))
             sock.connect(address)
-            if https:  # the socket's timeout bounds the whole handshake (Python 3.5+)
+            if https:  # the socket's timeout bounds the whole handshake (Python 3.5+): give it only what is left
+                sock.settimeout(_seconds_left(deadline, monotonic))
                 sock = _tls_context().wrap_socket(sock, server_hostname=host)
             return sock
         except OSError as error:
@@ -1259,6 +1424,8 @@ def _resolve(host: str, port: int, seconds: float) -> list[Any]:
             answers.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
         except OSError as error:
             answers.append(error)
+        except UnicodeError:  # the IDNA codec refuses the name (an empty label, a label over 63 characters)
+            answers.append(socket.gaierror(socket.EAI_NONAME, f"{host!r} is not a valid host name"))
 
     worker = threading.Thread(target=lookup, name="resolve-backend", daemon=True)
     worker.start()
@@ -1385,7 +1552,8 @@ def check_idle(ec2: Ec2, config: Config) -> Outcome:
         reason = f"out of time before {error.step} ({error.brief}); the next check decides again"
         reason = f"{verdict.reason}, but {reason}" if verdict else reason
         verdict = Verdict(Decision.KEEP, reason, verdict.idle_seconds if verdict else None, "deadline")
-        outcome.level = max(outcome.level, logging.WARNING)
+        outcome.level = logging.ERROR  # no decision: an idle instance would run on; the OutOfTime alarm says so
+        outcome.metrics["OutOfTime"] = 1
     idle_seconds = None if verdict.idle_seconds is None else round(verdict.idle_seconds, 1)
     if idle_seconds is not None:
         outcome.metrics["IdleSeconds"] = idle_seconds
@@ -1410,27 +1578,31 @@ def _judge(ec2: Ec2, config: Config, info: InstanceInfo, outcome: Outcome) -> Ve
     if info.state != "running":
         return Verdict(Decision.SKIP, f"instance is {info.state}, not running", signal="state")
     url = f"{config.backend_base_url}{config.last_activity_path}"
-    fallback = config.idle_cpu_percent > 0
     # The answer is worth reading only if the calls it may lead to still fit after it.
-    keep = aws_call_seconds(1) * (2 if fallback else 1)
+    keep = after_activity_seconds(config)
     activity = fetch_activity(url, ec2.deadline.grant_backend(f"GET {url}", config.http_timeout_seconds, keep), clock)
     if isinstance(activity, ActivityUnknown):
         outcome.metrics["BackendUnreachable"] = 1
         outcome.level = logging.ERROR
-        if fallback:
-            return _second_signal(ec2, config, info.launch_time, activity)
+        if config.idle_cpu_percent > 0:
+            return _second_signal(ec2, config, info, activity)
     return decide(info.launch_time, activity, clock.now(), config.idle_timeout_seconds)
 
 
-def _second_signal(ec2: Ec2, config: Config, launch_time: datetime, activity: ActivityUnknown) -> Verdict:
-    """The backend cannot say: once the instance has run past the timeout, its own CloudWatch metrics decide."""
+def _second_signal(ec2: Ec2, config: Config, info: InstanceInfo, activity: ActivityUnknown) -> Verdict:
+    """The backend cannot say: once the instance has run past the timeout, its own CloudWatch metrics decide,
+    on the instance's own scale: one busy vCPU of any count keeps it."""
     now, timeout = ec2.deadline.clock.now(), config.idle_timeout_seconds
     unreachable = f"backend unreachable ({activity.reason})"
-    uptime_seconds = (now - launch_time).total_seconds()
+    uptime_seconds = (now - info.launch_time).total_seconds()
     if uptime_seconds <= timeout:
         return Verdict(
             Decision.KEEP, f"{unreachable}; up {_seconds(max(uptime_seconds, 0))}, within the {timeout}s timeout"
         )
+    if info.vcpus is None:
+        reason = "DescribeInstances gave no CpuOptions, so one busy vCPU cannot be told from an idle instance"
+        return Verdict(Decision.KEEP, f"{unreachable}; {reason}", signal="cloudwatch")
+    cpu_limit = min(config.idle_cpu_percent, ONE_BUSY_VCPU_PERCENT / info.vcpus)
     start, end = metric_window(now, timeout)
     try:
         samples = instance_metrics(ec2, start, now)
@@ -1438,7 +1610,8 @@ def _second_signal(ec2: Ec2, config: Config, launch_time: datetime, activity: Ac
         return Verdict(
             Decision.KEEP, f"{unreachable}; CloudWatch could not be read: {error.message}", signal="cloudwatch"
         )
-    idle, evidence = judge_metrics(samples, start, end, config.idle_cpu_percent, config.idle_network_kb * 1024)
+    network_limit = config.idle_network_kb * 1024
+    idle, evidence = judge_metrics(samples, start, end, cpu_limit, network_limit, launch_time=info.launch_time)
     return Verdict(Decision.STOP if idle else Decision.KEEP, f"{unreachable}; {evidence}", signal="cloudwatch")
 
 
@@ -1448,11 +1621,23 @@ def _act(ec2: Ec2, config: Config, verdict: Verdict, outcome: Outcome) -> Verdic
         return verdict._replace(decision=_start_unless_dry_run(ec2, config, outcome))
     if verdict.decision is not Decision.STOP:
         return verdict
-    if config.drain_path and verdict.signal == "activity" and not config.dry_run:
-        refused = drain(f"{config.backend_base_url}{config.drain_path}", config.http_timeout_seconds, ec2.deadline)
-        if refused is not None:
-            return verdict._replace(decision=Decision.KEEP, reason=f"{verdict.reason}, but {refused}")
-    return verdict._replace(decision=_stop_unless_dry_run(ec2, config, outcome))
+    if not (config.drain_path and verdict.signal == "activity" and not config.dry_run):
+        return verdict._replace(decision=_stop_unless_dry_run(ec2, config, outcome))
+    url = f"{config.backend_base_url}{config.drain_path}"
+    refused = drain(url, config.http_timeout_seconds, ec2.deadline, keep=stop_seconds(config))
+    if refused is not None:
+        return verdict._replace(decision=Decision.KEEP, reason=f"{verdict.reason}, but {refused}")
+    outcome.fields["drained"] = True
+    try:
+        return verdict._replace(decision=_stop_unless_dry_run(ec2, config, outcome))
+    except (AwsError, OutOfTimeError) as error:  # the backend refuses all work now: tell it to resume
+        outcome.level = logging.ERROR
+        outcome.metrics["Errors"] = 1
+        if isinstance(error, OutOfTimeError):
+            outcome.metrics["OutOfTime"] = 1
+        resumed = undrain(url, config.http_timeout_seconds, ec2.deadline)
+        reason = f"{verdict.reason}; drained, but StopInstances failed: {error.message} {resumed}"
+        return verdict._replace(decision=Decision.KEEP, reason=reason)
 
 
 def _start_unless_dry_run(ec2: Ec2, config: Config, outcome: Outcome) -> Decision:
@@ -1466,9 +1651,14 @@ def _start_unless_dry_run(ec2: Ec2, config: Config, outcome: Outcome) -> Decisio
 
 def stop(ec2: Ec2, config: Config) -> Outcome:
     """The operator's stop, now (direct invocation only): honours DRY_RUN and STOP_HIBERNATE."""
-    outcome = Outcome({"state": ec2.describe().state} if config.dry_run else {}, notify=True)
-    decision = _stop_unless_dry_run(ec2, config, outcome)
-    outcome.fields.update(decision=decision.value, reason="stop requested", dry_run=config.dry_run)
+    outcome = Outcome({"state": ec2.describe().state} if config.dry_run else {})
+    already = config.dry_run and outcome.fields["state"] in STOPPED_STATES
+    decision = Decision.SKIP if already else _stop_unless_dry_run(ec2, config, outcome)
+    reason = "stop requested"
+    if decision is Decision.SKIP:  # nothing changed: nothing to notify
+        reason += f", but the instance was already {outcome.fields.get('previous_state', outcome.fields['state'])}"
+    outcome.notify = decision is not Decision.SKIP
+    outcome.fields.update(decision=decision.value, reason=reason, dry_run=config.dry_run)
     window = config.open_window(ec2.deadline.clock.now())
     if window is not None:
         outcome.warnings.append(
@@ -1485,6 +1675,8 @@ def _stop_unless_dry_run(ec2: Ec2, config: Config, outcome: Outcome) -> Decision
     if warning:
         outcome.warnings.append(warning)
     outcome.fields.update(previous_state=transition.previous_state, state=transition.state)
+    if transition.previous_state in STOPPED_STATES:  # someone else stopped it first
+        return Decision.SKIP
     outcome.metrics["InstanceStopped"] = 1
     return Decision.STOP
 
@@ -1651,8 +1843,11 @@ def handle(event: object, context: object, environ: Mapping[str, str], clock: Cl
     """One invocation from end to end, within the context's time: respond, log, emit metrics, render."""
     clock = clock or Clock()
     started = clock.monotonic()
-    response = respond(event, environ, Deadline.from_context(context, clock))
+    deadline = Deadline.from_context(context, clock)
+    response = respond(event, environ, deadline)
     outcome, config = response.outcome, response.config
+    if deadline.warning:
+        outcome.warnings.append(deadline.warning)
     instance_id = config.instance_id if config else None
     body = {
         "ok": outcome.status_code < 400,

@@ -30,6 +30,7 @@ from tests.helpers import (
     setup_client,
     stopped_instance,
 )
+from tools.sandbox import add_cpu_options
 
 
 # --- Hermetic: no real AWS, no network beyond loopback -------------------------------------------
@@ -120,6 +121,7 @@ def ec2(aws: None, clock: FakeClock) -> Ec2World:
     world.on_function_calls("before-parameter-build", count)  # once per API call of any service, not per attempt
     world.on_function_calls("before-call.ec2.StartInstances", start_like_real_ec2)
     world.on_function_calls("after-call.ec2.StartInstances", refresh_launch_time)
+    world.on_function_calls("after-call.ec2.DescribeInstances", add_cpu_options)  # moto sends no CpuOptions
     return world
 
 

@@ -218,7 +218,9 @@ def instance_state(endpoint: str, instance_id: str) -> str:
 
 
 # --- A backend that misbehaves on purpose, and one that never answers -----------------------------
-Mode = Literal["normal", "silent", "trickle-status", "trickle-headers", "trickle-length", "trickle-close", "endless"]
+Mode = Literal[
+    "normal", "raw", "silent", "trickle-status", "trickle-headers", "trickle-length", "trickle-close", "endless"
+]
 TRICKLE_FOR_SECONDS = 30.0  # a trickle stops by itself, so that a broken bound shows as a slow test, not a hang
 
 
@@ -314,6 +316,8 @@ class _Handler(socketserver.BaseRequestHandler):
         if answer.mode == "normal":
             length = f"Content-Length: {len(answer.body)}\r\nConnection: close\r\n\r\n".encode()
             self.request.sendall(status_line + headers + length + answer.body)
+        elif answer.mode == "raw":  # the body is the whole answer, status line and headers included, as written
+            self.request.sendall(answer.body)
         elif answer.mode == "silent":
             self.server.stopping.wait(TRICKLE_FOR_SECONDS)
         elif answer.mode == "trickle-status":

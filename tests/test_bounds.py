@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
 import tracemalloc
@@ -147,3 +148,114 @@ def test_a_dns_lookup_that_hangs_is_bounded_too(monkeypatch: pytest.MonkeyPatch)
     assert isinstance(result, bo.ActivityUnknown)
     assert "timed out" in result.reason
     assert time.monotonic() - started < 1 + 1
+
+
+# --- Answers that made the read raise, and interim responses ------------------------------------------------------
+DECLARED_TOO_LARGE = [
+    # http.client's read() allocates what is declared: MemoryError, or OverflowError past a C ssize_t.
+    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000000\r\n\r\n{}", "more than 64 KiB", id="a-terabyte"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 9223372036854775807\r\n\r\n{}", "more than 64 KiB", id="int64"),
+    pytest.param(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\n{}",
+        "IncompleteRead",
+        id="chunk-2**64",
+    ),
+]
+
+
+@pytest.mark.parametrize(("raw", "says"), DECLARED_TOO_LARGE)
+def test_a_declared_size_past_the_limit_allocates_nothing_and_is_an_unknown_activity(
+    backend: ScriptedBackend, raw: bytes, says: str
+) -> None:
+    backend.answer("/api/last-activity", Answer(body=raw, mode="raw"))
+    backend.answer("/api/drain", Answer(body=raw, mode="raw"))
+    tracemalloc.start()
+    try:
+        activity = bo.fetch_activity(backend.url + "/api/last-activity", 2.0, bo.Clock())
+        refused = bo.drain(backend.url + "/api/drain", 2.0, bo.Deadline(time.monotonic() + 10, bo.Clock()), keep=0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(activity, bo.ActivityUnknown)
+    assert says in activity.reason
+    assert refused is not None
+    assert "the drain" in refused
+    assert peak < 4 * bo.MAX_ACTIVITY_BYTES
+
+
+def test_check_idle_on_a_declared_terabyte_keeps_and_reaches_the_second_signal(
+    running: str, backend: ScriptedBackend
+) -> None:
+    backend.answer("/api/last-activity", Answer(body=DECLARED_TOO_LARGE[0].values[0], mode="raw"))  # type: ignore[arg-type]
+    body = invoke_for_real("check_idle", running, backend.url)
+    assert (body["ok"], body["decision"]) == (True, "keep")
+    assert "sent more than 64 KiB" in body["reason"]
+
+
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def test_interim_responses_are_skipped_by_the_activity_read_and_the_health_probe(backend: ScriptedBackend) -> None:
+    final = b'HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n{"idle_seconds": 42}'
+    backend.answer("/api/last-activity", Answer(body=EARLY_HINTS + CONTINUE + final, mode="raw"))
+    backend.answer("/health", Answer(body=CONTINUE + EARLY_HINTS + b"HTTP/1.1 200 OK\r\n\r\n", mode="raw"))
+    assert bo.fetch_activity(backend.url + "/api/last-activity", 2.0, bo.Clock()) == bo.Activity(42.0)
+    healthy = bo.probe_health(backend.url + "/health", 2.0, bo.Clock())
+    assert healthy == {"reachable": True, "healthy": True, "status_code": 200}
+
+
+def test_a_storm_of_interim_responses_is_cut_at_the_byte_limit(backend: ScriptedBackend) -> None:
+    backend.answer("/api/last-activity", Answer(body=EARLY_HINTS * 2000, mode="raw"))
+    activity = bo.fetch_activity(backend.url + "/api/last-activity", 2.0, bo.Clock())
+    assert isinstance(activity, bo.ActivityUnknown)
+    assert "more than 64 KiB" in activity.reason
+
+
+def test_a_host_name_the_lookup_refuses_is_named_invalid_not_timed_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    def idna_lookup(host: str, *_: Any, **__: Any) -> Any:  # what getaddrinfo does first with a name
+        host.encode("idna")
+        raise AssertionError("not reached for these names")
+
+    monkeypatch.setattr("socket.getaddrinfo", idna_lookup)
+    activity = bo.fetch_activity("http://a..b/api/last-activity", 5.0, bo.Clock())
+    assert isinstance(activity, bo.ActivityUnknown)
+    assert "timed out" not in activity.reason
+    assert "gaierror" in activity.reason
+
+
+# --- The AWS endpoint's name ---------------------------------------------------------------------------------------
+def test_no_action_outlives_its_context_when_the_aws_endpoint_name_resolves_slowly(
+    moto_server: str, backend: ScriptedBackend, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No resolver can be made slow here: stand in for one that answers the endpoint's name after 14 s (a dead
+    # first nameserver). botocore's connect timeout starts only once the name is resolved.
+    released = threading.Event()
+    lookup = socket.getaddrinfo  # the hermetic one: loopback only
+
+    def slow_lookup(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "ec2.slow.test":
+            released.wait(14)
+            host = "127.0.0.1"
+        return lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow_lookup)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.replace("127.0.0.1", "ec2.slow.test"))
+    bo.aws_client.cache_clear()
+    environ = {"INSTANCE_ID": "i-0123456789abcdef0", "AWS_REGION": REGION, "BACKEND_BASE_URL": backend.url}
+
+    def invoke(action: str) -> tuple[dict[str, Any], int]:
+        context = RealContext(CONTEXT_SECONDS)
+        return bo.handle({"action": action}, context, environ), context.get_remaining_time_in_millis()
+
+    actions = ["start", "status", "check_idle", "stop"]
+    try:
+        with ThreadPoolExecutor(max_workers=len(actions)) as pool:
+            results = dict(zip(actions, pool.map(invoke, actions), strict=True))
+    finally:
+        released.set()
+    for action, (body, remaining_ms) in results.items():
+        assert body["error"]["code"] == "aws_unreachable", (action, body)
+        assert remaining_ms > 1000, action  # answered with time to spare: Lambda would not have killed it
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(line["action"] for line in lines if "level" in line) == sorted(actions)

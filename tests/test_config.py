@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import backend_orchestrator as bo
 from tests.helpers import Ec2World, Invoke, body_of, http_event
@@ -197,3 +200,77 @@ def test_no_environment_read_outside_config() -> None:
         "_load_config": {"environ"},  # passes it to Config.from_env
         "from_env": {"environ"},  # Config's and AuthToken's
     }
+
+
+# --- Hostile values: every one is a config_error naming its variable, never an internal_error -----------------
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        # The zone is a directory of the time zone database: ZoneInfo raised IsADirectoryError.
+        pytest.param("KEEP_WARM", "Mon-Fri 08:00-18:00 Europe", "not an IANA time zone", id="zone-a-directory"),
+        pytest.param("KEEP_WARM", f"Mon 08:00-18:00 {'A' * 300}", "not an IANA time zone", id="zone-name-too-long"),
+        pytest.param("KEEP_WARM", "Mon- 08:00-18:00", "not a list of days", id="day-range-without-end"),
+        pytest.param("KEEP_WARM", "Mon \uff10\uff18:00-18:00", "not a window", id="non-ascii-digits"),
+        # urlsplit raised ValueError for these three.
+        pytest.param("BACKEND_BASE_URL", "http://[abc]/", "not an http(s) base URL", id="url-bracket-not-ipv6"),
+        pytest.param("BACKEND_BASE_URL", "http://[1.2.3]:80", "not an http(s) base URL", id="url-bracket-ipv4ish"),
+        pytest.param("BACKEND_BASE_URL", "http://[::1", "not an http(s) base URL", id="url-bracket-unclosed"),
+        # The IDNA codec refuses these at every lookup, which read as "timed out" after 0 s.
+        pytest.param("BACKEND_BASE_URL", "http://a..b/", "not a valid DNS name", id="url-empty-label"),
+        pytest.param("BACKEND_BASE_URL", f"http://{'a' * 64}.internal/", "not a valid DNS name", id="url-long-label"),
+        pytest.param("IDLE_NETWORK_KB_PER_5MIN", "lots", "number of KB", id="network-limit-in-kb"),
+        pytest.param("AWS_REGION", "us east 1", "not an AWS region", id="region-with-spaces"),
+    ],
+)
+def test_a_value_no_parser_expected_is_a_config_error_naming_the_variable(
+    invoke: Invoke, ec2: Ec2World, variable: str, value: str, says: str
+) -> None:
+    for event in ({"action": "check_idle"}, {"action": "start"}):
+        body = invoke(event, **{variable: value})
+        assert body["error"]["code"] == "config_error", body
+        assert variable in body["error"]["message"]
+        assert says in body["error"]["message"]
+    assert ec2.calls == []
+
+
+def test_a_broken_url_with_a_password_never_shows_the_password(invoke: Invoke, ec2: Ec2World) -> None:
+    body = invoke({"action": "check_idle"}, BACKEND_BASE_URL="http://admin:hunter2@[abc]/")
+    assert body["error"]["code"] == "config_error"
+    assert "hunter2" not in str(body)
+
+
+def test_an_anonymous_caller_gets_401_whatever_the_configuration_holds(invoke: Invoke, ec2: Ec2World) -> None:
+    broken = {
+        "AUTH_TOKEN": "s3cret-token-1234",
+        "KEEP_WARM": "Mon 08:00-18:00 Europe",
+        "BACKEND_BASE_URL": "http://[::1",
+    }
+    assert invoke(http_event(), **broken)["statusCode"] == 401
+    # A lone surrogate in the header (a direct invocation can carry one) is a wrong token, not a UnicodeEncodeError.
+    response = invoke(http_event(headers={"authorization": "Bearer \ud800"}), **broken)
+    assert response["statusCode"] == 401
+    assert ec2.calls == []
+
+
+# Any text, lone surrogates included (what os.environ makes of bytes that are not UTF-8), and the
+# characters the grammars split on.
+HOSTILE_TEXT = st.text(
+    st.one_of(st.characters(), st.sampled_from(["\ud800", "\udcff", "/", "[", "]", ":", "@", ".", "-", ";", " "])),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(variable=st.sampled_from(sorted(bo.VARIABLES)), value=HOSTILE_TEXT)
+def test_no_value_of_any_variable_raises_anything_but_a_config_error(variable: str, value: str) -> None:
+    with contextlib.suppress(bo.ConfigError):
+        bo.Config.from_env({"INSTANCE_ID": "i-0abc123def4567890", variable: value})
+    with contextlib.suppress(bo.ConfigError):
+        bo.AuthToken.from_env({"AUTH_TOKEN": value}).require_valid()
+
+
+@settings(max_examples=100, deadline=None)
+@given(zone=HOSTILE_TEXT.filter(lambda text: text.strip() and not any(c.isspace() for c in text)))
+def test_no_time_zone_name_raises_anything_but_a_config_error(zone: str) -> None:
+    with contextlib.suppress(bo.ConfigError):
+        bo.Config.from_env({"INSTANCE_ID": "i-0abc123def4567890", "KEEP_WARM": f"Mon 08:00-18:00 {zone}"})

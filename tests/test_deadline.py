@@ -3,7 +3,10 @@ WARNING that names the step, status answers the state it has. Nothing is left ha
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 import backend_orchestrator as bo
 from tests.helpers import (
@@ -50,7 +53,9 @@ def test_check_idle_without_time_for_the_calls_after_the_read_keeps_and_reads_no
     assert body["reason"].startswith(f"out of time before GET {backend.url}{ACTIVITY_PATH}")
     assert long_running.calls == ["DescribeInstances"]
     assert backend.calls == []
-    assert log_lines()[0]["level"] == "WARNING"
+    line, emf = log_lines()
+    assert line["level"] == "ERROR"  # no decision: an idle instance would run on, so the OutOfTime alarm hears of it
+    assert emf["OutOfTime"] == 1
 
 
 def test_check_idle_without_time_for_the_hibernation_fallback_keeps_and_says_so(
@@ -85,3 +90,64 @@ def test_status_without_time_for_the_health_probe_answers_the_state(
     assert (body["state"], body["backend"]) == ("running", None)
     assert backend.calls == []
     assert "Out of time before GET" in log_lines()[0]["warnings"][0]
+
+
+class OddContext:
+    """A context whose get_remaining_time_in_millis answers `answer`, or raises it."""
+
+    aws_request_id = "req-odd"
+
+    def __init__(self, answer: object) -> None:
+        self.answer = answer
+
+    def get_remaining_time_in_millis(self) -> object:
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [None, "abc", [1000], True, float("nan"), RuntimeError("the runtime is gone")],
+    ids=["none", "text", "list", "boolean", "nan", "raises"],
+)
+def test_a_context_that_cannot_say_its_time_gets_the_default_with_a_warning(
+    ec2: Ec2World, env: dict[str, str], clock: FakeClock, log_lines: Any, answer: object
+) -> None:
+    body = bo.handle({"action": "start"}, OddContext(answer), env, clock=clock.as_clock())
+    assert (body["ok"], body["previous_state"]) == (True, "running")
+    line = log_lines()[0]
+    assert line["level"] == "WARNING"
+    assert "get_remaining_time_in_millis() gave" in line["warnings"][0]
+    assert ec2.calls == ["StartInstances"]
+
+
+@pytest.mark.parametrize(
+    ("fallback", "shortest"), [pytest.param("5", 17, id="fallback-on"), pytest.param("0", 10, id="fallback-off")]
+)
+def test_check_idle_decides_at_the_shortest_timeout_and_not_below(
+    long_running: Ec2World,
+    env: dict[str, str],
+    clock: FakeClock,
+    backend: ScriptedBackend,
+    log_lines: Any,
+    fallback: str,
+    shortest: float,
+) -> None:
+    backend.answer(ACTIVITY_PATH, Answer.json({"idle_seconds": 5000}))
+    assert bo.shortest_check_seconds(bo.Config.from_env({**env, "IDLE_CPU_PERCENT": fallback})) == shortest
+    below = handle(CHECK, env, clock, shortest - 0.1, IDLE_CPU_PERCENT=fallback)
+    assert (below["decision"], below["signal"]) == ("keep", "deadline")
+    assert long_running.state() == "running"
+    at = handle(CHECK, env, clock, shortest, IDLE_CPU_PERCENT=fallback)
+    assert (at["decision"], at["signal"]) == ("stop", "activity")
+    assert [line.get("OutOfTime") for line in log_lines() if "_aws" in line] == [1, None]
+
+
+def test_the_deploy_doc_states_the_shortest_deciding_timeouts() -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "deploy.md").read_text()
+    base = {"INSTANCE_ID": "i-0abc123def4567890"}
+    on, off = (bo.shortest_check_seconds(bo.Config.from_env({**base, "IDLE_CPU_PERCENT": v})) for v in ("5", "0"))
+    assert f"decides from a function timeout of **{on:g} s** with the fallback on and **{off:g} s** with it off" in doc
+    drained = bo.shortest_check_seconds(bo.Config.from_env({**base, "DRAIN_PATH": "/d", "STOP_HIBERNATE": "true"}))
+    assert f"With `DRAIN_PATH` and\n`STOP_HIBERNATE=true` it needs {drained:g} s" in doc

@@ -229,6 +229,12 @@ def function_accepts(variable: str, value: str) -> bool:
                 "http://h:65536",
                 "http://h:",
                 "http://:80",
+                "http://[abc]/",  # hex digits, but no IPv6 address: urlsplit raises ValueError
+                "http://[1.2.3]:80",
+                "http://[::1",
+                "http://[1:2:3]/",
+                "http://[::1]:8000",
+                "http://a..b/",  # the IDNA codec refuses an empty label
             ],
             id="backend-url",
         ),
@@ -275,7 +281,9 @@ def test_keep_warm_patterns_agree_but_for_the_listed_gaps() -> None:
     ordinary = ["Mon-Fri 08:00-18:00 Europe/Berlin", "Mon-Fri 08:00-18:00 Europe/Berlin; Sat 10:00-14:00",
                 "sat-mon 22:00-02:00", "Mon 08:00-24:00 UTC"]  # fmt: skip
     odd = ["Mon 25:00-26:00", "Mon 08:60-09:00", "Monday 08:00-18:00", "Mon 24:00-08:00", "Mon 8:00-18:00",
-           "Mon 08:00-18:00;", "Mon 08:00-18:00 ../../etc/passwd", ""]  # fmt: skip
+           "Mon 08:00-18:00;", "Mon 08:00-18:00 ../../etc/passwd", "", "Mon-Fri 08:00-18:00 Europe",
+           f"Mon 08:00-18:00 {'A' * 300}", f"Mon 08:00-18:00 Europe/{'B' * 300}", "Mon- 08:00-18:00",
+           "Mon \uff10\uff18:00-18:00"]  # fmt: skip
     probes = [*ordinary, *odd, *KEEP_WARM_GAPS]
     disagree = {p for p in probes if template_accepts("KeepWarm", p) and not function_accepts("KEEP_WARM", p)}
     assert disagree == set(KEEP_WARM_GAPS)
@@ -331,7 +339,8 @@ def emitted_metric_names() -> set[str]:
 
     source = inspect.getsource(bo)
     requested = {f"{action.value.title().replace('_', '')}Requested" for action in bo.Action}
-    literals = {"InstanceStarted", "InstanceStopped", "IdleSeconds", "UptimeSeconds", "BackendUnreachable", "Errors"}
+    literals = {"InstanceStarted", "InstanceStopped", "IdleSeconds", "UptimeSeconds", "BackendUnreachable", "Errors",
+                "OutOfTime"}  # fmt: skip
     return requested | {name for name in literals if f'"{name}"' in source}
 
 
@@ -346,11 +355,19 @@ def test_the_alarms_watch_what_the_function_emits_and_tell_the_topic() -> None:
         (namespace, "Errors"),
         ("AWS/Lambda", "Errors"),
         (namespace, "CheckIdleRequested"),
+        (namespace, "OutOfTime"),
     }
     assert {name for space, name in watched if space == namespace} <= emitted_metric_names()
     unreachable = watched[(namespace, "BackendUnreachable")]
     assert (unreachable["Statistic"], unreachable["Period"], unreachable["Threshold"]) == ("Sum", 900, 3)
     assert unreachable["ComparisonOperator"] == "GreaterThanOrEqualToThreshold"
+    out_of_time = watched[(namespace, "OutOfTime")]
+    assert (out_of_time["Statistic"], out_of_time["Threshold"], out_of_time["TreatMissingData"]) == (
+        "Sum",
+        1,
+        "notBreaching",
+    )
+    assert "raise the function's timeout" in out_of_time["AlarmDescription"].lower()
     heartbeat = watched[(namespace, "CheckIdleRequested")]
     assert (heartbeat["Period"], heartbeat["Threshold"], heartbeat["ComparisonOperator"]) == (
         900,

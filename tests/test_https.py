@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 import backend_orchestrator as bo
+from tests.helpers import SilentServer
 
 
 class _Activity(BaseHTTPRequestHandler):
@@ -82,3 +85,25 @@ def test_a_trusted_certificate_is_read_within_the_deadline(
     url, cert_path = tls_backend
     monkeypatch.setattr(bo, "_tls_context", lambda: ssl.create_default_context(cafile=str(cert_path)))
     assert bo.fetch_activity(url + "/api/last-activity", 2.0, bo.Clock()) == bo.Activity(42.0)
+
+
+def test_the_tls_handshake_gets_only_what_the_connect_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A server that accepts and never sends its ServerHello, behind a TCP connect that takes 3 s (no network
+    # here can be made slow: the connect is delayed by hand). The handshake used to get the whole grant again.
+    server = SilentServer()
+    connect = socket.socket.connect  # the hermetic one: loopback only
+
+    def slow_connect(sock: socket.socket, address: Any) -> None:
+        time.sleep(3)
+        connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", slow_connect)
+    started = time.monotonic()
+    try:
+        result = bo.fetch_activity(server.url.replace("http:", "https:") + "/api/last-activity", 4.0, bo.Clock())
+    finally:
+        server.close()
+    elapsed = time.monotonic() - started
+    assert isinstance(result, bo.ActivityUnknown)
+    assert "timed out" in result.reason
+    assert elapsed < 4.0 + 1.5  # the whole exchange within its grant; the handshake given 4 s again took 7 s

@@ -17,6 +17,7 @@ import boto3
 import pytest
 import requests
 
+import backend_orchestrator as bo
 from examples.wake_backend import Progress, WakeAuthError, WakeServerError, WakeTimeout, wake_backend
 from tests.helpers import Answer, ScriptedBackend, instance_state, invoke_for_real
 from tools.demo import Timeline, run_demo
@@ -221,3 +222,28 @@ def test_with_a_drain_a_request_that_lands_before_the_stop_keeps_the_instance() 
         time.sleep(1.5)
         stopped = sandbox.invoke({"action": "check_idle"})
         assert stopped["decision"] == "stop", stopped["reason"]
+
+
+def test_a_drained_backend_whose_stop_is_denied_serves_again_at_once() -> None:
+    # moto's server enforces no IAM here: inject EC2's answer to a role without ec2:StopInstances, after the drain.
+    from tests.helpers import ec2_error
+
+    with Sandbox(idle_timeout_seconds=1, environment={"DRAIN_PATH": "/api/drain"}) as sandbox:
+        wake_backend(sandbox.function_url, sandbox.backend_url, deadline_seconds=20)
+        time.sleep(1.5)
+        events = boto3.DEFAULT_SESSION.events  # type: ignore[union-attr]  # the function's clients come from it
+        denied = "before-call.ec2.StopInstances"
+
+        def deny(**_: Any) -> Any:
+            return ec2_error("UnauthorizedOperation", "not authorized")
+
+        events.register(denied, deny, unique_id="deny")
+        bo.aws_client.cache_clear()  # a client copies the session's hooks when it is built
+        try:
+            kept = sandbox.invoke({"action": "check_idle"})
+        finally:
+            events.unregister(denied, unique_id="deny")
+        assert (kept["decision"], kept["drained"], sandbox.state()) == ("keep", True, "running")
+        assert "told to resume work" in kept["reason"]
+        job = requests.post(f"{sandbox.backend_url}/api/jobs?seconds=0", timeout=5)
+        assert job.status_code == 202  # not 503 for the rest of a 120 s lease

@@ -105,3 +105,12 @@ def test_a_drained_backend_refuses_new_work_with_retry_after(server: ReferenceBa
     assert isinstance(still_idle, bo.Activity)
     assert still_idle.busy_reason is None  # the refused request did not count as use
     assert server.jobs_done == 0
+
+
+def test_a_drain_ends_at_once_when_the_orchestrator_says_resume(server: ReferenceBackend) -> None:
+    activity(server)
+    assert drain(server)["drained"] is True
+    assert requests.delete(server.url + "/api/drain", timeout=2).json() == {"drained": False, "resumed": True}
+    assert requests.post(server.url + "/api/jobs?seconds=0", timeout=2).status_code == 202  # serving again
+    assert requests.get(server.url + "/health", timeout=2).json() == {"status": "ok"}
+    assert requests.delete(server.url + "/api/drain", timeout=2).json() == {"drained": False, "resumed": False}

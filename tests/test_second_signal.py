@@ -4,6 +4,7 @@ notification of every start and stop."""
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -16,6 +17,7 @@ from tests.helpers import (
     Answer,
     Ec2World,
     FakeClock,
+    FakeContext,
     Invoke,
     ScriptedBackend,
     ec2_error,
@@ -23,6 +25,7 @@ from tests.helpers import (
     http_event,
     setup_client,
 )
+from tools.sandbox import CPU_OPTIONS
 
 TIMEOUT = 900  # three 5-minute periods
 KB = 1024
@@ -41,9 +44,10 @@ def put_metrics(
     network: list[float | None],
     *,
     first_period: int = 0,
+    timeout: int = TIMEOUT,
 ) -> None:
     """Datapoints in AWS/EC2 for the periods of the metric window (index 0 is its first period), as EC2 puts them."""
-    start, _ = bo.metric_window(clock.now(), TIMEOUT)
+    start, _ = bo.metric_window(clock.now(), timeout)
     data: list[Any] = []
     for index, (cpu_percent, network_bytes) in enumerate(zip(cpu, network, strict=True), start=first_period):
         when = start + timedelta(seconds=index * bo.METRIC_PERIOD_SECONDS + 60)
@@ -160,6 +164,94 @@ def test_cloudwatch_access_denied_keeps_and_names_the_iam_action(
     assert long_running.state() == "running"
 
 
+# --- Evidence from the current run only, on the instance's own scale -----------------------------------------
+@pytest.mark.parametrize(
+    ("launched", "decision", "says"),
+    [
+        pytest.param(-60, "stop", "CPU max 0.5% < 5%", id="a-minute-before-the-window"),
+        pytest.param(0, "stop", "CPU max 0.5% < 5%", id="as-the-window-begins"),  # its first period began at launch
+        pytest.param(1, "keep", "1 began before the launch", id="a-second-into-the-window"),
+        pytest.param(301, "keep", "2 began before the launch", id="in-its-second-period"),
+    ],
+)
+def test_the_fallback_judges_only_periods_of_the_current_run(
+    invoke: Invoke,
+    long_running: Ec2World,
+    backend_down: dict[str, str],
+    clock: FakeClock,
+    launched: int,
+    decision: str,
+    says: str,
+) -> None:
+    # Idle datapoints in every period: where a period began before the launch, they are the previous run's,
+    # which was stopped for being idle. A restarted backend that does not answer yet must not be stopped on them.
+    start, _ = bo.metric_window(clock.now(), TIMEOUT)
+    long_running.set_launch_time(start + timedelta(seconds=launched))
+    put_metrics(clock, long_running.instance_id, [0.5] * 3, [QUIET] * 3)
+    body = invoke(CHECK)
+    assert (body["decision"], body["signal"]) == (decision, "cloudwatch")
+    assert says in body["reason"]
+    assert long_running.state() == ("stopped" if decision == "stop" else "running")
+
+
+@pytest.mark.parametrize("timeout", [300, 900])
+def test_a_restarted_instance_is_not_stopped_on_its_previous_runs_datapoints(
+    invoke: Invoke, long_running: Ec2World, backend_down: dict[str, str], clock: FakeClock, timeout: int
+) -> None:
+    # The story: stopped for being idle, woken a few minutes later, its backend slow to boot. Up just past the
+    # timeout, the window still lies (at least partly) before this run.
+    long_running.set_launch_time(clock.now() - timedelta(seconds=timeout + 1))
+    put_metrics(clock, long_running.instance_id, [0.1] * 3, [QUIET] * 3, timeout=timeout)
+    body = invoke(CHECK, IDLE_TIMEOUT_SECONDS=str(timeout))
+    assert (body["decision"], body["signal"]) == ("keep", "cloudwatch")
+    assert "began before the launch" in body["reason"]
+    assert long_running.state() == "running"
+
+
+@pytest.mark.parametrize(
+    ("cores_threads", "decision", "says"),
+    [
+        pytest.param((1, 2), "stop", "CPU max 1.6% < 5%", id="2-vcpus"),
+        pytest.param((16, 2), "keep", "CPU max 1.6% >= 1.5625%", id="32-vcpus"),
+        pytest.param((32, 2), "keep", "CPU max 1.6% >= 0.78125%", id="64-vcpus"),
+    ],
+)
+def test_one_busy_vcpu_keeps_an_instance_of_any_size(
+    invoke: Invoke,
+    long_running: Ec2World,
+    backend_down: dict[str, str],
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+    cores_threads: tuple[int, int],
+    decision: str,
+    says: str,
+) -> None:
+    # CPUUtilization averages all vCPUs: one vCPU flat out on 64 reads 1.6 %, below the 5 % default.
+    monkeypatch.setitem(CPU_OPTIONS, "t3.medium", cores_threads)
+    put_metrics(clock, long_running.instance_id, [0.2, 1.6, 0.2], [QUIET] * 3)
+    body = invoke(CHECK)
+    assert body["decision"] == decision
+    assert says in body["reason"]
+    stopped = ["StopInstances"] if decision == "stop" else []
+    assert long_running.calls == ["DescribeInstances", "GetMetricData", *stopped]
+
+
+def test_without_a_vcpu_count_the_fallback_keeps_and_asks_cloudwatch_nothing(
+    invoke: Invoke, long_running: Ec2World, backend_down: dict[str, str], clock: FakeClock
+) -> None:
+    def drop_cpu_options(parsed: dict[str, Any], **_: Any) -> None:  # moto's answer as it comes, without ours
+        for reservation in parsed["Reservations"]:
+            for instance in reservation["Instances"]:
+                instance.pop("CpuOptions")
+
+    long_running.on_function_calls("after-call.ec2.DescribeInstances", drop_cpu_options)
+    put_metrics(clock, long_running.instance_id, [0.0] * 3, [QUIET] * 3)
+    body = invoke(CHECK)
+    assert (body["decision"], body["signal"]) == ("keep", "cloudwatch")
+    assert "no CpuOptions" in body["reason"]
+    assert long_running.calls == ["DescribeInstances"]
+
+
 # --- The drain -----------------------------------------------------------------------------------------
 DRAIN = "/api/drain"
 
@@ -205,6 +297,61 @@ def test_no_drain_without_a_drain_path_nor_in_dry_run(
     assert invoke(CHECK, DRAIN_PATH=DRAIN, DRY_RUN="true")["decision"] == "would_stop"
     assert invoke(CHECK)["decision"] == "stop"
     assert [call.method for call in idle_backend.calls] == ["GET", "GET"]
+
+
+def test_a_drained_backend_whose_stop_is_denied_is_told_to_resume(
+    invoke: Invoke, long_running: Ec2World, idle_backend: ScriptedBackend, log_lines: Any
+) -> None:
+    # moto enforces no IAM: inject what EC2 answers a role without ec2:StopInstances, after the drain succeeded.
+    long_running.on_function_calls(
+        "before-call.ec2.StopInstances", lambda **_: ec2_error("UnauthorizedOperation", "not authorized")
+    )
+    idle_backend.answer(DRAIN, Answer.json({"drained": True}))
+    body = invoke(CHECK, DRAIN_PATH=DRAIN)
+    assert (body["ok"], body["decision"], body["drained"]) == (True, "keep", True)
+    assert "drained, but StopInstances failed" in body["reason"]
+    assert "allow ec2:StopInstances" in body["reason"]
+    assert "told to resume work" in body["reason"]
+    methods = [(call.method, call.path) for call in idle_backend.calls]
+    assert methods == [("GET", ACTIVITY_PATH), ("POST", DRAIN), ("DELETE", DRAIN)]
+    line, emf = log_lines()
+    assert line["level"] == "ERROR"
+    assert emf["Errors"] == 1
+    assert long_running.state() == "running"
+
+
+def test_a_drained_backend_whose_plain_stop_no_longer_fits_is_told_to_resume(
+    invoke: Invoke, long_running: Ec2World, idle_backend: ScriptedBackend, clock: FakeClock, log_lines: Any
+) -> None:
+    # moto hibernates anything: inject a refused hibernation that took most of the time left.
+    def refuse_slowly(params: dict[str, Any], **_: Any) -> Any:
+        if params["body"].get("Hibernate") == "true":
+            clock.advance(52)
+            return ec2_error("UnsupportedHibernationConfiguration", "The instance is not configured for hibernation.")
+        return None
+
+    long_running.on_function_calls("before-call.ec2.StopInstances", refuse_slowly)
+    idle_backend.answer(DRAIN, Answer.json({"drained": True}))
+    body = invoke(CHECK, DRAIN_PATH=DRAIN, STOP_HIBERNATE="true")
+    assert (body["decision"], body["drained"]) == ("keep", True)
+    assert "drained, but StopInstances failed: Out of time before EC2 StopInstances" in body["reason"]
+    assert [call.method for call in idle_backend.calls] == ["GET", "POST", "DELETE"]
+    assert log_lines()[1]["OutOfTime"] == 1
+    assert long_running.state() == "running"
+
+
+def test_a_drain_is_not_begun_without_room_for_the_whole_stop(
+    long_running: Ec2World, idle_backend: ScriptedBackend, env: dict[str, str], clock: FakeClock
+) -> None:
+    # Room for one StopInstances after the drain, but not for the plain stop a refused hibernation needs:
+    # the drain would be left dangling, so the backend is not drained at all.
+    idle_backend.answer(DRAIN, Answer.json({"drained": True}))
+    context = FakeContext(clock, bo.ANSWER_MARGIN_SECONDS + 1 + bo.aws_call_seconds(1) + 2)
+    environ = {**env, "DRAIN_PATH": DRAIN, "STOP_HIBERNATE": "true", "IDLE_CPU_PERCENT": "0"}
+    body = bo.handle(CHECK, context, environ, clock=clock.as_clock())
+    assert (body["decision"], body["signal"]) == ("keep", "deadline")
+    assert [call.method for call in idle_backend.calls] == []
+    assert long_running.mutations() == []
 
 
 def test_a_stop_decided_by_cloudwatch_does_not_wait_for_a_drain_the_dead_backend_cannot_answer(
@@ -290,7 +437,20 @@ def test_a_failed_publish_is_a_warning_and_changes_nothing(
     assert "The notification was not published" in log["warnings"][0]
 
 
-# --- The pure parts ------------------------------------------------------------------------------------
+# --- The pure parts ----
+@pytest.mark.parametrize("odd", [math.nan, math.inf, -math.inf])
+def test_a_datapoint_that_is_not_a_finite_number_counts_as_missing(odd: float) -> None:
+    start = datetime.fromisoformat("2026-11-30T09:50:00+00:00")
+    periods = [start + timedelta(minutes=5 * index, seconds=60) for index in range(3)]
+    cpu = list(zip(periods, [0.1, odd, 0.1], strict=True))
+    network = [(when, 100.0) for when in periods]
+    samples = bo.MetricSamples(cpu, network, network)
+    launched = start - timedelta(hours=1)
+    idle, evidence = bo.judge_metrics(samples, start, start + timedelta(minutes=15), 5.0, 1e6, launch_time=launched)
+    assert not idle  # nan >= limit is false: read as a number, NaN would have looked idle
+    assert "no CPU or network data for 1 of the 3 periods" in evidence
+
+
 def test_the_window_is_whole_periods_that_end_ten_minutes_back() -> None:
     now = datetime.fromisoformat("2026-11-30T10:17:31+00:00")
     start, end = bo.metric_window(now, 900)

@@ -77,6 +77,19 @@ def test_stop_honours_dry_run(invoke: Invoke, ec2: Ec2World) -> None:
     assert ec2.mutations() == []
 
 
+@pytest.mark.parametrize("dry_run", ["false", "true"])
+def test_a_stop_of_a_stopped_instance_says_so_and_notifies_nothing(
+    invoke: Invoke, ec2: Ec2World, log_lines: Any, dry_run: str
+) -> None:
+    ec2.set_state("stopped")
+    body = invoke({"action": "stop"}, DRY_RUN=dry_run, NOTIFY_TOPIC_ARN="arn:aws:sns:us-east-1:123456789012:t")
+    assert body["decision"] == "skip"
+    assert body["reason"] == "stop requested, but the instance was already stopped"
+    assert "Publish" not in ec2.calls  # nothing changed: no "stopped" notice
+    assert "InstanceStopped" not in log_lines()[1]
+    assert ec2.state() == "stopped"
+
+
 def test_one_json_log_line_and_one_emf_line_per_invocation(
     ec2: Ec2World, env: dict[str, str], clock: FakeClock, backend: ScriptedBackend, log_lines: Any
 ) -> None:

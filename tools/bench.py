@@ -44,7 +44,8 @@ def worst_case_table(timeout_seconds: float = TEMPLATE_TIMEOUT_SECONDS) -> str:
         ("`status`", f"Describe {call:g} s, /health {health:g} s", call + health),
         ("`check_idle`", f"Describe {call:g} s, activity GET {activity:g} s, then GetMetricData {call:g} s "
          f"(backend unknown) or the drain POST {activity:g} s, StopInstances {call:g} s, hibernate fallback "
-         f"{call:g} s, SNS Publish {call:g} s", 5 * call + activity),
+         f"{call:g} s, the drain's DELETE {activity:g} s (a stop that failed), SNS Publish {call:g} s",
+         5 * call + 2 * activity),
         ("`stop`", f"Describe (DRY_RUN only) {call:g} s, StopInstances {call:g} s, "
          f"hibernate fallback {call:g} s, SNS Publish {call:g} s", 4 * call),
     ]  # fmt: skip

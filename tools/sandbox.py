@@ -38,6 +38,20 @@ TEXT_TYPES = ("text/", "application/json", "application/xml", "application/x-www
 Handler = Callable[[object, object], dict[str, Any]]
 
 
+# --- What real EC2 sends that moto does not ----------------------------------------------------------------
+# DescribeInstances' CpuOptions (cores, threads per core) of the instance types the sandbox and the tests launch;
+# the function reads the vCPU count from it (EC2 API reference, CpuOptions).
+CPU_OPTIONS = {"t3.medium": (1, 2), "c6i.xlarge": (2, 2), "m5.16xlarge": (32, 2), "m1.small": (1, 1)}
+
+
+def add_cpu_options(parsed: dict[str, Any], **_: Any) -> None:
+    """A botocore after-call hook for DescribeInstances: add CpuOptions as real EC2 sends them."""
+    for reservation in parsed.get("Reservations", []):
+        for instance in reservation.get("Instances", []):
+            cores, threads = CPU_OPTIONS[instance["InstanceType"]]
+            instance.setdefault("CpuOptions", {"CoreCount": cores, "ThreadsPerCore": threads})
+
+
 # --- The local Function URL -------------------------------------------------------------------------------
 class LocalContext:
     """The parts of the Lambda context the function reads; the remaining time counts down for real."""
@@ -259,6 +273,15 @@ class Sandbox:
         ]  # fmt: skip
         cloudwatch.put_metric_data(Namespace="AWS/EC2", MetricData=data)
 
+    def set_launch_time(self, when: datetime) -> None:
+        """Real EC2 sets LaunchTime at each start; moto keeps the first one and has no API to change it, so set it
+        in moto's (in-process) state: the instance has run since `when`."""
+        from moto.core.models import DEFAULT_ACCOUNT_ID
+        from moto.ec2.models import ec2_backends
+
+        instance = ec2_backends[DEFAULT_ACCOUNT_ID][REGION].get_instance(self.instance_id)
+        instance.launch_time = when.astimezone(UTC).replace(tzinfo=None)  # moto keeps naive UTC
+
     def _start(self) -> None:
         from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
         from werkzeug.serving import make_server
@@ -272,6 +295,11 @@ class Sandbox:
         # No default AMIs: moto would spend a second loading them, and any image ID will do here.
         setup = {**FAKE_CREDENTIALS, "AWS_DEFAULT_REGION": REGION, "MOTO_EC2_LOAD_DEFAULT_AMIS": "false"}
         self._stack.enter_context(_environment(setup))
+        if boto3.DEFAULT_SESSION is None:
+            boto3.setup_default_session()
+        events = boto3.DEFAULT_SESSION.events  # type: ignore[union-attr]  # the function's clients come from it
+        events.register("after-call.ec2.DescribeInstances", add_cpu_options, unique_id="sandbox-cpu-options")
+        self._stack.callback(events.unregister, "after-call.ec2.DescribeInstances", unique_id="sandbox-cpu-options")
         self.ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=self.moto_url)
         launched = self.ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1, InstanceType="c6i.xlarge")
         self.instance_id = launched["Instances"][0]["InstanceId"]
