@@ -16,7 +16,15 @@ from typing import Any
 import pytest
 
 import backend_orchestrator as bo
-from tests.helpers import REGION, Answer, RealContext, ScriptedBackend, SilentServer, invoke_for_real
+from tests.helpers import (
+    REGION,
+    Answer,
+    RealContext,
+    ScriptedBackend,
+    SilentServer,
+    instance_state,
+    invoke_for_real,
+)
 
 pytestmark = pytest.mark.integration
 CONTEXT_SECONDS = 12.0  # a short Lambda timeout, so that the test is short too
@@ -259,3 +267,21 @@ def test_no_action_outlives_its_context_when_the_aws_endpoint_name_resolves_slow
         assert remaining_ms > 1000, action  # answered with time to spare: Lambda would not have killed it
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert sorted(line["action"] for line in lines if "level" in line) == sorted(actions)
+
+
+def test_a_slow_drain_is_given_only_what_leaves_the_whole_stop_its_time(
+    running: str, moto_url: str, backend: ScriptedBackend
+) -> None:
+    # Room after the read for the shortest drain and a stop with its hibernation fallback, and a little more: a
+    # drain that takes its time must be cut where the stop would no longer fit, or the backend is left drained.
+    backend.answer("/api/last-activity", Answer.json({"idle_seconds": 5000}))
+    backend.answer("/api/drain", Answer(body=b'{"drained": true}', mode="trickle-length", interval=0.27))  # 4.6 s
+    environ = {"DRAIN_PATH": "/api/drain", "STOP_HIBERNATE": "true", "IDLE_CPU_PERCENT": "0"}
+    config = bo.Config.from_env({"INSTANCE_ID": running, **environ})
+    context_seconds = bo.shortest_check_seconds(config) + 2  # the read gets 3 s, the drain 4 s, not its 5 s
+    time.sleep(1.2)  # moto launched the instance just now: let it be idle past a 1 s timeout
+    body = invoke_for_real("check_idle", running, backend.url, context_seconds, IDLE_TIMEOUT_SECONDS="1", **environ)
+    assert body["decision"] == "keep"
+    assert "the drain (POST" in body["reason"]
+    assert "timed out after 4.0s" in body["reason"]
+    assert instance_state(moto_url, running) == "running"
