@@ -1039,14 +1039,55 @@ def shortest_check_seconds(config: Config) -> float:
 
 
 @cache
-def aws_client(service: str, region: str | None, attempts: int = AWS_MAX_ATTEMPTS) -> Any:
-    """One client per container, service, region and number of attempts: a call late in an invocation gets fewer."""
+def aws_client(service: str, region: str | None) -> Any:
+    """One client per container, service and region, built during INIT (see warm_clients); each call's attempts
+    are cut to what fits its time by _no_attempt_past_the_grant."""
     config = BotoConfig(
-        retries={"mode": "standard", "total_max_attempts": attempts},
+        retries={"mode": "standard", "total_max_attempts": AWS_MAX_ATTEMPTS},
         connect_timeout=AWS_CONNECT_TIMEOUT_SECONDS,
         read_timeout=AWS_READ_TIMEOUT_SECONDS,
     )
-    return boto3.client(service, region_name=region, config=config)  # type: ignore[call-overload]
+    client = boto3.client(service, region_name=region, config=config)  # type: ignore[call-overload]
+    retries = f"needs-retry.{client.meta.service_model.service_id.hyphenize()}"
+    client.meta.events.register_first(retries, _no_attempt_past_the_grant)  # asked before botocore's own handler
+    return client
+
+
+_GRANT = threading.local()  # on the thread of one AWS call (see within): `attempts`, how many it may make
+
+
+def _no_attempt_past_the_grant(
+    attempts: int, response: Any, caught_exception: BaseException | None, operation: Any, **_: Any
+) -> None:
+    """botocore's needs-retry event: refuse a retry beyond the attempts this call was granted, by ending the call
+    with what it would end with after its last retry. (Answering False refuses in botocore 1.44, but 1.38 and older,
+    which Lambda runtimes ship, retry at once on it; an exception ends the call in every version.)"""
+    if attempts < getattr(_GRANT, "attempts", AWS_MAX_ATTEMPTS):
+        return  # botocore's standard handler decides
+    if caught_exception is not None:
+        raise caught_exception
+    http_response, parsed = response
+    if http_response.status_code >= 300:
+        raise ClientError(parsed, operation.name)
+
+
+def warm_clients(environ: Mapping[str, str]) -> None:
+    """INIT: build the clients the configuration will use. Lambda runs the import on a full vCPU but an invocation
+    on memory / 1,769 MB of one, where the ~200 ms of CPU a first client costs takes seconds. A configuration
+    error is left for the invocation to answer (config_error), and so is a client that cannot be built."""
+    try:
+        config = Config.from_env(environ)
+        aws_client("ec2", config.region)
+        if config.idle_cpu_percent > 0:
+            aws_client("cloudwatch", config.region)
+        if config.notify_topic_arn:
+            aws_client("sns", topic_region(config.notify_topic_arn))
+    except (ConfigError, BotoCoreError):
+        return
+
+
+def topic_region(topic_arn: str) -> str:
+    return topic_arn.split(":")[3]
 
 
 def aws_call(
@@ -1064,9 +1105,14 @@ def aws_call(
     attempts = next((n for n in range(AWS_MAX_ATTEMPTS, 0, -1) if aws_call_seconds(n) <= left), 0)
     if attempts == 0:
         raise OutOfTimeError(f"{name} {operation}", left, aws_call_seconds(1))
+
+    def attempt() -> T:
+        _GRANT.attempts = attempts
+        return call(client)
+
     try:
-        client = aws_client(service, region, attempts)
-        return within(aws_call_seconds(attempts), lambda: call(client), f"{name} {operation}")
+        client = aws_client(service, region)
+        return within(aws_call_seconds(attempts), attempt, f"{name} {operation}")
     except ClientError as error:
         code = str(error.response.get("Error", {}).get("Code"))
         if code in ACCESS_DENIED_CODES:
@@ -1240,7 +1286,7 @@ def notification(action: Action, instance_id: str, fields: Mapping[str, Any]) ->
 
 def publish(topic_arn: str, notice: Notice, deadline: Deadline) -> str | None:
     """Publish one notice; None if sent, else a warning. A failure changes neither the decision nor the answer."""
-    region = topic_arn.split(":")[3]
+    region = topic_region(topic_arn)
     attributes = {name: {"DataType": "String", "StringValue": value} for name, value in notice.attributes.items()}
     try:
         aws_call(
@@ -1867,3 +1913,6 @@ def handle(event: object, context: object, environ: Mapping[str, str], clock: Cl
 def lambda_handler(event: object, context: object) -> dict[str, Any]:
     """The Lambda entry point: see handle()."""
     return handle(event, context, os.environ)
+
+
+warm_clients(os.environ)  # INIT, at full speed: no invocation of a well configured function builds a client

@@ -30,7 +30,7 @@ from tests.helpers import (
     setup_client,
     stopped_instance,
 )
-from tools.sandbox import add_cpu_options
+from tools.real_ec2 import add_cpu_options
 
 
 # --- Hermetic: no real AWS, no network beyond loopback -------------------------------------------

@@ -283,5 +283,6 @@ def test_a_slow_drain_is_given_only_what_leaves_the_whole_stop_its_time(
     body = invoke_for_real("check_idle", running, backend.url, context_seconds, IDLE_TIMEOUT_SECONDS="1", **environ)
     assert body["decision"] == "keep"
     assert "the drain (POST" in body["reason"]
-    assert "timed out after 4.0s" in body["reason"]
+    waited = float(re.search(r"timed out after ([0-9.]+)s", body["reason"]).group(1))  # type: ignore[union-attr]
+    assert waited <= context_seconds - bo.ANSWER_MARGIN_SECONDS - bo.stop_seconds(config)  # not its own 5 s
     assert instance_state(moto_url, running) == "running"

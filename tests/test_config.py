@@ -194,6 +194,8 @@ def test_no_environment_read_outside_config() -> None:
 
     Finder().visit(ast.parse(inspect.getsource(bo)))
     assert readers == {
+        "<module>": {"os.environ"},  # INIT hands it to warm_clients, once
+        "warm_clients": {"environ"},  # passes it to Config.from_env
         "lambda_handler": {"os.environ"},  # hands it over, once
         "handle": {"environ"},  # passes it on
         "respond": {"environ"},  # passes it to AuthToken.from_env and _load_config

@@ -25,7 +25,7 @@ from tests.helpers import (
     http_event,
     setup_client,
 )
-from tools.sandbox import CPU_OPTIONS
+from tools.real_ec2 import CPU_OPTIONS
 
 TIMEOUT = 900  # three 5-minute periods
 KB = 1024

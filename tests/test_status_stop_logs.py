@@ -8,6 +8,8 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.awsrequest import AWSResponse, HTTPHeaders
+from botocore.retries.standard import ExponentialBackoff
 
 import backend_orchestrator as bo
 from tests.helpers import (
@@ -201,6 +203,20 @@ def test_the_ec2_client_is_built_once_per_container(invoke: Invoke, ec2: Ec2Worl
     )
 
 
+THROTTLED = (
+    b'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error><Code>RequestLimitExceeded</Code>'
+    b"<Message>Request limit exceeded.</Message></Error></Errors><RequestID>r-1</RequestID></Response>"
+)
+
+
+class _Body:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def stream(self, **_: Any) -> Any:
+        yield self.data
+
+
 @pytest.mark.parametrize(
     ("timeout_seconds", "attempts"),
     [
@@ -209,17 +225,29 @@ def test_the_ec2_client_is_built_once_per_container(invoke: Invoke, ec2: Ec2Worl
         pytest.param(bo.aws_call_seconds(2) + bo.ANSWER_MARGIN_SECONDS - 0.1, 1, id="one-attempt-fits"),
     ],
 )
-def test_an_ec2_call_gets_the_attempts_that_fit_the_time_left(
+def test_an_ec2_call_makes_only_the_attempts_that_fit_the_time_left(
     ec2: Ec2World,
     env: dict[str, str],
     clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
     clients_built: list[Any],
     timeout_seconds: float,
     attempts: int,
 ) -> None:
-    body = bo.handle({"action": "stop"}, FakeContext(clock, timeout_seconds), env, clock=clock.as_clock())
-    assert body["ok"] is True
-    assert [config.retries["total_max_attempts"] for config in clients_built] == [attempts]
+    # moto never throttles: answer every attempt of DescribeInstances ahead of it, as EC2 does when it throttles
+    # (503 RequestLimitExceeded, which botocore retries), and count the attempts that reach the wire.
+    sent: list[Any] = []
+
+    def throttle(request: Any, **_: Any) -> Any:
+        sent.append(request)
+        return AWSResponse(request.url, 503, HTTPHeaders(), _Body(THROTTLED))
+
+    boto3.DEFAULT_SESSION.events.register_first("before-send.ec2.DescribeInstances", throttle)  # type: ignore[union-attr]
+    monkeypatch.setattr(ExponentialBackoff, "delay_amount", lambda *_: 0.0)  # botocore's backoff, without the wait
+    body = bo.handle({"action": "status"}, FakeContext(clock, timeout_seconds), env, clock=clock.as_clock())
+    assert (body["error"]["code"], body["aws_error_code"]) == ("aws_error", "RequestLimitExceeded")
+    assert len(sent) == attempts
+    assert len(clients_built) == 1  # one client, whatever the attempts
 
 
 def test_the_handler_reads_os_environ(ec2: Ec2World, monkeypatch: pytest.MonkeyPatch) -> None:

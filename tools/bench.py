@@ -1,5 +1,5 @@
-"""`make bench`: each action's worst-case wall time, what a cold start costs beyond boto3, and each
-action's latency against moto.
+"""`make bench`: each action's worst-case wall time, what a cold start costs beyond boto3, each action's
+latency against moto, and (tools/lambda_bench.py) the built zip under awslambdaric at Lambda's CPU share.
 
 Timings live here, not in tests: they vary with the machine. Medians of several runs. The worst-case
 table is arithmetic on the function's constants, so it is exact, and docs/deploy.md carries it (a test
@@ -174,3 +174,7 @@ if __name__ == "__main__":
     print()
     import_cost()
     action_latency()
+    print()
+    from tools import lambda_bench
+
+    lambda_bench.main()

@@ -31,25 +31,12 @@ import boto3
 
 import backend_orchestrator as bo
 from examples.reference_backend import ReferenceBackend
+from tools.real_ec2 import add_cpu_options
 
 REGION = "us-east-1"
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing"}
 TEXT_TYPES = ("text/", "application/json", "application/xml", "application/x-www-form-urlencoded")
 Handler = Callable[[object, object], dict[str, Any]]
-
-
-# --- What real EC2 sends that moto does not ----------------------------------------------------------------
-# DescribeInstances' CpuOptions (cores, threads per core) of the instance types the sandbox and the tests launch;
-# the function reads the vCPU count from it (EC2 API reference, CpuOptions).
-CPU_OPTIONS = {"t3.medium": (1, 2), "c6i.xlarge": (2, 2), "m5.16xlarge": (32, 2), "m1.small": (1, 1)}
-
-
-def add_cpu_options(parsed: dict[str, Any], **_: Any) -> None:
-    """A botocore after-call hook for DescribeInstances: add CpuOptions as real EC2 sends them."""
-    for reservation in parsed.get("Reservations", []):
-        for instance in reservation.get("Instances", []):
-            cores, threads = CPU_OPTIONS[instance["InstanceType"]]
-            instance.setdefault("CpuOptions", {"CoreCount": cores, "ThreadsPerCore": threads})
 
 
 # --- The local Function URL -------------------------------------------------------------------------------
