@@ -59,6 +59,15 @@ class WakeTimeout(WakeError):
     """The backend was not healthy by the deadline."""
 
 
+class WakeHeldError(WakeError):
+    """An operator holds the backend stopped until `hold["until"]` (and says why in `hold["reason"]`): retrying
+    before then is pointless, so the wait ends at once."""
+
+    def __init__(self, message: str, hold: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.hold = hold
+
+
 @dataclass(frozen=True)
 class Progress:
     """What the wait is doing now, for st.status or st.progress."""
@@ -227,6 +236,10 @@ class _Orchestrator:
 
     def _failure(self, response: requests.Response, error: dict[str, Any]) -> WakeError:
         detail = f", {error.get('code')}: {error.get('message')}" if error else ""
+        hold = _json_object(response).get("hold")
+        if response.status_code == 409 and error.get("code") == "held_stopped" and isinstance(hold, dict):
+            reason = f": {hold.get('reason')}" if hold.get("reason") else ""
+            return WakeHeldError(f"The backend is held stopped until {hold.get('until')}{reason}.", hold)
         if response.status_code in (401, 403):
             return WakeAuthError(
                 f"The orchestrator refused the call ({response.status_code}{detail}). Check the token, "

@@ -6,6 +6,8 @@ Actions:
   check_idle  ask the backend how long it has been idle (when it cannot say, the instance's CloudWatch
               metrics); stop the instance past the timeout; keep it, and start it, in keep-warm windows
   stop        stop the instance now (direct or scheduled invocation only)
+  hold        hold the instance running or stopped until a time, kept as tags on it (direct only)
+  release     end a hold now (direct only)
 
 Events accepted:
   - Lambda Function URL and API Gateway HTTP API (payload 2.0), API Gateway REST API (1.0):
@@ -71,6 +73,9 @@ ENV_IDLE_CPU_PERCENT: Final = "IDLE_CPU_PERCENT"
 ENV_IDLE_NETWORK_KB: Final = "IDLE_NETWORK_KB_PER_5MIN"
 ENV_DRAIN_PATH: Final = "DRAIN_PATH"
 ENV_NOTIFY_TOPIC_ARN: Final = "NOTIFY_TOPIC_ARN"
+ENV_MAX_HOLD_HOURS: Final = "MAX_HOLD_HOURS"
+ENV_STUCK_BUSY_SECONDS: Final = "STUCK_BUSY_SECONDS"
+ENV_STOP_STUCK_BUSY: Final = "STOP_STUCK_BUSY"
 
 # --- Limits and timings ----------------------------------------------------------------------
 MAX_BODY_BYTES: Final = 16 * 1024  # an HTTP event's body
@@ -99,6 +104,14 @@ ONE_BUSY_VCPU_PERCENT: Final = 50.0
 
 INTERIM_STATUS: Final = re.compile(rb"HTTP/1\.[01] 1(?!01)[0-9]{2}[ \r]")  # 1xx but 101 Switching Protocols
 MIN_TOKEN_CHARS: Final = 16
+# A hold, kept on the instance where the console shows it: set by the hold action or by hand (create-tags).
+HOLD_TAG: Final = "backend-orchestrator:hold"  # running | stopped
+HOLD_UNTIL_TAG: Final = "backend-orchestrator:hold-until"  # ISO-8601 with its offset: every hold ends
+HOLD_REASON_TAG: Final = "backend-orchestrator:hold-reason"  # optional free text
+HOLD_TAGS: Final = (HOLD_TAG, HOLD_UNTIL_TAG, HOLD_REASON_TAG)
+HOLD_STATES: Final = ("running", "stopped")
+MAX_TAG_VALUE_CHARS: Final = 256  # EC2's limit on a tag value
+MAX_HOLD_HOURS_LIMIT: Final = 9999  # what MAX_HOLD_HOURS may be (the template's pattern): keeps dates in range
 TOPIC_ARN_PATTERN: Final = re.compile(r"arn:aws[a-z-]*:sns:[a-z0-9-]+:[0-9]{12}:[A-Za-z0-9_-]{1,256}")
 INSTANCE_ID_PATTERN: Final = re.compile(r"i-(?:[0-9a-f]{8}|[0-9a-f]{17})")
 DAYS: Final = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -121,6 +134,8 @@ IAM_ACTIONS: Final = {
     "StopInstances": "ec2:StopInstances",
     "GetMetricData": "cloudwatch:GetMetricData",
     "Publish": "sns:Publish",
+    "CreateTags": "ec2:CreateTags",
+    "DeleteTags": "ec2:DeleteTags",
 }
 SERVICE_NAMES: Final = {"ec2": "EC2", "cloudwatch": "CloudWatch", "sns": "SNS"}
 ACCESS_DENIED_CODES: Final = frozenset({"UnauthorizedOperation", "AccessDenied", "AccessDeniedException"})
@@ -137,6 +152,8 @@ class Action(StrEnum):
     STATUS = "status"
     CHECK_IDLE = "check_idle"
     STOP = "stop"
+    HOLD = "hold"
+    RELEASE = "release"
 
 
 HTTP_ACTIONS: Final = (Action.START, Action.STATUS)
@@ -192,6 +209,19 @@ class MethodNotAllowedError(OrchestratorError):
     STATUS_CODE = 405
     CODE = "method_not_allowed"
     HEADERS: ClassVar[Mapping[str, str]] = {"Allow": "GET, POST"}
+
+
+class InvalidHoldError(BadRequestError):
+    """A hold action's fields are wrong (the message names the field); nothing was written."""
+
+    CODE = "invalid_hold"
+
+
+class HeldStoppedError(OrchestratorError):
+    """An operator holds the instance stopped: no start until the hold ends or is released."""
+
+    STATUS_CODE = 409
+    CODE = "held_stopped"
 
 
 class InstanceGoneError(OrchestratorError):
@@ -273,6 +303,9 @@ class Config:
     keep_warm: tuple[Window, ...] = ()
     idle_cpu_percent: float = 5.0  # 0 turns the CloudWatch fallback off
     idle_network_kb: float = 1024.0  # per 5-minute period, in + out
+    max_hold_hours: float = 72.0
+    stuck_busy_seconds: int = 7200  # 0 turns the stuck-busy watch off
+    stop_stuck_busy: bool = False
     drain_path: str | None = None
     notify_topic_arn: str | None = None
 
@@ -440,6 +473,22 @@ def _parse_kilobytes(name: str, raw: str) -> float:
     return _parse_positive_float(name, raw, "KB, e.g. 1024")
 
 
+def _parse_hours(name: str, raw: str) -> float:
+    hours = _parse_positive_float(name, raw, "hours, e.g. 72")
+    if hours > MAX_HOLD_HOURS_LIMIT:
+        raise ConfigError(f"{name}={raw!r} is more than {MAX_HOLD_HOURS_LIMIT} hours: use e.g. 72.")
+    return hours
+
+
+def _parse_seconds_or_off(name: str, raw: str) -> int:
+    if raw.strip() == "0":
+        return 0
+    try:
+        return _parse_positive_int(name, raw)
+    except ConfigError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number of seconds, e.g. 7200 (0 turns it off).") from None
+
+
 def _parse_percent(name: str, raw: str) -> float:
     try:
         value = float(raw)
@@ -543,6 +592,9 @@ VARIABLES: Final[dict[str, tuple[str, Callable[[str, str], Any]]]] = {
     ENV_IDLE_NETWORK_KB: ("idle_network_kb", _parse_kilobytes),
     ENV_DRAIN_PATH: ("drain_path", _parse_path),
     ENV_NOTIFY_TOPIC_ARN: ("notify_topic_arn", _parse_topic_arn),
+    ENV_MAX_HOLD_HOURS: ("max_hold_hours", _parse_hours),
+    ENV_STUCK_BUSY_SECONDS: ("stuck_busy_seconds", _parse_seconds_or_off),
+    ENV_STOP_STUCK_BUSY: ("stop_stuck_busy", _parse_bool),
 }
 
 
@@ -617,6 +669,7 @@ class EventRequest(NamedTuple):
     source: Source
     action: Action
     warning: str | None = None
+    fields: Mapping[str, Any] = {}
 
 
 def parse_event(event: object) -> HttpRequest | EventRequest:
@@ -646,7 +699,7 @@ def parse_event(event: object) -> HttpRequest | EventRequest:
             code="unsupported_event",
         )
     if "action" in event:
-        return EventRequest(Source.DIRECT, _action(event["action"]))
+        return EventRequest(Source.DIRECT, _action(event["action"]), fields=event)
     if event.get("detail-type") == "Scheduled Event" and event.get("source") in ("aws.events", "aws.scheduler"):
         warning = (
             "Scheduled event without constant input, run as check_idle: set the target's input to "
@@ -856,6 +909,107 @@ def keep_warm(state: str, window: Window) -> Verdict:
     )
 
 
+class Hold(NamedTuple):
+    """An operator's hold: keep the instance running, or stopped, until `until`."""
+
+    state: str  # running | stopped
+    until: datetime
+    reason: str | None = None
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {"state": self.state, "until": self.until.isoformat(), "reason": self.reason}
+
+    def text(self) -> str:
+        return f"held {self.state} until {self.until.isoformat()}" + (f" ({self.reason})" if self.reason else "")
+
+
+class HoldReading(NamedTuple):
+    """What the instance's tags say: a hold in force, one whose end has passed, or tags to ignore and why."""
+
+    hold: Hold | None = None
+    ended: Hold | None = None
+    problem: str | None = None
+
+
+def read_hold(tags: Mapping[str, str], now: datetime, max_hold_hours: float) -> HoldReading:
+    """The hold the tags describe, set by the hold action or by hand: malformed tags are ignored with the reason."""
+    if HOLD_TAG not in tags and HOLD_UNTIL_TAG not in tags:
+        return HoldReading()
+    state, until_text = tags.get(HOLD_TAG), tags.get(HOLD_UNTIL_TAG, "")
+    ignored = "the hold is ignored and the usual rules apply"
+    if state not in HOLD_STATES:
+        return HoldReading(problem=f"Tag {HOLD_TAG}={_short(state)} is not running or stopped: {ignored}.")
+    until = _aware_time(until_text)
+    if until is None:
+        return HoldReading(
+            problem=f"Tag {HOLD_UNTIL_TAG}={_short(until_text)} is not an ISO-8601 time with its offset "
+            f"(e.g. 2026-12-02T22:00:00+01:00 or ...Z): {ignored}."
+        )
+    if until > now + timedelta(hours=max_hold_hours):
+        return HoldReading(
+            problem=f"Tag {HOLD_UNTIL_TAG}={until_text!r} lies more than {ENV_MAX_HOLD_HOURS}={max_hold_hours:g} "
+            f"hours ahead: {ignored}."
+        )
+    hold = Hold(state, until, tags.get(HOLD_REASON_TAG) or None)
+    return HoldReading(ended=hold) if until <= now else HoldReading(hold=hold)
+
+
+def hold_request(fields: Mapping[str, Any], now: datetime, max_hold_hours: float) -> Hold:
+    """The hold a hold action asks for, or an InvalidHoldError naming the field: nothing is written before this."""
+    state, hours, until_text, reason = (fields.get(name) for name in ("state", "hours", "until", "reason"))
+    if state not in HOLD_STATES:
+        raise InvalidHoldError(f'"state" is {_short(state)}: hold "running" or "stopped".')
+    if (hours is None) == (until_text is None):
+        raise InvalidHoldError('Give exactly one of "hours" (e.g. 4) and "until" (e.g. "2026-12-02T22:00:00+01:00").')
+    limit = f"at most {ENV_MAX_HOLD_HOURS}={max_hold_hours:g} hours ahead"
+    if hours is not None:
+        count = _number(hours)
+        if count is None or count <= 0 or count > max_hold_hours:
+            raise InvalidHoldError(f'"hours" is {_short(hours)}: give a number above 0, {limit}.')
+        until = now + timedelta(hours=count)
+    else:
+        parsed = _aware_time(until_text) if isinstance(until_text, str) else None
+        if parsed is None:
+            raise InvalidHoldError(
+                f'"until" is {_short(until_text)}: give an ISO-8601 time with its offset (Z or +01:00).'
+            )
+        if parsed <= now or parsed > now + timedelta(hours=max_hold_hours):
+            raise InvalidHoldError(f'"until" is {until_text}: give a time in the future, {limit}.')
+        until = parsed
+    if reason is not None and not (
+        isinstance(reason, str) and len(reason) <= MAX_TAG_VALUE_CHARS and all(_tag_character(c) for c in reason)
+    ):
+        raise InvalidHoldError(
+            f'"reason" must be text of at most {MAX_TAG_VALUE_CHARS} characters without control characters.'
+        )
+    whole = until.replace(microsecond=0) + (timedelta(seconds=1) if until.microsecond else timedelta())  # > now
+    return Hold(state, whole, reason or None)
+
+
+def _tag_character(char: str) -> bool:
+    return char.isprintable() and not 0xD800 <= ord(char) <= 0xDFFF  # a tag value is UTF-8 text on one line
+
+
+def _aware_time(text: str) -> datetime | None:
+    """An ISO-8601 time that carries its offset; None for anything else (a time without one is ambiguous)."""
+    try:
+        parsed = datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
+
+
+def held_running(state: str, hold: Hold) -> Verdict:
+    """Held running: keep it whatever its backend says, and start it if it is stopped (as a keep-warm window)."""
+    if state in ("running", "pending"):
+        return Verdict(Decision.KEEP, hold.text(), signal="hold")
+    if state == "stopped":
+        return Verdict(Decision.START, f"stopped, {hold.text()}: started", signal="hold")
+    return Verdict(
+        Decision.SKIP, f"instance is {state}, {hold.text()}: nothing to do until it is stopped", signal="hold"
+    )
+
+
 class MetricSamples(NamedTuple):
     """The instance's AWS/EC2 datapoints, as (timestamp, value): CPU maximum in %, network in and out in bytes."""
 
@@ -1003,6 +1157,7 @@ class InstanceInfo(NamedTuple):
     state: str
     launch_time: datetime
     vcpus: int | None = None  # CpuOptions: cores x threads per core
+    tags: Mapping[str, str] = {}
 
 
 class Transition(NamedTuple):
@@ -1178,7 +1333,18 @@ class Ec2:
         launch_time = instances[0].get("LaunchTime") or self.deadline.clock.now()
         cpu = instances[0].get("CpuOptions") or {}
         vcpus = cpu.get("CoreCount", 0) * cpu.get("ThreadsPerCore", 1)  # real EC2 always sends both
-        return InstanceInfo(instances[0]["State"]["Name"], launch_time, vcpus if vcpus > 0 else None)
+        tags = {tag["Key"]: tag["Value"] for tag in instances[0].get("Tags", []) if tag["Key"] in HOLD_TAGS}
+        return InstanceInfo(instances[0]["State"]["Name"], launch_time, vcpus if vcpus > 0 else None, tags)
+
+    def set_hold(self, hold: Hold) -> None:
+        """The hold's three tags in one CreateTags call (an empty reason clears an older one)."""
+        values = {HOLD_TAG: hold.state, HOLD_UNTIL_TAG: hold.until.isoformat(), HOLD_REASON_TAG: hold.reason or ""}
+        tags: list[Any] = [{"Key": key, "Value": value} for key, value in values.items()]
+        self._call("CreateTags", lambda client: client.create_tags(Resources=[self.instance_id], Tags=tags))
+
+    def clear_hold(self) -> None:
+        keys: list[Any] = [{"Key": key} for key in HOLD_TAGS]
+        self._call("DeleteTags", lambda client: client.delete_tags(Resources=[self.instance_id], Tags=keys))
 
     def start_instance(self) -> Transition:
         response = self._call("StartInstances", lambda client: client.start_instances(InstanceIds=[self.instance_id]))
@@ -1274,6 +1440,8 @@ def notification(action: Action, instance_id: str, fields: Mapping[str, Any]) ->
     decision = str(fields.get("decision") or "start")
     what = {"start": "started", "stop": "stopped", "would_stop": "would be stopped (dry run)",
             "would_start": "would be started (dry run)"}.get(decision, decision)  # fmt: skip
+    if action in (Action.HOLD, Action.RELEASE):
+        what = str(fields["reason"])
     lines = [f"Instance {instance_id} {what} by {action}."]
     labels = (("reason", "Why"), ("signal", "Decided by"), ("previous_state", "Was"), ("state", "Now"))
     lines += [f"{label}: {fields[key]}" for key, label in labels if fields.get(key) is not None]
@@ -1516,31 +1684,46 @@ class Outcome:
     level: int = logging.INFO
     headers: dict[str, str] = field(default_factory=dict)
     notify: bool = False  # it started or stopped the instance (or would have): publish to NOTIFY_TOPIC_ARN
+    notices: list[Notice] = field(default_factory=list)  # published besides that one (a hold that ended)
 
 
-def start(ec2: Ec2, config: Config) -> Outcome:
-    """One StartInstances; if the instance is stopping, wait for stopped within the deadline."""
-    try:
-        transition = ec2.start_instance()
-    except AwsError as error:
-        if error.aws_error_code != "IncorrectInstanceState":
-            raise
-        transition = _start_once_stopped(ec2)
+def start(ec2: Ec2, config: Config, fields: Mapping[str, Any]) -> Outcome:
+    """Describe (its tags carry any hold), then StartInstances if the instance is stopped; wait out a stop in
+    progress within the deadline. Held stopped: refused, with no StartInstances."""
+    info = ec2.describe()
+    reading = read_hold(info.tags, ec2.deadline.clock.now(), config.max_hold_hours)
+    if reading.hold is not None and reading.hold.state == "stopped":
+        raise HeldStoppedError(
+            f"Instance {ec2.instance_id} is {reading.hold.text()}, so it is not started. It can be woken once the "
+            'hold ends, or when an operator releases it ({"action": "release"}).',
+            hold=reading.hold.as_dict(),
+        )
+    if info.state in ("pending", "running"):
+        transition = Transition(info.state, info.state)
+    elif info.state == "stopped":
+        try:
+            transition = ec2.start_instance()
+        except AwsError as error:
+            if error.aws_error_code != "IncorrectInstanceState":
+                raise
+            transition = _start_once_stopped(ec2, ec2.describe().state)
+    else:
+        transition = _start_once_stopped(ec2, info.state)
     started = transition.previous_state in ("stopped", "stopping")
     message = "Instance is starting: poll the backend's health endpoint." if started else "Instance is already up."
     return Outcome(
         {"previous_state": transition.previous_state, "state": transition.state, "message": message},
         status_code=202 if started else 200,
         metrics={"InstanceStarted": int(started)},
+        warnings=[reading.problem] if reading.problem else [],
         notify=started,
     )
 
 
-def _start_once_stopped(ec2: Ec2) -> Transition:
+def _start_once_stopped(ec2: Ec2, state: str) -> Transition:
     # StartInstances on a stopping instance fails with IncorrectInstanceState (so do shutting-down
-    # and terminated): look at the state, and wait out a stop in progress.
+    # and terminated): wait out a stop in progress.
     deadline = ec2.deadline
-    state = ec2.describe().state
     while state == "stopping":
         # A wait is worth it only if a Describe and a StartInstances still fit after it.
         if deadline.left() < STOPPING_POLL_SECONDS + 2 * aws_call_seconds(1):
@@ -1560,11 +1743,15 @@ def _start_once_stopped(ec2: Ec2) -> Transition:
     return Transition(state, state)  # someone else started it meanwhile
 
 
-def status(ec2: Ec2, config: Config) -> Outcome:
-    """The instance's state and, when it runs, whether the backend's health endpoint answers 2xx."""
+def status(ec2: Ec2, config: Config, fields: Mapping[str, Any]) -> Outcome:
+    """The instance's state, its hold, and, when it runs, whether the backend's health endpoint answers 2xx."""
     health_url = config.require_backend_url(Action.STATUS) + config.health_path
     info = ec2.describe()
-    outcome = Outcome({"state": info.state, "launch_time": info.launch_time.isoformat()})
+    reading = read_hold(info.tags, ec2.deadline.clock.now(), config.max_hold_hours)
+    held = reading.hold.as_dict() if reading.hold else None
+    outcome = Outcome({"state": info.state, "launch_time": info.launch_time.isoformat(), "hold": held})
+    if reading.problem:
+        outcome.warnings.append(reading.problem)
     backend: dict[str, Any] | None = {"reachable": False, "healthy": False, "status_code": None}
     if info.state == "running":
         wanted = min(HEALTH_TIMEOUT_SECONDS, config.http_timeout_seconds)
@@ -1578,15 +1765,23 @@ def status(ec2: Ec2, config: Config) -> Outcome:
     return outcome
 
 
-def check_idle(ec2: Ec2, config: Config) -> Outcome:
-    """Stop the instance if it is known to be idle past the timeout; keep it whenever in doubt."""
+def check_idle(ec2: Ec2, config: Config, fields: Mapping[str, Any]) -> Outcome:
+    """Stop the instance if it is known to be idle past the timeout; keep it whenever in doubt. Held running or
+    in a keep-warm window, keep it and start it if stopped. A hold that has ended is cleared."""
     config.require_backend_url(Action.CHECK_IDLE)
     outcome = Outcome({})
     verdict: Verdict | None = None
     try:
         info = ec2.describe()
         outcome.fields.update(state=info.state, launch_time=info.launch_time.isoformat())
-        verdict = _judge(ec2, config, info, outcome)  # kept apart: a stop out of time still says why it was due
+        reading = read_hold(info.tags, ec2.deadline.clock.now(), config.max_hold_hours)
+        if reading.problem:
+            outcome.warnings.append(reading.problem)
+        if reading.hold:
+            outcome.fields["hold"] = reading.hold.as_dict()
+        if reading.ended:
+            _end_hold(ec2, config, reading.ended, outcome)
+        verdict = _judge(ec2, config, info, reading.hold, outcome)  # kept apart: a stop out of time says why
         verdict = _act(ec2, config, verdict, outcome)
         if verdict.decision in (Decision.STOP, Decision.WOULD_STOP):
             uptime_seconds = round((ec2.deadline.clock.now() - info.launch_time).total_seconds())
@@ -1615,14 +1810,22 @@ def check_idle(ec2: Ec2, config: Config) -> Outcome:
     return outcome
 
 
-def _judge(ec2: Ec2, config: Config, info: InstanceInfo, outcome: Outcome) -> Verdict:
-    """The verdict, from a keep-warm window, the backend's activity, or (when the backend cannot say) CloudWatch."""
+def _judge(ec2: Ec2, config: Config, info: InstanceInfo, hold: Hold | None, outcome: Outcome) -> Verdict:
+    """The verdict, from a hold, a keep-warm window, the backend's activity, or (when the backend cannot say, or
+    says busy for too long) CloudWatch."""
     clock = ec2.deadline.clock
+    if hold is not None and hold.state == "running":
+        return held_running(info.state, hold)
     window = config.open_window(clock.now())
-    if window is not None:  # working hours: never stop, and start a stopped instance
-        return keep_warm(info.state, window)
+    if window is not None:  # working hours: never stop, and start a stopped instance unless held stopped
+        verdict = keep_warm(info.state, window)
+        if verdict.decision is Decision.START and hold is not None:
+            return Verdict(Decision.SKIP, f"stopped, {hold.text()}: no keep-warm window starts it", signal="hold")
+        return verdict
     if info.state != "running":
         return Verdict(Decision.SKIP, f"instance is {info.state}, not running", signal="state")
+    uptime_seconds = (clock.now() - info.launch_time).total_seconds()
+    outcome.metrics["UptimeHours"] = round(max(uptime_seconds, 0) / 3600, 2)  # nothing explains it: alarmed on
     url = f"{config.backend_base_url}{config.last_activity_path}"
     # The answer is worth reading only if the calls it may lead to still fit after it.
     keep = after_activity_seconds(config)
@@ -1632,7 +1835,55 @@ def _judge(ec2: Ec2, config: Config, info: InstanceInfo, outcome: Outcome) -> Ve
         outcome.level = logging.ERROR
         if config.idle_cpu_percent > 0:
             return _second_signal(ec2, config, info, activity)
-    return decide(info.launch_time, activity, clock.now(), config.idle_timeout_seconds)
+    verdict = decide(info.launch_time, activity, clock.now(), config.idle_timeout_seconds)
+    busy = isinstance(activity, Activity) and activity.busy_reason is not None
+    watched = 0 < config.stuck_busy_seconds < uptime_seconds and config.idle_cpu_percent > 0 and info.vcpus is not None
+    if busy and watched:
+        return _stuck_busy(ec2, config, info, verdict, outcome)
+    return verdict
+
+
+def _stuck_busy(ec2: Ec2, config: Config, info: InstanceInfo, verdict: Verdict, outcome: Outcome) -> Verdict:
+    """Busy for longer than STUCK_BUSY_SECONDS: one GetMetricData over that time, judged as the second signal is.
+    Idle all along means a busy flag that never clears: WARNING and StuckBusy, and a stop with STOP_STUCK_BUSY."""
+    assert info.vcpus is not None  # noqa: S101 - checked by the caller
+    now = ec2.deadline.clock.now()
+    start, end = metric_window(now, config.stuck_busy_seconds)
+    try:
+        samples = instance_metrics(ec2, start, now)
+    except (AwsError, OutOfTimeError) as error:
+        outcome.warnings.append(f"The stuck-busy watch could not read CloudWatch: {error.message}")
+        return verdict
+    cpu_limit = min(config.idle_cpu_percent, ONE_BUSY_VCPU_PERCENT / info.vcpus)
+    network_limit = config.idle_network_kb * 1024
+    idle, evidence = judge_metrics(samples, start, end, cpu_limit, network_limit, launch_time=info.launch_time)
+    if not idle:
+        return verdict
+    outcome.fields["stuck_busy"] = True
+    outcome.metrics["StuckBusy"] = 1
+    outcome.level = max(outcome.level, logging.WARNING)
+    reason = f"{verdict.reason}, but its metrics say idle ({evidence}): the busy flag may be stuck"
+    if config.stop_stuck_busy:
+        return Verdict(
+            Decision.STOP, f"{reason}; stopped ({ENV_STOP_STUCK_BUSY}=true)", verdict.idle_seconds, "stuck_busy"
+        )
+    return verdict._replace(reason=f"{reason}; kept (a busy backend is stopped only with {ENV_STOP_STUCK_BUSY}=true)")
+
+
+def _end_hold(ec2: Ec2, config: Config, ended: Hold, outcome: Outcome) -> None:
+    """A hold whose end has passed: delete its tags (one DeleteTags) and say so once; the usual rules apply."""
+    if config.dry_run:
+        outcome.warnings.append(f"The hold ({ended.text()}) has ended; in dry run its tags are left in place.")
+        return
+    try:
+        ec2.clear_hold()
+    except AwsError as error:
+        outcome.warnings.append(f"The hold ({ended.text()}) has ended, but its tags stay: {error.message}")
+        return
+    outcome.fields["hold_ended"] = ended.as_dict()
+    text = f"The hold on instance {ec2.instance_id} ({ended.text()}) has ended; the usual rules apply again."
+    attributes = {"action": Action.CHECK_IDLE.value, "decision": "hold_ended"}
+    outcome.notices.append(Notice(f"Backend {ec2.instance_id} hold ended", text, attributes))
 
 
 def _second_signal(ec2: Ec2, config: Config, info: InstanceInfo, activity: ActivityUnknown) -> Verdict:
@@ -1695,7 +1946,7 @@ def _start_unless_dry_run(ec2: Ec2, config: Config, outcome: Outcome) -> Decisio
     return Decision.START
 
 
-def stop(ec2: Ec2, config: Config) -> Outcome:
+def stop(ec2: Ec2, config: Config, fields: Mapping[str, Any]) -> Outcome:
     """The operator's stop, now (direct invocation only): honours DRY_RUN and STOP_HIBERNATE."""
     outcome = Outcome({"state": ec2.describe().state} if config.dry_run else {})
     already = config.dry_run and outcome.fields["state"] in STOPPED_STATES
@@ -1727,20 +1978,59 @@ def _stop_unless_dry_run(ec2: Ec2, config: Config, outcome: Outcome) -> Decision
     return Decision.STOP
 
 
-# The actions by name; each takes the instance and the configuration.
-ACTIONS: Final[dict[Action, Callable[[Ec2, Config], Outcome]]] = {
+def hold(ec2: Ec2, config: Config, fields: Mapping[str, Any]) -> Outcome:
+    """Hold the instance running or stopped until a time (direct invocation only): the three tags in one
+    CreateTags, then start or stop it to match (an operator's stop: STOP_HIBERNATE and DRY_RUN honoured)."""
+    wanted = hold_request(fields, ec2.deadline.clock.now(), config.max_hold_hours)  # a 400 writes nothing
+    info = ec2.describe()
+    outcome = Outcome({"hold": wanted.as_dict(), "state": info.state}, notify=True)
+    if not config.dry_run:
+        ec2.set_hold(wanted)
+    if wanted.state == "running" and info.state == "stopped":
+        decision = _start_unless_dry_run(ec2, config, outcome)
+    elif wanted.state == "stopped" and info.state in ("pending", "running"):
+        decision = _stop_unless_dry_run(ec2, config, outcome)
+    else:
+        decision = Decision.KEEP
+    written = " (dry run: nothing written)" if config.dry_run else ""
+    outcome.fields.update(decision=decision.value, reason=f"{wanted.text()}{written}", dry_run=config.dry_run)
+    return outcome
+
+
+def release(ec2: Ec2, config: Config, fields: Mapping[str, Any]) -> Outcome:
+    """End the hold now (direct invocation only): its tags deleted in one DeleteTags; the usual rules apply."""
+    info = ec2.describe()
+    reading = read_hold(info.tags, ec2.deadline.clock.now(), config.max_hold_hours)
+    released = reading.hold or reading.ended
+    if info.tags and not config.dry_run:
+        ec2.clear_hold()
+    reason = f"released from its hold ({released.text()})" if released else "released: it had no hold"
+    if config.dry_run:
+        reason += " (dry run: nothing written)"
+    return Outcome(
+        {"hold": None, "released": released.as_dict() if released else None, "state": info.state,
+         "decision": Decision.KEEP.value, "reason": reason, "dry_run": config.dry_run},
+        notify=bool(info.tags),
+    )  # fmt: skip
+
+
+# The actions by name; each takes the instance, the configuration and the event's fields (for hold).
+ACTIONS: Final[dict[Action, Callable[[Ec2, Config, Mapping[str, Any]], Outcome]]] = {
     Action.START: start,
     Action.STATUS: status,
     Action.CHECK_IDLE: check_idle,
     Action.STOP: stop,
+    Action.HOLD: hold,
+    Action.RELEASE: release,
 }
 
 
-def act(action: Action, config: Config, deadline: Deadline) -> Outcome:
-    """Run the action on the instance; publish a start or a stop to NOTIFY_TOPIC_ARN."""
-    outcome = ACTIONS[action](Ec2(config.region, config.instance_id, deadline), config)
-    if outcome.notify and config.notify_topic_arn:
-        failure = publish(config.notify_topic_arn, notification(action, config.instance_id, outcome.fields), deadline)
+def act(action: Action, config: Config, deadline: Deadline, fields: Mapping[str, Any]) -> Outcome:
+    """Run the action on the instance; publish a start, a stop or a hold to NOTIFY_TOPIC_ARN."""
+    outcome = ACTIONS[action](Ec2(config.region, config.instance_id, deadline), config, fields)
+    notices = [notification(action, config.instance_id, outcome.fields)] if outcome.notify else []
+    for notice in [*outcome.notices, *notices] if config.notify_topic_arn else []:
+        failure = publish(config.notify_topic_arn, notice, deadline)  # type: ignore[arg-type]
         if failure:
             outcome.warnings.append(failure)
     return outcome
@@ -1836,7 +2126,8 @@ def respond(event: object, environ: Mapping[str, str], deadline: Deadline) -> Re
         authorized = True  # direct and scheduled invocations need no token
         config = _configured(token, loaded)  # what is misconfigured, told only to a caller who may know
         action = http_action(request) if isinstance(request, HttpRequest) else request.action
-        outcome = act(action, config, deadline)
+        fields = request.fields if isinstance(request, EventRequest) else {}
+        outcome = act(action, config, deadline, fields)
         if isinstance(request, EventRequest) and request.warning:
             outcome.warnings.insert(0, request.warning)
     except OrchestratorError as error:

@@ -125,6 +125,22 @@ def ec2(aws: None, clock: FakeClock) -> Ec2World:
     return world
 
 
+@pytest.fixture
+def topic(aws: None) -> tuple[str, Any]:
+    """An SNS topic the function publishes to, and a function that reads what reached its SQS subscriber."""
+    sns, sqs = setup_client("sns"), setup_client("sqs")
+    topic_arn = sns.create_topic(Name="backend-orchestrator")["TopicArn"]
+    queue_url = sqs.create_queue(QueueName="notifications")["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    sns.subscribe(TopicArn=topic_arn, Protocol="sqs", Endpoint=queue_arn)
+
+    def received() -> list[dict[str, Any]]:
+        messages = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10).get("Messages", [])
+        return [json.loads(message["Body"]) for message in messages]
+
+    return topic_arn, received
+
+
 @pytest.fixture(scope="session")
 def backend_server() -> Iterator[ScriptedBackend]:
     server = ScriptedBackend()

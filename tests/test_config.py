@@ -222,6 +222,8 @@ def test_no_environment_read_outside_config() -> None:
         pytest.param("BACKEND_BASE_URL", f"http://{'a' * 64}.internal/", "not a valid DNS name", id="url-long-label"),
         pytest.param("IDLE_NETWORK_KB_PER_5MIN", "lots", "number of KB", id="network-limit-in-kb"),
         pytest.param("AWS_REGION", "us east 1", "not an AWS region", id="region-with-spaces"),
+        pytest.param("MAX_HOLD_HOURS", "1e308", "more than 9999 hours", id="max-hold-out-of-range"),
+        pytest.param("STUCK_BUSY_SECONDS", "-5", "0 turns it off", id="stuck-busy-negative"),
     ],
 )
 def test_a_value_no_parser_expected_is_a_config_error_naming_the_variable(

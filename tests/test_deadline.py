@@ -37,7 +37,7 @@ def test_start_without_time_for_one_call_is_503_and_calls_nothing(
     assert response["statusCode"] == 503
     assert response["headers"]["Retry-After"] == str(bo.RETRY_AFTER_SECONDS)
     assert body_of(response)["error"]["code"] == "out_of_time"
-    assert "EC2 StartInstances" in body_of(response)["error"]["message"]
+    assert "EC2 DescribeInstances" in body_of(response)["error"]["message"]
     assert ec2.calls == []
     assert ec2.state() == "stopped"
     assert log_lines()[0]["level"] == "ERROR"
@@ -119,7 +119,7 @@ def test_a_context_that_cannot_say_its_time_gets_the_default_with_a_warning(
     line = log_lines()[0]
     assert line["level"] == "WARNING"
     assert "get_remaining_time_in_millis() gave" in line["warnings"][0]
-    assert ec2.calls == ["StartInstances"]
+    assert ec2.calls == ["DescribeInstances"]
 
 
 @pytest.mark.parametrize(

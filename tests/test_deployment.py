@@ -63,7 +63,8 @@ def drift(template: dict[str, Any], policy: dict[str, Any]) -> list[str]:
     required = (bo.ENV_INSTANCE_ID, bo.ENV_BACKEND_BASE_URL)
     problems += [f"the template does not set {name}" for name in required if name not in variables]
     code_actions = {"*": {bo.IAM_ACTIONS["DescribeInstances"], bo.IAM_ACTIONS["GetMetricData"]},
-                    INSTANCE_ARN: {bo.IAM_ACTIONS["StartInstances"], bo.IAM_ACTIONS["StopInstances"]},
+                    INSTANCE_ARN: {bo.IAM_ACTIONS[name] for name in ("StartInstances", "StopInstances", "CreateTags",
+                                                                     "DeleteTags")},
                     "the topic": {bo.IAM_ACTIONS["Publish"]}}  # fmt: skip
     role = template["Resources"]["Role"]["Properties"]["Policies"][0]["PolicyDocument"]
     for name, grants in (("template Role", actions_by_resource(role)), (POLICY.name, actions_by_resource(policy))):
@@ -262,6 +263,10 @@ def test_the_template_accepts_nothing_the_function_refuses(parameter: str, varia
             "IdleNetworkKbPer5Min", "IDLE_NETWORK_KB_PER_5MIN", ["1024", "0", "0.5", "0.0", "-1", "1e3"], id="network"
         ),
         pytest.param("DrainPath", "DRAIN_PATH", ["/api/drain", "/a?b", "/a#b", "/a b", "api/drain", "/é"], id="drain"),
+        pytest.param("MaxHoldHours", "MAX_HOLD_HOURS", ["72", "1", "9999", "10000", "0", "1e308", "-1"], id="hold"),
+        pytest.param(
+            "StuckBusySeconds", "STUCK_BUSY_SECONDS", ["7200", "0", "00", "-1", "7200.5", "1e3"], id="stuck-busy"
+        ),
     ],
 )
 def test_the_fallback_and_drain_parameters_accept_nothing_the_function_refuses(
@@ -340,7 +345,7 @@ def emitted_metric_names() -> set[str]:
     source = inspect.getsource(bo)
     requested = {f"{action.value.title().replace('_', '')}Requested" for action in bo.Action}
     literals = {"InstanceStarted", "InstanceStopped", "IdleSeconds", "UptimeSeconds", "BackendUnreachable", "Errors",
-                "OutOfTime"}  # fmt: skip
+                "OutOfTime", "StuckBusy", "UptimeHours"}  # fmt: skip
     return requested | {name for name in literals if f'"{name}"' in source}
 
 
@@ -356,6 +361,8 @@ def test_the_alarms_watch_what_the_function_emits_and_tell_the_topic() -> None:
         ("AWS/Lambda", "Errors"),
         (namespace, "CheckIdleRequested"),
         (namespace, "OutOfTime"),
+        (namespace, "StuckBusy"),
+        (namespace, "UptimeHours"),
     }
     assert {name for space, name in watched if space == namespace} <= emitted_metric_names()
     unreachable = watched[(namespace, "BackendUnreachable")]
@@ -446,3 +453,25 @@ def test_the_docs_link_only_to_files_and_headings_that_exist() -> None:
             if not linked.exists() or (anchor and anchor not in anchors.get(linked, {anchor})):
                 broken.append(f"{doc.name}: {target}")
     assert broken == []
+
+
+def test_hold_tags_are_allowed_on_the_instance_only_and_for_the_orchestrators_keys_only() -> None:
+    role = load_template()["Resources"]["Role"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
+    for name, statements in (("template Role", role), (POLICY.name, load_policy()["Statement"])):
+        [tagging] = [s for s in statements if "ec2:CreateTags" in s["Action"]]
+        assert sorted(tagging["Action"]) == ["ec2:CreateTags", "ec2:DeleteTags"], name
+        keys = tagging["Condition"]["ForAllValues:StringLike"]["aws:TagKeys"]
+        assert keys == ["backend-orchestrator:*"], name
+        assert all(tag.startswith(keys[0].rstrip("*")) for tag in bo.HOLD_TAGS)
+
+
+def test_the_uptime_alarm_watches_the_max_uptime_parameter() -> None:
+    template = load_template()
+    alarm = template["Resources"]["UptimeAlarm"]["Properties"]
+    assert (alarm["MetricName"], alarm["Statistic"], alarm["Threshold"]) == (
+        "UptimeHours",
+        "Maximum",
+        {"Ref": "MaxUptimeHours"},
+    )
+    assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
+    assert template["Parameters"]["MaxUptimeHours"]["Default"] == 12

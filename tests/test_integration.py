@@ -61,13 +61,14 @@ def test_a_misbehaving_backend_is_kept_with_a_clear_reason(
 
 
 # --- The local Function URL ---------------------------------------------------------------------------------
-def test_twenty_concurrent_starts_each_make_exactly_one_ec2_call() -> None:
+def test_twenty_concurrent_starts_each_make_at_most_one_start_call() -> None:
     # Through the local Function URL against moto's threaded server, with no lock anywhere: each
-    # invocation runs in its own thread, and the hook below records which thread made which EC2 call.
+    # invocation runs in its own thread, and the hook below records which invocation made which EC2 call
+    # (each call runs on a worker thread named "<invocation's thread>: <service> <operation>").
     calls: dict[str, list[str]] = {}
 
     def record(model: Any, **_: Any) -> None:
-        calls.setdefault(threading.current_thread().name, []).append(model.name)
+        calls.setdefault(threading.current_thread().name.split(": ")[0], []).append(model.name)
 
     with Sandbox() as sandbox:
         events = boto3.DEFAULT_SESSION.events  # type: ignore[union-attr]
@@ -83,8 +84,12 @@ def test_twenty_concurrent_starts_each_make_exactly_one_ec2_call() -> None:
             events.unregister("before-parameter-build.ec2", record)
         statuses = [answer.status_code for answer in answers]
         assert set(statuses) <= {200, 202}, [answer.text for answer in answers]
-        # What the function controls: one StartInstances per invocation, no Describe first, whatever the others do.
-        assert sorted(calls.values()) == [["StartInstances"]] * 20
+        # What the function controls: a Describe (its tags carry any hold), then at most one StartInstances.
+        assert len(calls) == 20
+        assert {tuple(made) for made in calls.values()} <= {
+            ("DescribeInstances",),
+            ("DescribeInstances", "StartInstances"),
+        }
         # Real EC2 changes state atomically, so exactly one caller would see it stopped; moto's threaded
         # server does not (its start reads and writes the state without a lock), so only "at least one" holds.
         assert statuses.count(202) >= 1

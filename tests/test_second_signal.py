@@ -3,7 +3,6 @@ notification of every start and stop."""
 
 from __future__ import annotations
 
-import json
 import math
 from datetime import datetime, timedelta
 from typing import Any
@@ -144,7 +143,7 @@ def test_a_backend_that_says_busy_is_never_overruled_by_idle_metrics(
 ) -> None:
     put_metrics(clock, long_running.instance_id, [0.0] * 3, [0.0] * 3)
     backend.answer(ACTIVITY_PATH, Answer.json({"idle_seconds": 5000, "busy": True}))
-    body = invoke(CHECK)
+    body = invoke(CHECK, STUCK_BUSY_SECONDS="10800")  # busy for 2 h, within the stuck-busy watch's 3 h
     assert (body["decision"], body["signal"]) == ("keep", "activity")
     assert long_running.calls == ["DescribeInstances"]  # CloudWatch is never asked while the backend answers
 
@@ -362,22 +361,6 @@ def test_a_stop_decided_by_cloudwatch_does_not_wait_for_a_drain_the_dead_backend
 
 
 # --- Notifications -------------------------------------------------------------------------------------
-@pytest.fixture
-def topic(aws: None) -> tuple[str, Any]:
-    """An SNS topic the function publishes to, and a function that reads what reached its SQS subscriber."""
-    sns, sqs = setup_client("sns"), setup_client("sqs")
-    topic_arn = sns.create_topic(Name="backend-orchestrator")["TopicArn"]
-    queue_url = sqs.create_queue(QueueName="notifications")["QueueUrl"]
-    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    sns.subscribe(TopicArn=topic_arn, Protocol="sqs", Endpoint=queue_arn)
-
-    def received() -> list[dict[str, Any]]:
-        messages = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10).get("Messages", [])
-        return [json.loads(message["Body"]) for message in messages]
-
-    return topic_arn, received
-
-
 def test_a_start_is_published(invoke: Invoke, ec2: Ec2World, topic: tuple[str, Any]) -> None:
     topic_arn, received = topic
     ec2.set_state("stopped")
@@ -389,14 +372,14 @@ def test_a_start_is_published(invoke: Invoke, ec2: Ec2World, topic: tuple[str, A
         "action": "start",
         "decision": "start",
     }
-    assert ec2.calls == ["StartInstances", "Publish"]
+    assert ec2.calls == ["DescribeInstances", "StartInstances", "Publish"]
 
 
 def test_an_instance_already_up_is_not_published(invoke: Invoke, ec2: Ec2World, topic: tuple[str, Any]) -> None:
     topic_arn, received = topic
     assert invoke(http_event(), NOTIFY_TOPIC_ARN=topic_arn)["statusCode"] == 200
     assert received() == []
-    assert ec2.calls == ["StartInstances"]
+    assert ec2.calls == ["DescribeInstances"]
 
 
 def test_a_fallback_stop_is_published_with_its_evidence_and_uptime(

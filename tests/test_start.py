@@ -1,4 +1,5 @@
-"""start: one EC2 call on the happy path, waiting out a stop in progress, clear errors otherwise."""
+"""start: Describe first (its tags carry any hold), StartInstances only for a stopped instance, waiting out a
+stop in progress, clear errors otherwise."""
 
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ from tests.helpers import (
 @pytest.mark.parametrize(
     ("state", "status", "previous", "mutations"),
     [
-        pytest.param("stopped", 202, "stopped", ["StartInstances"], id="stopped-starts"),
-        pytest.param("pending", 200, "pending", ["StartInstances"], id="pending-already-up"),
-        pytest.param("running", 200, "running", ["StartInstances"], id="running-already-up"),
+        pytest.param("stopped", 202, "stopped", ["DescribeInstances", "StartInstances"], id="stopped-starts"),
+        pytest.param("pending", 200, "pending", ["DescribeInstances"], id="pending-already-up"),
+        pytest.param("running", 200, "running", ["DescribeInstances"], id="running-already-up"),
     ],
 )
-def test_start_costs_exactly_one_ec2_call(
+def test_start_describes_then_starts_only_a_stopped_instance(
     invoke: Invoke, ec2: Ec2World, state: str, status: int, previous: str, mutations: list[str]
 ) -> None:
     ec2.set_state(state)
@@ -36,7 +37,7 @@ def test_start_costs_exactly_one_ec2_call(
     body = body_of(response)
     assert response["statusCode"] == status
     assert body["previous_state"] == previous
-    assert ec2.calls == ["StartInstances"]  # no Describe first
+    assert ec2.calls == mutations  # an instance already up costs the one Describe
     assert ec2.state() in ("pending", "running")
 
 
@@ -50,7 +51,7 @@ def test_start_on_a_gone_instance_names_it(invoke: Invoke, ec2: Ec2World, state:
     assert body["error"]["code"] == "instance_terminated"
     assert ec2.instance_id in body["error"]["message"]
     assert body["state"] == state
-    assert ec2.calls == ["StartInstances", "DescribeInstances"]
+    assert ec2.calls == ["DescribeInstances"]
 
 
 def test_start_waits_for_a_stopping_instance_then_starts_it(
@@ -72,7 +73,7 @@ def test_start_waits_for_a_stopping_instance_then_starts_it(
     assert response["statusCode"] == 202, body
     assert (body["previous_state"], body["state"]) == ("stopped", "pending")  # EC2's answer to the second start
     assert clock.sleeps == [bo.STOPPING_POLL_SECONDS] * 4
-    assert ec2.calls == ["StartInstances"] + ["DescribeInstances"] * 5 + ["StartInstances"]
+    assert ec2.calls == ["DescribeInstances"] * 5 + ["StartInstances"]
 
 
 def test_start_gives_up_within_the_invocation_time_with_retry_after(
@@ -90,7 +91,7 @@ def test_start_gives_up_within_the_invocation_time_with_retry_after(
     reserve = bo.ANSWER_MARGIN_SECONDS + bo.STOPPING_POLL_SECONDS + 2 * bo.aws_call_seconds(1)
     assert context.get_remaining_time_in_millis() >= (reserve - bo.STOPPING_POLL_SECONDS) * 1000
     assert sum(clock.sleeps) > 30 - reserve - bo.STOPPING_POLL_SECONDS
-    assert ec2.mutations() == ["StartInstances"]
+    assert ec2.mutations() == []  # it was seen stopping, so no StartInstances was sent
     assert ec2.state() == "stopping"
 
 
@@ -105,7 +106,7 @@ def test_someone_else_starts_it_while_we_wait(ec2: Ec2World, env: dict[str, str]
     response = bo.handle(http_event(), FakeContext(clock), env, clock=fast)
     assert response["statusCode"] == 200
     assert body_of(response)["state"] == "pending"
-    assert ec2.mutations() == ["StartInstances"]
+    assert ec2.mutations() == []
 
 
 def test_missing_instance_says_check_instance_id_and_region(invoke: Invoke, ec2: Ec2World) -> None:
@@ -137,6 +138,8 @@ def test_access_denied_names_the_missing_iam_action(
     invoke: Invoke, ec2: Ec2World, event: dict[str, str], operation: str, iam_action: str
 ) -> None:
     fail_like_ec2(ec2, operation)
+    if operation == "StartInstances":
+        ec2.set_state("stopped")  # only a stopped instance is started
     response = invoke(http_event(body='{"action": "start"}') if event["action"] == "start" else event)
     body = body_of(response)
     assert body["error"]["code"] == "aws_access_denied"

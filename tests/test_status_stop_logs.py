@@ -125,7 +125,7 @@ def test_one_json_log_line_and_one_emf_line_per_invocation(
     assert directive["Namespace"] == "PyElli"
     assert directive["Dimensions"] == [["InstanceId"]]
     names = {metric["Name"] for metric in directive["Metrics"]}
-    assert names == {"CheckIdleRequested", "IdleSeconds", "InstanceStopped", "UptimeSeconds"}
+    assert names == {"CheckIdleRequested", "IdleSeconds", "InstanceStopped", "UptimeSeconds", "UptimeHours"}
     assert {metric["Unit"] for metric in directive["Metrics"] if metric["Name"].endswith("Seconds")} == {"Seconds"}
     assert (emf["InstanceStopped"], emf["IdleSeconds"], emf["InstanceId"]) == (1, 1000, ec2.instance_id)
     assert emf["UptimeSeconds"] == log["uptime_seconds"] == pytest.approx(3600, abs=1)  # LaunchTime has whole seconds

@@ -21,6 +21,7 @@ from examples.wake_backend import (
     StartAnswer,
     WakeAuthError,
     WakeError,
+    WakeHeldError,
     WakeServerError,
     WakeTimeout,
     request_start,
@@ -66,6 +67,18 @@ def test_a_healthy_backend_costs_one_get_and_no_start(mock: Any, clock: Clock) -
     mock.get(HEALTH, json={"status": "ok"})
     wake(clock)
     assert [call.request.method for call in mock.calls] == ["GET"]
+
+
+def test_a_backend_held_stopped_raises_wake_held_error_at_once_with_the_hold(mock: Any, clock: Clock) -> None:
+    hold = {"state": "stopped", "until": "2026-12-02T14:00:00+01:00", "reason": "patching the OS"}
+    mock.get(HEALTH, body=requests.ConnectionError("refused"))
+    mock.post(URL, status=409, json={"ok": False, "hold": hold, "error": {"code": "held_stopped", "message": "m"}})
+    with pytest.raises(WakeHeldError, match=r"held stopped until 2026-12-02T14:00:00\+01:00: patching the OS") as held:
+        wake(clock)
+    assert held.value.hold == hold
+    assert isinstance(held.value, WakeError)
+    assert [call.request.method for call in mock.calls] == ["GET", "POST"]  # no retry: the hold says until when
+    assert clock.sleeps == []
 
 
 def test_polling_is_a_steady_second_not_a_growing_backoff(mock: Any, clock: Clock) -> None:

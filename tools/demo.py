@@ -1,6 +1,7 @@
 """`make demo`: the function's whole life cycle on 127.0.0.1, as a timeline. `make serve`: keep it up.
 
-demo:  the app wakes the backend through the local Function URL and runs a job on it; check_idle
+demo:  an operator holds the backend stopped, and the app's wake is refused with the reason; released,
+       the app wakes the backend through the local Function URL and runs a job on it; check_idle
        runs every second with a 3 s idle timeout: keep (busy), keep (recent activity), stop. Then the
        instance is started again with its backend crashed and its metrics idle: check_idle stops it
        on the second signal, CloudWatch.
@@ -23,7 +24,7 @@ from pathlib import Path
 import requests
 
 import backend_orchestrator as bo
-from examples.wake_backend import Progress, WakeError, wake_backend
+from examples.wake_backend import Progress, WakeError, WakeHeldError, wake_backend
 from tools.sandbox import Sandbox
 
 
@@ -73,6 +74,7 @@ def run_demo(
         def progress(update: Progress) -> None:
             timeline.row("app", update.phase, sandbox.state(), update.message)
 
+        held_stopped(sandbox, timeline)
         try:
             wake_backend(sandbox.function_url, sandbox.backend_url, deadline_seconds=20, on_progress=progress)
         except WakeError as error:
@@ -105,6 +107,23 @@ def run_demo(
         crashed_backend(sandbox, timeline, idle_timeout_seconds, give_up_at)
 
 
+def held_stopped(sandbox: Sandbox, timeline: Timeline) -> None:
+    """An operator holds the backend stopped for maintenance: the app's wake is refused with the reason, until
+    the operator releases it."""
+    held = sandbox.invoke({"action": "hold", "state": "stopped", "hours": 1, "reason": "patching the OS"})
+    if not held.get("ok"):
+        raise DemoFailure(f"the hold failed: {held.get('error')}")
+    timeline.row("operator", "hold", sandbox.state(), held["reason"])
+    try:
+        wake_backend(sandbox.function_url, sandbox.backend_url, deadline_seconds=5)
+    except WakeHeldError as error:
+        timeline.row("app", "refused", sandbox.state(), f"{error} (the page says so)")
+    else:
+        raise DemoFailure("a backend held stopped was woken")
+    released = sandbox.invoke({"action": "release"})
+    timeline.row("operator", "release", sandbox.state(), released["reason"])
+
+
 def crashed_backend(sandbox: Sandbox, timeline: Timeline, idle_timeout_seconds: int, give_up_at: float) -> None:
     """The backend process is dead on a running instance: its metrics show it idle, and check_idle stops it."""
     sandbox.backend_host.crashed = True
@@ -116,8 +135,9 @@ def crashed_backend(sandbox: Sandbox, timeline: Timeline, idle_timeout_seconds: 
     timeline.row("operator", "start", started.get("state", "?"), started.get("message", str(started.get("error"))))
     # The fallback judges only periods of the current run, published minutes late: age the run past them.
     window_start, _ = bo.metric_window(datetime.now(UTC), idle_timeout_seconds)
-    sandbox.set_launch_time(window_start - timedelta(minutes=1))
-    timeline.row("demo", "setup", sandbox.state(), f"the instance has run since {window_start:%H:%M} UTC - 1 min")
+    launched = window_start - timedelta(minutes=1)
+    sandbox.set_launch_time(launched)
+    timeline.row("demo", "setup", sandbox.state(), f"LaunchTime set back to {launched:%H:%M} UTC: it has run a while")
     result = sandbox.invoke({"action": "check_idle"})
     if not result.get("ok"):
         raise DemoFailure(f"check_idle failed: {result.get('error')}")
