@@ -1846,17 +1846,11 @@ def _judge(ec2: Ec2, config: Config, info: InstanceInfo, hold: Hold | None, outc
 def _stuck_busy(ec2: Ec2, config: Config, info: InstanceInfo, verdict: Verdict, outcome: Outcome) -> Verdict:
     """Busy for longer than STUCK_BUSY_SECONDS: one GetMetricData over that time, judged as the second signal is.
     Idle all along means a busy flag that never clears: WARNING and StuckBusy, and a stop with STOP_STUCK_BUSY."""
-    assert info.vcpus is not None  # noqa: S101 - checked by the caller
-    now = ec2.deadline.clock.now()
-    start, end = metric_window(now, config.stuck_busy_seconds)
     try:
-        samples = instance_metrics(ec2, start, now)
+        idle, evidence = _metrics_idle(ec2, config, info, config.stuck_busy_seconds)
     except (AwsError, OutOfTimeError) as error:
         outcome.warnings.append(f"The stuck-busy watch could not read CloudWatch: {error.message}")
         return verdict
-    cpu_limit = min(config.idle_cpu_percent, ONE_BUSY_VCPU_PERCENT / info.vcpus)
-    network_limit = config.idle_network_kb * 1024
-    idle, evidence = judge_metrics(samples, start, end, cpu_limit, network_limit, launch_time=info.launch_time)
     if not idle:
         return verdict
     outcome.fields["stuck_busy"] = True
@@ -1886,6 +1880,18 @@ def _end_hold(ec2: Ec2, config: Config, ended: Hold, outcome: Outcome) -> None:
     outcome.notices.append(Notice(f"Backend {ec2.instance_id} hold ended", text, attributes))
 
 
+def _metrics_idle(ec2: Ec2, config: Config, info: InstanceInfo, seconds: int) -> tuple[bool, str]:
+    """Whether the instance's own metrics were idle over the last `seconds` of the current run, on its scale (one
+    busy vCPU of any count is not idle), in one GetMetricData call; and the evidence."""
+    assert info.vcpus is not None  # noqa: S101 - both callers check it first
+    now = ec2.deadline.clock.now()
+    start, end = metric_window(now, seconds)
+    samples = instance_metrics(ec2, start, now)
+    cpu_limit = min(config.idle_cpu_percent, ONE_BUSY_VCPU_PERCENT / info.vcpus)
+    network_limit = config.idle_network_kb * 1024
+    return judge_metrics(samples, start, end, cpu_limit, network_limit, launch_time=info.launch_time)
+
+
 def _second_signal(ec2: Ec2, config: Config, info: InstanceInfo, activity: ActivityUnknown) -> Verdict:
     """The backend cannot say: once the instance has run past the timeout, its own CloudWatch metrics decide,
     on the instance's own scale: one busy vCPU of any count keeps it."""
@@ -1899,16 +1905,12 @@ def _second_signal(ec2: Ec2, config: Config, info: InstanceInfo, activity: Activ
     if info.vcpus is None:
         reason = "DescribeInstances gave no CpuOptions, so one busy vCPU cannot be told from an idle instance"
         return Verdict(Decision.KEEP, f"{unreachable}; {reason}", signal="cloudwatch")
-    cpu_limit = min(config.idle_cpu_percent, ONE_BUSY_VCPU_PERCENT / info.vcpus)
-    start, end = metric_window(now, timeout)
     try:
-        samples = instance_metrics(ec2, start, now)
+        idle, evidence = _metrics_idle(ec2, config, info, timeout)
     except AwsError as error:
         return Verdict(
             Decision.KEEP, f"{unreachable}; CloudWatch could not be read: {error.message}", signal="cloudwatch"
         )
-    network_limit = config.idle_network_kb * 1024
-    idle, evidence = judge_metrics(samples, start, end, cpu_limit, network_limit, launch_time=info.launch_time)
     return Verdict(Decision.STOP if idle else Decision.KEEP, f"{unreachable}; {evidence}", signal="cloudwatch")
 
 
