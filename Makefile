@@ -1,5 +1,5 @@
 # make test: what CI runs. Everything installs into .venv from pinned requirements.
-.PHONY: test lint typecheck unit demo serve bench package validate deploy clean venv lock
+.PHONY: test lint typecheck unit demo serve bench package validate deploy preflight clean venv lock
 
 PYTHON ?= python3
 VENV := .venv
@@ -50,6 +50,11 @@ validate: $(STAMP)
 deploy: package validate $(DEPLOY_VENV)/.installed
 	@if [ -f samconfig.toml ]; then $(DEPLOY_VENV)/bin/sam deploy; \
 	else $(DEPLOY_VENV)/bin/sam deploy --guided --capabilities CAPABILITY_IAM; fi
+	$(MAKE) preflight
+
+# The deployed function checks itself: permissions (DryRun), paths, settings, the backend. FUNCTION=<name> NOTIFY=true
+preflight: $(STAMP)
+	$(BIN)/python -m tools.preflight
 
 $(DEPLOY_VENV)/.installed: requirements-deploy.txt
 	test -x $(DEPLOY_VENV)/bin/python || $(PYTHON) -m venv $(DEPLOY_VENV)

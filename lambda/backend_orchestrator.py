@@ -8,6 +8,7 @@ Actions:
   stop        stop the instance now (direct or scheduled invocation only)
   hold        hold the instance running or stopped until a time, kept as tags on it (direct only)
   release     end a hold now (direct only)
+  preflight   check the deployment without changing anything: permissions, paths, settings, the backend
 
 Events accepted:
   - Lambda Function URL and API Gateway HTTP API (payload 2.0), API Gateway REST API (1.0):
@@ -138,7 +139,8 @@ IAM_ACTIONS: Final = {
     "DeleteTags": "ec2:DeleteTags",
 }
 SERVICE_NAMES: Final = {"ec2": "EC2", "cloudwatch": "CloudWatch", "sns": "SNS"}
-ACCESS_DENIED_CODES: Final = frozenset({"UnauthorizedOperation", "AccessDenied", "AccessDeniedException"})
+# "403": what botocore names an error answered HTTP 403 with no code of its own (moto's CloudWatch does that).
+ACCESS_DENIED_CODES: Final = frozenset({"UnauthorizedOperation", "AccessDenied", "AccessDeniedException", "403"})
 # EC2 API error codes: https://docs.aws.amazon.com/AWSEC2/latest/APIReference/errors-overview.html
 NOT_FOUND_CODES: Final = frozenset({"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"})
 GONE_STATES: Final = frozenset({"shutting-down", "terminated"})
@@ -154,6 +156,7 @@ class Action(StrEnum):
     STOP = "stop"
     HOLD = "hold"
     RELEASE = "release"
+    PREFLIGHT = "preflight"
 
 
 HTTP_ACTIONS: Final = (Action.START, Action.STATUS)
@@ -314,17 +317,30 @@ class Config:
         """Read and check every variable of VARIABLES; an unset or empty one keeps its default, the first bad
         one raises a ConfigError naming it."""
         values = {}
-        for name, (field_name, parse) in VARIABLES.items():
+        for name, (field_name, _) in VARIABLES.items():
             raw = environ.get(name, "").strip()
             if raw:
-                try:
-                    values[field_name] = parse(name, raw)
-                except (ValueError, OSError, OverflowError) as error:  # a parser's own gap: still the variable's fault
-                    raise ConfigError(
-                        f"{name} could not be read ({type(error).__name__}): set it as the README's configuration "
-                        "table describes."
-                    ) from None
+                values[field_name] = read_variable(name, raw)
         return cls(**values)
+
+    @classmethod
+    def with_problems(cls, environ: Mapping[str, str]) -> tuple[Config | None, list[ConfigError]]:
+        """For preflight: every bad variable, not only the first, and the configuration of the good ones (None
+        without a usable INSTANCE_ID)."""
+        values, problems = {}, []
+        for name, (field_name, _) in VARIABLES.items():
+            raw = environ.get(name, "").strip()
+            try:
+                if raw:
+                    values[field_name] = read_variable(name, raw)
+            except ConfigError as problem:
+                problems.append(problem)
+        token_problem = AuthToken.from_env(environ).problem
+        problems += [token_problem] if token_problem else []
+        try:
+            return cls(**values), problems
+        except ConfigError as problem:
+            return None, [problem, *problems]
 
     def __post_init__(self) -> None:
         if not self.instance_id:
@@ -384,6 +400,16 @@ class Window:
         if self.start < self.end:
             return day in self.days and self.start <= minute < self.end
         return (day in self.days and minute >= self.start) or ((day - 1) % 7 in self.days and minute < self.end)
+
+
+def read_variable(name: str, raw: str) -> Any:
+    """One variable through its parser; any exception a parser did not foresee is still that variable's fault."""
+    try:
+        return VARIABLES[name][1](name, raw)
+    except (ValueError, OSError, OverflowError) as error:
+        raise ConfigError(
+            f"{name} could not be read ({type(error).__name__}): set it as the README's configuration table describes."
+        ) from None
 
 
 def _parse_text(name: str, raw: str) -> str:
@@ -1157,7 +1183,10 @@ class InstanceInfo(NamedTuple):
     state: str
     launch_time: datetime
     vcpus: int | None = None  # CpuOptions: cores x threads per core
-    tags: Mapping[str, str] = {}
+    tags: Mapping[str, str] = {}  # its backend-orchestrator: tags
+    instance_type: str = ""
+    detailed_monitoring: bool = False
+    hibernation_configured: bool = False
 
 
 class Transition(NamedTuple):
@@ -1185,6 +1214,15 @@ def after_activity_seconds(config: Config) -> float:
     fallback = aws_call_seconds(1) if config.idle_cpu_percent > 0 else 0.0
     drain = min(MIN_BACKEND_SECONDS, config.http_timeout_seconds) + stop_seconds(config) if config.drain_path else 0.0
     return max(fallback + aws_call_seconds(1), drain)
+
+
+def first_attempts_check_seconds(config: Config) -> float:
+    """What one check_idle takes when every call it may make uses its whole first attempt (no retry)."""
+    activity = config.http_timeout_seconds
+    drain = 2 * activity if config.drain_path else 0.0  # POST, and DELETE if the stop then fails
+    fallback = aws_call_seconds(1) if config.idle_cpu_percent > 0 else 0.0
+    notify = aws_call_seconds(1) if config.notify_topic_arn else 0.0
+    return ANSWER_MARGIN_SECONDS + aws_call_seconds(1) + activity + max(fallback, drain) + stop_seconds(config) + notify
 
 
 def shortest_check_seconds(config: Config) -> float:
@@ -1334,7 +1372,26 @@ class Ec2:
         cpu = instances[0].get("CpuOptions") or {}
         vcpus = cpu.get("CoreCount", 0) * cpu.get("ThreadsPerCore", 1)  # real EC2 always sends both
         tags = {tag["Key"]: tag["Value"] for tag in instances[0].get("Tags", []) if tag["Key"] in HOLD_TAGS}
-        return InstanceInfo(instances[0]["State"]["Name"], launch_time, vcpus if vcpus > 0 else None, tags)
+        return InstanceInfo(
+            instances[0]["State"]["Name"],
+            launch_time,
+            vcpus if vcpus > 0 else None,
+            tags,
+            instances[0].get("InstanceType", ""),
+            instances[0].get("Monitoring", {}).get("State") == "enabled",
+            instances[0].get("HibernationOptions", {}).get("Configured") is True,
+        )
+
+    def allowed(self, operation: str, **kwargs: Any) -> None:
+        """The call with DryRun=True: returns if EC2 would allow it (DryRunOperation), else raises the AwsError."""
+        methods = {"StartInstances": "start_instances", "StopInstances": "stop_instances",
+                   "CreateTags": "create_tags", "DeleteTags": "delete_tags"}  # fmt: skip
+        target = {"Resources" if "Tags" in operation else "InstanceIds": [self.instance_id]}
+        try:
+            self._call(operation, lambda client: getattr(client, methods[operation])(DryRun=True, **target, **kwargs))
+        except AwsError as error:
+            if error.aws_error_code != "DryRunOperation":
+                raise
 
     def set_hold(self, hold: Hold) -> None:
         """The hold's three tags in one CreateTags call (an empty reason clears an older one)."""
@@ -2038,6 +2095,239 @@ def act(action: Action, config: Config, deadline: Deadline, fields: Mapping[str,
     return outcome
 
 
+# --- Preflight: what is wrong with the deployment, before the first idle night --------------------
+class Check(NamedTuple):
+    check: str
+    status: str  # ok | warn | fail | skip
+    detail: str
+    fix: str | None = None
+
+
+def preflight(environ: Mapping[str, str], deadline: Deadline, fields: Mapping[str, Any]) -> Outcome:
+    """Check the deployment without changing anything (no start, stop, tag or drain; SNS only with "notify": true).
+    Each check runs within the deadline, and the failure of one never stops the others."""
+    whole_seconds = deadline.left() + ANSWER_MARGIN_SECONDS
+    config, problems = Config.with_problems(environ)
+    checks = [_config_check(environ, problems)]
+    if config is None:
+        skipped = "INSTANCE_ID is missing or bad: fix the configuration and run preflight again"
+        checks += [Check(name, "skip", skipped) for name in PREFLIGHT_CHECKS[1:]]
+    else:
+        ec2 = Ec2(config.region, config.instance_id, deadline)
+        found: list[InstanceInfo] = []
+        for name in PREFLIGHT_CHECKS[1:]:
+            checks.append(_run_check(name, ec2, config, found, fields, whole=whole_seconds))
+    failed = [check.check for check in checks if check.status == "fail"]
+    counts = ", ".join(f"{sum(c.status == s for c in checks)} {s}" for s in ("ok", "warn", "fail", "skip"))
+    return Outcome(
+        {"ok": not failed, "checks": [check._asdict() for check in checks], "message": f"preflight: {counts}"},
+        level=logging.WARNING if failed else logging.INFO,
+    )
+
+
+PREFLIGHT_CHECKS: Final = (
+    "config", "instance", "start_permission", "stop_permission", "tag_permission", "metrics", "schedule",
+    "notifications", "backend_health", "activity_contract", "drain", "keep_warm", "timeout",
+)  # fmt: skip
+
+
+def _config_check(environ: Mapping[str, str], problems: list[ConfigError]) -> Check:
+    shown = [
+        f"{n}={'(set)' if n == ENV_AUTH_TOKEN else environ[n]!r}"
+        for n in (*VARIABLES, ENV_AUTH_TOKEN)
+        if environ.get(n, "").strip()
+    ]
+    if problems:
+        return Check("config", "fail", " | ".join(p.message for p in problems), "fix each variable named above")
+    return Check("config", "ok", f"every variable is valid: {', '.join(shown) or 'all defaults'}")
+
+
+def _run_check(
+    name: str, ec2: Ec2, config: Config, found: list[InstanceInfo], fields: Mapping[str, Any], *, whole: float
+) -> Check:
+    """One check; an AWS or backend failure is that check's failure, and no time left is a skip."""
+    try:
+        if name != "instance" and name not in ("notifications", "drain", "keep_warm", "timeout") and not found:
+            return Check(name, "skip", "the instance could not be described: see the instance check")
+        return PREFLIGHT[name](ec2, config, found, fields, whole)
+    except OutOfTimeError as error:
+        return Check(name, "skip", f"out of time ({error.brief})", "raise the function's timeout")
+    except AwsError as error:
+        fix = f"allow {error.details['iam_action']} to the function's role" if "iam_action" in error.details else None
+        return Check(name, "fail", error.message, fix or "see the message")
+
+
+def _instance_check(ec2: Ec2, config: Config, found: list[InstanceInfo], *_: Any) -> Check:
+    info = ec2.describe()
+    found.append(info)
+    monitoring = "detailed" if info.detailed_monitoring else "basic (5-minute averages hide shorter bursts)"
+    detail = f"{info.state}, {info.instance_type}, {info.vcpus or '?'} vCPUs, monitoring {monitoring}"
+    if config.stop_hibernate and not info.hibernation_configured:
+        fix = f"enable hibernation on the instance (only possible at launch) or set {ENV_STOP_HIBERNATE}=false"
+        return Check(
+            "instance", "fail", f"{detail}; {ENV_STOP_HIBERNATE}=true but it is not configured to hibernate", fix
+        )
+    return Check("instance", "ok", detail)
+
+
+def _permission(name: str, operations: tuple[str, ...], **kwargs: Any) -> Callable[..., Check]:
+    def check(ec2: Ec2, *_: Any) -> Check:
+        for operation in operations:
+            ec2.allowed(operation, **kwargs)
+        return Check(
+            name, "ok", f"{', '.join(IAM_ACTIONS[o] for o in operations)} allowed (DryRun) on {ec2.instance_id}"
+        )
+
+    return check
+
+
+def _stop_permission(ec2: Ec2, config: Config, *_: Any) -> Check:
+    return _permission("stop_permission", ("StopInstances",), Hibernate=config.stop_hibernate)(ec2)
+
+
+def _metrics_check(ec2: Ec2, config: Config, found: list[InstanceInfo], *_: Any) -> Check:
+    if config.idle_cpu_percent == 0:
+        return Check("metrics", "skip", f"the CloudWatch fallback is off ({ENV_IDLE_CPU_PERCENT}=0)")
+    info, now = found[0], ec2.deadline.clock.now()
+    start = now - timedelta(hours=1) if info.state == "running" else info.launch_time
+    points = len(instance_metrics(ec2, start, start + timedelta(hours=1)).cpu)
+    span = f"{start:%Y-%m-%d %H:%M}-{start + timedelta(hours=1):%H:%M} UTC"
+    if points:
+        return Check("metrics", "ok", f"GetMetricData allowed; {points} CPU datapoints for {span}")
+    fix = "EC2 publishes minutes late; check the instance ran then, and the function's route to CloudWatch"
+    return Check("metrics", "warn", f"GetMetricData allowed, but no CPU datapoints for {span}", fix)
+
+
+def _schedule_check(ec2: Ec2, config: Config, *_: Any) -> Check:
+    now = ec2.deadline.clock.now()
+    query = {"Id": "checks", "MetricStat": {"Period": 60, "Stat": "Sum", "Metric": {
+        "Namespace": config.metrics_namespace, "MetricName": "CheckIdleRequested",
+        "Dimensions": [{"Name": "InstanceId", "Value": config.instance_id}]}}}  # fmt: skip
+    about = f'the metric {config.metrics_namespace}/CheckIdleRequested (GetMetricData needs Resource "*")'
+    result = aws_call(
+        "cloudwatch",
+        "GetMetricData",
+        config.region,
+        ec2.deadline,
+        about,
+        call=lambda client: client.get_metric_data(
+            MetricDataQueries=[query], StartTime=now - timedelta(days=1), EndTime=now
+        ),
+    )["MetricDataResults"][0]
+    points = list(zip(result["Timestamps"], result["Values"], strict=True))
+    recent = sum(value for when, value in points if when >= now - timedelta(minutes=15))
+    if recent:
+        return Check("schedule", "ok", f"the schedule ran {recent:.0f} times in 15 minutes")
+    rule = (
+        'check that the EventBridge rule is enabled, targets this function, and has the input {"action": "check_idle"}'
+    )
+    if not points:  # no history at all: a function deployed less than 15 minutes ago looks the same
+        return Check("schedule", "warn", "no check_idle has run in the last day (a new deployment?)", rule)
+    return Check("schedule", "fail", "check_idle ran in the last day but not in the last 15 minutes", rule)
+
+
+def _notifications_check(ec2: Ec2, config: Config, _: Any, fields: Mapping[str, Any], *__: Any) -> Check:
+    if not config.notify_topic_arn:
+        return Check("notifications", "skip", f"{ENV_NOTIFY_TOPIC_ARN} is not set: no start or stop notices")
+    if fields.get("notify") is not True:
+        return Check("notifications", "skip", 'send a test message with {"action": "preflight", "notify": true}')
+    text = f"A test message from the Backend Orchestrator's preflight for instance {config.instance_id}."
+    notice = Notice(f"Backend {config.instance_id} preflight", text, {"action": "preflight", "decision": "test"})
+    failure = publish(config.notify_topic_arn, notice, ec2.deadline)
+    if failure:
+        return Check("notifications", "fail", failure, f"allow sns:Publish on {config.notify_topic_arn}")
+    return Check("notifications", "ok", f"a test message was published to {config.notify_topic_arn}")
+
+
+def _backend_check(ec2: Ec2, config: Config, found: list[InstanceInfo], *_: Any) -> Check:
+    if found[0].state != "running":
+        return Check("backend_health", "skip", f"the instance is {found[0].state}: start it and run preflight again")
+    url = config.require_backend_url(Action.PREFLIGHT) + config.health_path
+    seconds = ec2.deadline.grant_backend(f"GET {url}", min(HEALTH_TIMEOUT_SECONDS, config.http_timeout_seconds))
+    health = probe_health(url, seconds, ec2.deadline.clock)
+    if health["healthy"]:
+        return Check("backend_health", "ok", f"GET {url} answered HTTP {health['status_code']}")
+    what = f"answered HTTP {health['status_code']}" if health["reachable"] else "could not be reached"
+    fix = f"check {ENV_BACKEND_BASE_URL}, the backend's security group and its process"
+    return Check("backend_health", "fail", f"GET {url} {what}", fix)
+
+
+def _activity_check(ec2: Ec2, config: Config, found: list[InstanceInfo], *_: Any) -> Check:
+    if found[0].state != "running":
+        return Check("activity_contract", "skip", f"the instance is {found[0].state}: start it and run preflight again")
+    url = config.require_backend_url(Action.PREFLIGHT) + config.last_activity_path
+    activity = fetch_activity(
+        url, ec2.deadline.grant_backend(f"GET {url}", config.http_timeout_seconds), ec2.deadline.clock
+    )
+    if isinstance(activity, ActivityUnknown):
+        fix = "answer the activity contract (docs/activity-contract.md); until then the backend is never stopped"
+        return Check("activity_contract", "fail", activity.reason, fix)
+    said = (
+        f"busy: {activity.busy_reason}" if activity.busy_reason else f"idle for {_seconds(activity.idle_seconds or 0)}"
+    )
+    return Check("activity_contract", "ok", f"GET {url}: {said}")
+
+
+def _drain_check(ec2: Ec2, config: Config, *_: Any) -> Check:
+    if not config.drain_path:
+        return Check("drain", "skip", f"{ENV_DRAIN_PATH} is not set: no drain before a stop")
+    note = f"{ENV_DRAIN_PATH}={config.drain_path} is not called: a drain makes the backend refuse work for its lease"
+    return Check("drain", "skip", note)
+
+
+def _keep_warm_check(ec2: Ec2, config: Config, *_: Any) -> Check:
+    if not config.keep_warm:
+        return Check("keep_warm", "skip", f"{ENV_KEEP_WARM} is not set: no keep-warm window")
+    now = ec2.deadline.clock.now().replace(second=0, microsecond=0)
+    window = config.open_window(now)
+    for minute in range(1, 8 * 24 * 60):  # the next change within a week and a day, minute by minute
+        moment = now + timedelta(minutes=minute)
+        if (config.open_window(moment) is None) != (window is None):
+            changing = window or config.open_window(moment)
+            assert changing is not None  # noqa: S101 - one side of the change is open
+            when = f"{moment.astimezone(changing.zone):%a %Y-%m-%d %H:%M} {changing.zone}"
+            said = (
+                f"open now ({window.text!r}), closes {when}"
+                if window
+                else f"closed now; {changing.text!r} opens {when}"
+            )
+            return Check("keep_warm", "ok", said)
+    return Check("keep_warm", "ok", "open all week" if window else "no window opens within a week")
+
+
+def _timeout_check(ec2: Ec2, config: Config, _: Any, __: Any, whole: float) -> Check:
+    shortest, typical = shortest_check_seconds(config), first_attempts_check_seconds(config)
+    detail = (
+        f"the invocation had {whole:.0f} s; a check decides from {shortest:g} s, and needs {typical:g} s when every "
+        "call takes its whole first attempt"
+    )
+    if whole < shortest:
+        return Check(
+            "timeout", "fail", detail, f"raise the function's timeout to at least {typical:g} s (60 s fits retries)"
+        )
+    if whole < typical:
+        return Check("timeout", "warn", detail, f"raise the function's timeout to {typical:g} s or more")
+    return Check("timeout", "ok", detail)
+
+
+PREFLIGHT: Final[dict[str, Callable[..., Check]]] = {
+    "instance": _instance_check,
+    "start_permission": _permission("start_permission", ("StartInstances",)),
+    "stop_permission": _stop_permission,
+    "tag_permission": _permission(
+        "tag_permission", ("CreateTags", "DeleteTags"), Tags=[{"Key": HOLD_TAG, "Value": "running"}]
+    ),
+    "metrics": _metrics_check,
+    "schedule": _schedule_check,
+    "notifications": _notifications_check,
+    "backend_health": _backend_check,
+    "activity_contract": _activity_check,
+    "drain": _drain_check,
+    "keep_warm": _keep_warm_check,
+    "timeout": _timeout_check,
+}
+
+
 # --- Logs and metrics: one JSON line and one EMF line per invocation ------------------------------
 class JsonFormatter(logging.Formatter):
     """One compact JSON object per line: level, message, then the record's fields."""
@@ -2126,6 +2416,9 @@ def respond(event: object, environ: Mapping[str, str], deadline: Deadline) -> Re
         if isinstance(request, HttpRequest):
             authorize(request, token.value)
         authorized = True  # direct and scheduled invocations need no token
+        if isinstance(request, EventRequest) and request.action is Action.PREFLIGHT:  # lists every bad variable
+            outcome = preflight(environ, deadline, request.fields)
+            return Response(outcome, source, Action.PREFLIGHT, config, authorized)
         config = _configured(token, loaded)  # what is misconfigured, told only to a caller who may know
         action = http_action(request) if isinstance(request, HttpRequest) else request.action
         fields = request.fields if isinstance(request, EventRequest) else {}

@@ -201,6 +201,9 @@ def test_no_environment_read_outside_config() -> None:
         "respond": {"environ"},  # passes it to AuthToken.from_env and _load_config
         "_load_config": {"environ"},  # passes it to Config.from_env
         "from_env": {"environ"},  # Config's and AuthToken's
+        "with_problems": {"environ"},  # Config's, for preflight: every bad variable, not only the first
+        "preflight": {"environ"},  # passes it to Config.with_problems and _config_check
+        "_config_check": {"environ"},  # shows the values set (the token as "(set)")
     }
 
 

@@ -25,6 +25,7 @@ import requests
 
 import backend_orchestrator as bo
 from examples.wake_backend import Progress, WakeError, WakeHeldError, wake_backend
+from tools.preflight import render
 from tools.sandbox import Sandbox
 
 
@@ -74,6 +75,7 @@ def run_demo(
         def progress(update: Progress) -> None:
             timeline.row("app", update.phase, sandbox.state(), update.message)
 
+        print(render(sandbox.invoke({"action": "preflight"})), flush=True)  # what make preflight shows a deployment
         held_stopped(sandbox, timeline)
         try:
             wake_backend(sandbox.function_url, sandbox.backend_url, deadline_seconds=20, on_progress=progress)
