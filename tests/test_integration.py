@@ -182,7 +182,7 @@ def test_the_sandbox_leaves_no_listening_port() -> None:
 def test_ctrl_c_stops_the_demo_cleanly() -> None:
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'lambda'}{os.pathsep}{ROOT}"}
     demo = subprocess.Popen(
-        [sys.executable, "-m", "tools.demo"],
+        [sys.executable, "-u", "-m", "tools.demo"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

@@ -37,7 +37,7 @@ class DemoFailure(Exception):
 class Timeline:
     """Rows of (time, actor, action, EC2 state, result), printed as they happen."""
 
-    out: Callable[[str], None] = print
+    out: Callable[[str], None] = lambda line: print(line, flush=True)  # each row as it happens, even into a pipe
     started: float = field(default_factory=time.monotonic)
     rows: list[tuple[str, str, str, str]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
