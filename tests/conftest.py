@@ -27,6 +27,7 @@ from tests.helpers import (
     MotoServer,
     ScriptedBackend,
     ec2_error,
+    fresh_session,
     setup_client,
     stopped_instance,
 )
@@ -93,7 +94,7 @@ def aws() -> Iterator[None]:
 @pytest.fixture
 def ec2(aws: None, clock: FakeClock) -> Ec2World:
     """A running moto instance; the hooks below see every call the function's own clients make."""
-    boto3.setup_default_session()  # a fresh session: hooks registered on it reach only this test's clients
+    boto3.DEFAULT_SESSION = fresh_session()  # hooks registered on it reach only this test's clients
     setup = boto3.client("ec2", region_name=REGION)  # built before the hooks: the test's own calls are not counted
     launched = setup.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1, InstanceType="t3.medium")
     instance_id = launched["Instances"][0]["InstanceId"]

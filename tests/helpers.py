@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import boto3
+import botocore.loaders
+import botocore.session
 from botocore.awsrequest import AWSResponse, HTTPHeaders
 from hypothesis import strategies as st
 from moto.core.models import DEFAULT_ACCOUNT_ID
@@ -165,9 +167,21 @@ class Ec2World:
         return [c for c in self.calls if c in ("StartInstances", "StopInstances")]
 
 
+# One botocore loader for every session the tests make: a fresh session would parse each service's model again
+# (EC2's is large), which cost more than half of the suite's time.
+LOADER = botocore.loaders.create_loader()
+
+
+def fresh_session() -> boto3.session.Session:
+    """A boto3 session of its own (hooks registered on it reach only its clients), sharing the parsed models."""
+    core = botocore.session.get_session()
+    core.register_component("data_loader", LOADER)
+    return boto3.session.Session(botocore_session=core)
+
+
 def setup_client(service: str, endpoint_url: str | None = None) -> Any:
     """A client for a test's own setup, from a session of its own: the hooks on the function's calls miss it."""
-    session = boto3.session.Session()
+    session = fresh_session()
     return session.client(service, region_name=REGION, endpoint_url=endpoint_url)  # type: ignore[call-overload]
 
 
