@@ -1,5 +1,5 @@
 # make test: what CI runs. Everything installs into .venv from pinned requirements.
-.PHONY: test lint typecheck unit demo serve bench package validate deploy preflight clean venv lock
+.PHONY: test lint typecheck unit demo serve app screenshots bench package validate deploy preflight clean venv lock
 
 PYTHON ?= python3
 VENV := .venv
@@ -36,6 +36,14 @@ demo: $(STAMP)
 # The same pieces left running, to develop the app against (BACKEND_START_LAMBDA_URL=<printed URL>).
 serve: $(STAMP)
 	PYTHONPATH=lambda:. $(BIN)/python -m tools.demo --serve
+
+# The Streamlit page (examples/streamlit_app.py) on 127.0.0.1 against the same sandbox; Ctrl-C stops it all.
+app: $(STAMP)
+	PYTHONPATH=lambda:. $(BIN)/python -m tools.demo --app --check-every 10 --idle-timeout 120
+
+# PNGs of the page before, during and after a cold wake, in docs/images/ (headless Chromium; not part of test).
+screenshots: $(STAMP)
+	PYTHONPATH=lambda:. $(BIN)/python -m tools.screenshots
 
 # The deployment zip, for Lambda's platform: make package LAMBDA_PYTHON=3.13 LAMBDA_ARCH=arm64
 package: $(STAMP)

@@ -108,6 +108,26 @@ def request_start(
     return orchestrator.start()
 
 
+def backend_status(
+    function_url: str,
+    *,
+    auth: Auth = "none",
+    token: str | None = None,
+    region: str | None = None,
+    session: requests.Session | None = None,
+) -> dict[str, Any] | None:
+    """The orchestrator's status answer (state, backend health, hold), or None when it cannot say right now.
+    Raises WakeAuthError when the call is refused (401/403)."""
+    orchestrator = _Orchestrator(function_url, auth, token, region, requests.Session() if session is None else session)
+    try:
+        response = orchestrator._post({"action": "status"})
+    except WakeServerError:
+        return None
+    if response.status_code in (401, 403):
+        raise orchestrator._failure(response, _error(_json_object(response)))
+    return _json_object(response) if response.status_code == 200 else None
+
+
 def wake_backend(
     function_url: str,
     backend_url: str,

@@ -12,11 +12,15 @@ serve: the same pieces, left running for developing the app against them, with c
 from __future__ import annotations
 
 import argparse
+import os
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,6 +31,8 @@ import backend_orchestrator as bo
 from examples.wake_backend import Progress, WakeError, WakeHeldError, wake_backend
 from tools.preflight import render
 from tools.sandbox import Sandbox
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class DemoFailure(Exception):
@@ -152,9 +158,12 @@ def crashed_backend(sandbox: Sandbox, timeline: Timeline, idle_timeout_seconds: 
     timeline.row("demo", "done", sandbox.state(), "the instance is stopped: its backend died, its metrics said idle")
 
 
-def serve(check_every: float, idle_timeout_seconds: int) -> None:
+def serve(check_every: float, idle_timeout_seconds: int, *, page: bool = False) -> None:
+    """The sandbox left running, check_idle on a period; with `page`, the Streamlit page too (make app)."""
     stop = threading.Event()
-    with Sandbox(idle_timeout_seconds=idle_timeout_seconds, boot_seconds=3.0) as sandbox:
+    with Sandbox(idle_timeout_seconds=idle_timeout_seconds, boot_seconds=3.0) as sandbox, ExitStack() as stack:
+        if page:
+            print(f"Streamlit page   {stack.enter_context(streamlit_page(sandbox))}   (open it in a browser)")
         print(f"""Local stand-in of the whole system (Ctrl-C to stop):
   Function URL   {sandbox.function_url}      BACKEND_START_LAMBDA_URL={sandbox.function_url}
   backend        {sandbox.backend_url}   (serves only while the instance runs)
@@ -170,14 +179,47 @@ Try: curl -s -X POST {sandbox.function_url} -d '{{"action": "start"}}'""")
     print("stopped: moto, the backend and the Function URL are down")
 
 
+@contextmanager
+def streamlit_page(sandbox: Sandbox, **environ: str) -> Iterator[str]:
+    """examples/streamlit_app.py under `streamlit run` on 127.0.0.1, pointed at the sandbox; yields its URL once
+    it answers, and stops it on exit."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "BACKEND_START_LAMBDA_URL": sandbox.function_url, "BACKEND_URL": sandbox.backend_url,
+           "PYTHONPATH": str(ROOT), **environ}  # fmt: skip
+    command = [sys.executable, "-m", "streamlit", "run", str(ROOT / "examples" / "streamlit_app.py"),
+               "--server.address", "127.0.0.1", "--server.port", str(port), "--server.headless", "true",
+               "--browser.gatherUsageStats", "false", "--global.developmentMode", "false"]  # fmt: skip
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        give_up = time.monotonic() + 60
+        while True:
+            try:
+                requests.get(url + "_stcore/health", timeout=1).raise_for_status()
+                break
+            except requests.RequestException:
+                if time.monotonic() > give_up or server.poll() is not None:
+                    raise DemoFailure(
+                        "the Streamlit page did not start: run streamlit run examples/streamlit_app.py"
+                    ) from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--serve", action="store_true", help="keep everything running (make serve)")
+    parser.add_argument("--app", action="store_true", help="and the Streamlit page (make app)")
     parser.add_argument("--check-every", type=float, default=30.0, help="seconds between check_idle (serve)")
     parser.add_argument("--idle-timeout", type=int, default=120, help="IDLE_TIMEOUT_SECONDS (serve)")
     args = parser.parse_args()
-    if args.serve:
-        serve(args.check_every, args.idle_timeout)
+    if args.serve or args.app:
+        serve(args.check_every, args.idle_timeout, page=args.app)
         return 0
     timeline = Timeline()
     log = Path(tempfile.gettempdir()) / "backend-orchestrator-demo.jsonl"

@@ -62,6 +62,7 @@ class LocalFunctionUrl(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _FunctionUrlRequest)
         self.handler = handler
         self.timeout_seconds = timeout_seconds
+        self.actions: list[str] = []  # what each request asked for, as the function reads it
 
     @property
     def url(self) -> str:
@@ -78,7 +79,12 @@ class _FunctionUrlRequest(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET
 
     def _invoke(self) -> None:
-        result = self.server.handler(self._event(), LocalContext(self.server.timeout_seconds))
+        event = self._event()
+        try:
+            self.server.actions.append(str(json.loads(event.get("body") or "{}").get("action", "start")))
+        except (ValueError, AttributeError):
+            self.server.actions.append("?")
+        result = self.server.handler(event, LocalContext(self.server.timeout_seconds))
         if "statusCode" not in result:  # a Function URL turns a plain object into a 200 JSON answer
             result = {"statusCode": 200, "headers": {"Content-Type": "application/json"}, "body": json.dumps(result)}
         body = result.get("body") or ""
@@ -320,6 +326,7 @@ class Sandbox:
         self._stack.callback(function_url.server_close)
         self._stack.callback(function_url.shutdown)
         self.function_url = function_url.url
+        self.function_url_server = function_url  # its .actions: what the app asked; its .handler: swappable
 
 
 @contextmanager
