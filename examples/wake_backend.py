@@ -119,13 +119,7 @@ def backend_status(
     """The orchestrator's status answer (state, backend health, hold), or None when it cannot say right now.
     Raises WakeAuthError when the call is refused (401/403)."""
     orchestrator = _Orchestrator(function_url, auth, token, region, requests.Session() if session is None else session)
-    try:
-        response = orchestrator._post({"action": "status"})
-    except WakeServerError:
-        return None
-    if response.status_code in (401, 403):
-        raise orchestrator._failure(response, _error(_json_object(response)))
-    return _json_object(response) if response.status_code == 200 else None
+    return orchestrator.status()
 
 
 def wake_backend(
@@ -230,17 +224,20 @@ class _Orchestrator:
             )
         raise self._failure(response, error)
 
-    def state(self) -> str | None:
-        """The instance's state as the orchestrator sees it; None if it cannot tell right now."""
+    def status(self) -> dict[str, Any] | None:
+        """The status answer; None if the orchestrator cannot tell right now. A refusal (401/403) raises."""
         try:
             response = self._post({"action": "status"})
         except WakeServerError:
             return None  # the health polls go on; the next status call may get through
         if response.status_code in (401, 403):
             raise self._failure(response, _error(_json_object(response)))
-        if response.status_code != 200:
-            return None
-        return _text(_json_object(response).get("state"))
+        return _json_object(response) if response.status_code == 200 else None
+
+    def state(self) -> str | None:
+        """The instance's state as the orchestrator sees it; None if it cannot tell right now."""
+        status = self.status()
+        return None if status is None else _text(status.get("state"))
 
     def _post(self, payload: dict[str, str]) -> requests.Response:
         body = json.dumps(payload).encode()

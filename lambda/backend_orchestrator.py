@@ -2087,11 +2087,12 @@ ACTIONS: Final[dict[Action, Callable[[Ec2, Config, Mapping[str, Any]], Outcome]]
 def act(action: Action, config: Config, deadline: Deadline, fields: Mapping[str, Any]) -> Outcome:
     """Run the action on the instance; publish a start, a stop or a hold to NOTIFY_TOPIC_ARN."""
     outcome = ACTIONS[action](Ec2(config.region, config.instance_id, deadline), config, fields)
-    notices = [notification(action, config.instance_id, outcome.fields)] if outcome.notify else []
-    for notice in [*outcome.notices, *notices] if config.notify_topic_arn else []:
-        failure = publish(config.notify_topic_arn, notice, deadline)  # type: ignore[arg-type]
-        if failure:
-            outcome.warnings.append(failure)
+    if config.notify_topic_arn:
+        notices = [notification(action, config.instance_id, outcome.fields)] if outcome.notify else []
+        for notice in [*outcome.notices, *notices]:
+            failure = publish(config.notify_topic_arn, notice, deadline)
+            if failure:
+                outcome.warnings.append(failure)
     return outcome
 
 
@@ -2125,6 +2126,7 @@ def preflight(environ: Mapping[str, str], deadline: Deadline, fields: Mapping[st
     )
 
 
+WITHOUT_THE_INSTANCE: Final = frozenset({"instance", "notifications", "drain", "keep_warm", "timeout"})
 PREFLIGHT_CHECKS: Final = (
     "config", "instance", "start_permission", "stop_permission", "tag_permission", "metrics", "schedule",
     "notifications", "backend_health", "activity_contract", "drain", "keep_warm", "timeout",
@@ -2147,7 +2149,7 @@ def _run_check(
 ) -> Check:
     """One check; an AWS or backend failure is that check's failure, and no time left is a skip."""
     try:
-        if name != "instance" and name not in ("notifications", "drain", "keep_warm", "timeout") and not found:
+        if name not in WITHOUT_THE_INSTANCE and not found:
             return Check(name, "skip", "the instance could not be described: see the instance check")
         return PREFLIGHT[name](ec2, config, found, fields, whole)
     except OutOfTimeError as error:
