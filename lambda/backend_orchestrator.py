@@ -28,6 +28,9 @@ render). Every wait fits the invocation's deadline: see Deadline.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
 import http.client
 import io
 import ipaddress
@@ -177,7 +180,7 @@ class Decision(StrEnum):
     WOULD_START = "would_start"
 
 
-# --- Errors: each class carries its HTTP status and a stable code ---------------------------------
+# --- Errors: each class carries its HTTP status and its one code; ERRORS lists them all -----------
 class OrchestratorError(Exception):
     """An answer to the caller that says what went wrong and what to do."""
 
@@ -185,16 +188,50 @@ class OrchestratorError(Exception):
     CODE: ClassVar[str] = "internal_error"
     HEADERS: ClassVar[Mapping[str, str]] = {}
 
-    def __init__(self, message: str, *, code: str | None = None, **details: Any) -> None:
+    def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
         self.message = message
-        self.code = code or self.CODE
         self.details = details
 
 
 class BadRequestError(OrchestratorError):
+    """The request itself is wrong: each subclass says how, with its own code."""
+
     STATUS_CODE = 400
-    CODE = "bad_request"
+
+
+class InvalidEventError(BadRequestError):
+    CODE = "invalid_event"
+
+
+class UnsupportedEventError(BadRequestError):
+    CODE = "unsupported_event"
+
+
+class MalformedJsonError(BadRequestError):
+    CODE = "malformed_json"
+
+
+class InvalidBase64Error(BadRequestError):
+    CODE = "invalid_base64"
+
+
+class InvalidBodyError(BadRequestError):
+    CODE = "invalid_body"
+
+
+class InvalidActionError(BadRequestError):
+    CODE = "invalid_action"
+
+
+class UnknownActionError(BadRequestError):
+    CODE = "unknown_action"
+
+
+class InvalidHoldError(BadRequestError):
+    """A hold action's fields are wrong (the message names the field); nothing was written."""
+
+    CODE = "invalid_hold"
 
 
 class UnauthorizedError(OrchestratorError):
@@ -212,12 +249,6 @@ class MethodNotAllowedError(OrchestratorError):
     STATUS_CODE = 405
     CODE = "method_not_allowed"
     HEADERS: ClassVar[Mapping[str, str]] = {"Allow": "GET, POST"}
-
-
-class InvalidHoldError(BadRequestError):
-    """A hold action's fields are wrong (the message names the field); nothing was written."""
-
-    CODE = "invalid_hold"
 
 
 class HeldStoppedError(OrchestratorError):
@@ -244,23 +275,33 @@ class ConfigError(OrchestratorError):
     CODE = "config_error"
 
 
+class InstanceNotFoundError(ConfigError):
+    """INSTANCE_ID names no instance in the region: the configuration's fault, so a 500 like config_error."""
+
+    CODE = "instance_not_found"
+
+
 class AwsError(OrchestratorError):
+    """An AWS API error the function cannot act on; `aws_error_code` is AWS's own code, when AWS answered."""
+
     STATUS_CODE = 502
     CODE = "aws_error"
 
-    def __init__(self, message: str, *, code: str | None = None, aws_error_code: str | None = None, **details: Any):
+    def __init__(self, message: str, *, aws_error_code: str | None = None, **details: Any):
         if aws_error_code is not None:
             details["aws_error_code"] = aws_error_code
-        super().__init__(message, code=code, **details)
-        self.aws_error_code = aws_error_code  # EC2's own error code, when EC2 answered
+        super().__init__(message, **details)
+        self.aws_error_code = aws_error_code
 
 
-class StillStoppingError(OrchestratorError):
-    """The instance is still stopping; safe to retry after Retry-After seconds."""
+class AccessDeniedError(AwsError):
+    """The role lacks a permission; `iam_action` names it."""
 
-    STATUS_CODE = 503
-    CODE = "still_stopping"
-    HEADERS: ClassVar[Mapping[str, str]] = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+    CODE = "aws_access_denied"
+
+
+class AwsUnreachableError(AwsError):
+    CODE = "aws_unreachable"
 
 
 class InsufficientCapacityError(AwsError):
@@ -269,6 +310,14 @@ class InsufficientCapacityError(AwsError):
     STATUS_CODE = 503
     CODE = "insufficient_capacity"
     HEADERS: ClassVar[Mapping[str, str]] = {"Retry-After": str(CAPACITY_RETRY_AFTER_SECONDS)}
+
+
+class StillStoppingError(OrchestratorError):
+    """The instance is still stopping; safe to retry after Retry-After seconds."""
+
+    STATUS_CODE = 503
+    CODE = "still_stopping"
+    HEADERS: ClassVar[Mapping[str, str]] = {"Retry-After": str(RETRY_AFTER_SECONDS)}
 
 
 class OutOfTimeError(OrchestratorError):
@@ -285,6 +334,19 @@ class OutOfTimeError(OrchestratorError):
             f"Out of time before {step} ({self.brief}). Retry after {RETRY_AFTER_SECONDS} seconds; if this "
             "repeats, raise the function's timeout (the README's worst-case table says what each action needs)."
         )
+
+
+# Every answer the function gives that is not a success, by its code (docs/deploy.md's troubleshooting table).
+ERRORS: Final = {
+    error.CODE: error
+    for error in (
+        InvalidEventError, UnsupportedEventError, MalformedJsonError, InvalidBase64Error, InvalidBodyError,
+        InvalidActionError, UnknownActionError, InvalidHoldError, UnauthorizedError, ForbiddenError,
+        MethodNotAllowedError, HeldStoppedError, InstanceGoneError, PayloadTooLargeError, ConfigError,
+        InstanceNotFoundError, OrchestratorError, AwsError, AccessDeniedError, AwsUnreachableError,
+        InsufficientCapacityError, StillStoppingError, OutOfTimeError,
+    )
+}  # fmt: skip
 
 
 # --- Configuration: every variable read and checked in one place ----------------------------------
@@ -314,19 +376,17 @@ class Config:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
-        """Read and check every variable of VARIABLES; an unset or empty one keeps its default, the first bad
-        one raises a ConfigError naming it."""
-        values = {}
-        for name, (field_name, _) in VARIABLES.items():
-            raw = environ.get(name, "").strip()
-            if raw:
-                values[field_name] = read_variable(name, raw)
-        return cls(**values)
+        """The configuration, or a ConfigError naming the first bad variable (an unset or empty one keeps its
+        default)."""
+        config, problems = cls.read(environ)
+        if config is None or problems:
+            raise problems[0]
+        return config
 
     @classmethod
-    def with_problems(cls, environ: Mapping[str, str]) -> tuple[Config | None, list[ConfigError]]:
-        """For preflight: every bad variable, not only the first, and the configuration of the good ones (None
-        without a usable INSTANCE_ID)."""
+    def read(cls, environ: Mapping[str, str]) -> tuple[Config | None, list[ConfigError]]:
+        """Every variable of VARIABLES read and checked: the configuration of the good ones (None without a usable
+        INSTANCE_ID), and every bad one, in VARIABLES' order."""
         values, problems = {}, []
         for name, (field_name, _) in VARIABLES.items():
             raw = environ.get(name, "").strip()
@@ -335,12 +395,10 @@ class Config:
                     values[field_name] = read_variable(name, raw)
             except ConfigError as problem:
                 problems.append(problem)
-        token_problem = AuthToken.from_env(environ).problem
-        problems += [token_problem] if token_problem else []
         try:
             return cls(**values), problems
         except ConfigError as problem:
-            return None, [problem, *problems]
+            return None, [*problems, problem]
 
     def __post_init__(self) -> None:
         if not self.instance_id:
@@ -363,11 +421,13 @@ class Config:
 
 @dataclass(frozen=True)
 class AuthToken:
-    """AUTH_TOKEN, read first and only here, so that an HTTP caller without it learns nothing, not even
-    that the configuration is broken. `value` None lets every caller in; a blank one ("") lets nobody in."""
+    """AUTH_TOKEN: who may call over HTTP, checked before anything else is told, so that a caller without it learns
+    nothing, not even that the configuration is broken. Unset (`value` None): everyone. Set: only the bearer of
+    `Authorization: Bearer <token>`, compared in constant time. Set but unusable (blank or short): a blank one admits
+    nobody, and whoever a short one admits is told it is a config_error."""
 
     value: str | None = field(repr=False)
-    problem: ConfigError | None = None  # a blank or short token: answered once the caller is authorised
+    problem: ConfigError | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> AuthToken:
@@ -377,9 +437,16 @@ class AuthToken:
         except ConfigError as problem:
             return cls(raw.strip(), problem)
 
-    def require_valid(self) -> None:
-        if self.problem is not None:
-            raise self.problem
+    def admit(self, authorization: str | None) -> None:
+        """Return if the caller may go on; else a 401 that says which header to send."""
+        if self.value is None:
+            return
+        scheme, _, given = (authorization or "").strip().partition(" ")
+        given_bytes, token_bytes = (t.encode("utf-8", "surrogatepass") for t in (given.strip(), self.value))  # "\ud800"
+        if not self.value or scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, token_bytes):
+            raise UnauthorizedError(
+                "Missing or wrong bearer token: send the header 'Authorization: Bearer <AUTH_TOKEN>'."
+            )
 
 
 @dataclass(frozen=True)
@@ -698,31 +765,30 @@ class EventRequest(NamedTuple):
     fields: Mapping[str, Any] = {}
 
 
-def parse_event(event: object) -> HttpRequest | EventRequest:
-    """Tell an HTTP request from a direct or scheduled invocation; an event of no known shape is a 400."""
+def parse_event(event: object, http: bool) -> HttpRequest | EventRequest:
+    """The request an event makes (`http`: it has an HTTP event's shape, see _is_http); an event of no known shape
+    is a 400."""
     if not isinstance(event, dict):
-        raise BadRequestError(
+        raise InvalidEventError(
             f"The event is a JSON {_json_type(event)}, not an object. "
-            'Invoke with an object such as {"action": "check_idle"}.',
-            code="invalid_event",
+            'Invoke with an object such as {"action": "check_idle"}.'
         )
-    if _is_http(event):
-        http = event if "httpMethod" in event else event["requestContext"]["http"]
+    if http:
+        fields = event if "httpMethod" in event else event["requestContext"]["http"]
         headers = _member(event, "headers", dict, {})
         # Function URLs lower-case header names; REST APIs pass them as the client sent them.
         authorization = next((str(v) for k, v in headers.items() if str(k).lower() == "authorization"), None)
         return HttpRequest(
-            method=_member(http, "httpMethod" if http is event else "method", str, "").upper(),
+            method=_member(fields, "httpMethod" if fields is event else "method", str, "").upper(),
             body=_member(event, "body", str, ""),
             is_base64=_member(event, "isBase64Encoded", bool, False),
             query=_member(event, "queryStringParameters", dict, {}),
             authorization=authorization,
         )
     if "requestContext" in event:
-        raise BadRequestError(
+        raise UnsupportedEventError(
             "The event has a requestContext but is neither a Function URL / HTTP API (payload 2.0) "
-            'nor a REST API event: invoke through the Function URL, or directly with {"action": ...}.',
-            code="unsupported_event",
+            'nor a REST API event: invoke through the Function URL, or directly with {"action": ...}.'
         )
     if "action" in event:
         return EventRequest(Source.DIRECT, _action(event["action"]), fields=event)
@@ -733,10 +799,9 @@ def parse_event(event: object) -> HttpRequest | EventRequest:
         )
         return EventRequest(Source.SCHEDULE, Action.CHECK_IDLE, warning)
     if "detail-type" in event:
-        raise BadRequestError(
+        raise UnsupportedEventError(
             f"An EventBridge event of type {str(event['detail-type'])[:60]!r} carries no action: "
-            'set the target\'s input to a constant such as {"action": "check_idle"}.',
-            code="unsupported_event",
+            'set the target\'s input to a constant such as {"action": "check_idle"}.'
         )
     return EventRequest(Source.DIRECT, Action.START)
 
@@ -747,10 +812,9 @@ def _member(event: Mapping[str, Any], name: str, kind: type[T], default: T) -> T
     if value is None:
         return default
     if not isinstance(value, kind):
-        raise BadRequestError(
+        raise UnsupportedEventError(
             f"The HTTP event's {name} is a JSON {_json_type(value)}, which AWS never sends: "
-            "invoke through the Function URL or API Gateway.",
-            code="unsupported_event",
+            "invoke through the Function URL or API Gateway."
         )
     return value
 
@@ -762,18 +826,6 @@ def _is_http(event: object) -> bool:
     return "httpMethod" in event or (
         isinstance(request_context, dict) and isinstance(request_context.get("http"), dict)
     )
-
-
-def authorize(request: HttpRequest, token: str | None) -> None:
-    """With AUTH_TOKEN set, require `Authorization: Bearer <token>`, compared in constant time."""
-    if token is None:
-        return
-    import hmac
-
-    scheme, _, given = (request.authorization or "").strip().partition(" ")
-    given_bytes, token_bytes = (text.encode("utf-8", "surrogatepass") for text in (given.strip(), token))  # "\ud800"
-    if not token or scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, token_bytes):
-        raise UnauthorizedError("Missing or wrong bearer token: send the header 'Authorization: Bearer <AUTH_TOKEN>'.")
 
 
 def http_action(request: HttpRequest) -> Action:
@@ -794,14 +846,9 @@ def http_action(request: HttpRequest) -> Action:
     try:
         payload = strict_json(body)
     except ValueError as error:
-        raise BadRequestError(
-            f'The body is not valid JSON ({error}). Send {{"action": "start"}}.', code="malformed_json"
-        ) from None
+        raise MalformedJsonError(f'The body is not valid JSON ({error}). Send {{"action": "start"}}.') from None
     if not isinstance(payload, dict):
-        raise BadRequestError(
-            f'The body is a JSON {_json_type(payload)}, not an object. Send {{"action": "start"}}.',
-            code="invalid_body",
-        )
+        raise InvalidBodyError(f'The body is a JSON {_json_type(payload)}, not an object. Send {{"action": "start"}}.')
     action = _action(payload.get("action", Action.START))
     if action not in HTTP_ACTIONS:
         raise ForbiddenError(
@@ -814,15 +861,10 @@ def http_action(request: HttpRequest) -> Action:
 def _decode_body(request: HttpRequest) -> str:
     raw = request.body.encode()
     if request.is_base64:
-        import base64
-        import binascii
-
         try:
             raw = base64.b64decode(raw, validate=True)
         except binascii.Error:
-            raise BadRequestError(
-                "The body is marked isBase64Encoded but is not valid base64.", code="invalid_base64"
-            ) from None
+            raise InvalidBase64Error("The body is marked isBase64Encoded but is not valid base64.") from None
     if len(raw) > MAX_BODY_BYTES:
         raise PayloadTooLargeError(
             f'The body is {len(raw)} bytes; at most {MAX_BODY_BYTES} are accepted. Send {{"action": "start"}}.'
@@ -830,21 +872,17 @@ def _decode_body(request: HttpRequest) -> str:
     try:
         return raw.decode()
     except UnicodeDecodeError:
-        raise BadRequestError(
-            'The body is not UTF-8 text. Send {"action": "start"} as JSON.', code="malformed_json"
-        ) from None
+        raise MalformedJsonError('The body is not UTF-8 text. Send {"action": "start"} as JSON.') from None
 
 
 def _action(value: object) -> Action:
     known = ", ".join(a.value for a in Action)
     if not isinstance(value, str):
-        raise BadRequestError(
-            f"The action must be a string, one of {known}; got a JSON {_json_type(value)}.", code="invalid_action"
-        )
+        raise InvalidActionError(f"The action must be a string, one of {known}; got a JSON {_json_type(value)}.")
     try:
         return Action(value)
     except ValueError:
-        raise BadRequestError(f"Unknown action {_short(value)}: use one of {known}.", code="unknown_action") from None
+        raise UnknownActionError(f"Unknown action {_short(value)}: use one of {known}.") from None
 
 
 def strict_json(text: str | bytes) -> object:
@@ -1193,6 +1231,14 @@ class Transition(NamedTuple):
     previous_state: str
     state: str
 
+    @property
+    def started(self) -> bool:
+        return self.previous_state in STOPPED_STATES and self.state not in STOPPED_STATES
+
+    @property
+    def stopped(self) -> bool:
+        return self.previous_state not in STOPPED_STATES and self.state in STOPPED_STATES
+
 
 def aws_call_seconds(attempts: int) -> float:
     """The longest one AWS API call can take with this many attempts: each attempt's connect and read
@@ -1208,12 +1254,19 @@ def stop_seconds(config: Config) -> float:
     return aws_call_seconds(1) * (2 if config.stop_hibernate else 1)
 
 
-def after_activity_seconds(config: Config) -> float:
-    """What check_idle keeps for after the activity read: GetMetricData (fallback on) and one StopInstances, or
-    with a drain the shortest drain and the whole stop, which a drained backend must not be left without."""
-    fallback = aws_call_seconds(1) if config.idle_cpu_percent > 0 else 0.0
-    drain = min(MIN_BACKEND_SECONDS, config.http_timeout_seconds) + stop_seconds(config) if config.drain_path else 0.0
-    return max(fallback + aws_call_seconds(1), drain)
+def reserve(step: str, config: Config) -> float:
+    """The time budget's one owner: what must still be left after `step` for the calls that may follow it. A backend
+    request is granted only what leaves this (Deadline.grant_backend); an AWS call takes the attempts that fit."""
+    match step:
+        case "activity":  # GetMetricData (fallback on) and one StopInstances; or the shortest drain and the whole stop
+            fallback = aws_call_seconds(1) if config.idle_cpu_percent > 0 else 0.0
+            drain = min(MIN_BACKEND_SECONDS, config.http_timeout_seconds) + stop_seconds(config)
+            return max(fallback + aws_call_seconds(1), drain if config.drain_path else 0.0)
+        case "drain":  # the whole stop: a drained backend must not be left without it
+            return stop_seconds(config)
+        case "wait_for_stopped":  # the wait itself, then a Describe and a StartInstances
+            return STOPPING_POLL_SECONDS + 2 * aws_call_seconds(1)
+    raise ValueError(f"no reserve for {step}")
 
 
 def first_attempts_check_seconds(config: Config) -> float:
@@ -1228,7 +1281,7 @@ def first_attempts_check_seconds(config: Config) -> float:
 def shortest_check_seconds(config: Config) -> float:
     """The shortest function timeout at which check_idle reaches a decision when AWS and the backend answer at once."""
     activity = min(MIN_BACKEND_SECONDS, config.http_timeout_seconds)
-    return ANSWER_MARGIN_SECONDS + max(aws_call_seconds(1), activity + after_activity_seconds(config))
+    return ANSWER_MARGIN_SECONDS + max(aws_call_seconds(1), activity + reserve("activity", config))
 
 
 @cache
@@ -1310,9 +1363,8 @@ def aws_call(
         code = str(error.response.get("Error", {}).get("Code"))
         if code in ACCESS_DENIED_CODES:
             iam_action = IAM_ACTIONS[operation]
-            raise AwsError(
+            raise AccessDeniedError(
                 f"{name} {operation} was denied ({code}): allow {iam_action} to the Lambda's role on {about}.",
-                code="aws_access_denied",
                 aws_error_code=code,
                 iam_action=iam_action,
             ) from error
@@ -1322,10 +1374,9 @@ def aws_call(
             aws_error_code=code,
         ) from error
     except (BotoCoreError, TimeoutError) as error:
-        raise AwsError(
+        raise AwsUnreachableError(
             f"{name} {operation} failed before AWS answered ({type(error).__name__}). "
-            f"Check the Lambda's network path to the {name} API (VPC endpoint or NAT) and retry.",
-            code="aws_unreachable",
+            f"Check the Lambda's network path to the {name} API (VPC endpoint or NAT) and retry."
         ) from error
 
 
@@ -1428,11 +1479,10 @@ class Ec2:
         change = response["StoppingInstances"][0]
         return Transition(change["PreviousState"]["Name"], change["CurrentState"]["Name"])
 
-    def _not_found(self) -> AwsError:
-        return AwsError(
+    def _not_found(self) -> InstanceNotFoundError:
+        return InstanceNotFoundError(
             f"Instance {self.instance_id} does not exist in this region. "
-            f"Check {ENV_INSTANCE_ID} and the region ({ENV_AWS_REGION}).",
-            code="instance_not_found",
+            f"Check {ENV_INSTANCE_ID} and the region ({ENV_AWS_REGION})."
         )
 
     def _call(self, operation: str, call: Callable[[EC2Client], T]) -> T:
@@ -1453,10 +1503,10 @@ class Ec2:
             raise
 
 
-def instance_metrics(ec2: Ec2, start: datetime, end: datetime) -> MetricSamples:
+def instance_metrics(run: Run, start: datetime, end: datetime) -> MetricSamples:
     """The instance's CPU and network from AWS/EC2 in one GetMetricData call, period 300 s (basic and detailed
     monitoring alike). https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/viewing_metrics_with_cloudwatch.html"""
-    dimensions = [{"Name": "InstanceId", "Value": ec2.instance_id}]
+    dimensions = [{"Name": "InstanceId", "Value": run.config.instance_id}]
     wanted = (
         ("cpu", "CPUUtilization", "Maximum"),
         ("network_in", "NetworkIn", "Sum"),
@@ -1473,12 +1523,12 @@ def instance_metrics(ec2: Ec2, start: datetime, end: datetime) -> MetricSamples:
         }
         for query_id, name, stat in wanted
     ]
-    about = f'the metrics of instance {ec2.instance_id} (GetMetricData needs Resource "*")'
+    about = f'the metrics of instance {run.config.instance_id} (GetMetricData needs Resource "*")'
     results = aws_call(
         "cloudwatch",
         "GetMetricData",
-        ec2.region,
-        ec2.deadline,
+        run.config.region,
+        run.deadline,
         about,
         call=lambda client: client.get_metric_data(MetricDataQueries=queries, StartTime=start, EndTime=end),
     )["MetricDataResults"]
@@ -1492,41 +1542,19 @@ class Notice(NamedTuple):
     attributes: dict[str, str]
 
 
-def notification(action: Action, instance_id: str, fields: Mapping[str, Any]) -> Notice:
-    """The SNS message for a start or a stop: a subject and a body a person reads, attributes to filter on."""
-    decision = str(fields.get("decision") or "start")
-    what = {"start": "started", "stop": "stopped", "would_stop": "would be stopped (dry run)",
-            "would_start": "would be started (dry run)"}.get(decision, decision)  # fmt: skip
-    if action in (Action.HOLD, Action.RELEASE):
-        what = str(fields["reason"])
-    lines = [f"Instance {instance_id} {what} by {action}."]
-    labels = (("reason", "Why"), ("signal", "Decided by"), ("previous_state", "Was"), ("state", "Now"))
-    lines += [f"{label}: {fields[key]}" for key, label in labels if fields.get(key) is not None]
-    uptime = fields.get("uptime_seconds")
-    if uptime is not None:
-        lines.append(f"Ran for: {int(uptime) // 3600} h {int(uptime) % 3600 // 60} min")
-    subject = f"Backend {instance_id} {what}"[:100]  # SNS: at most 100 printable ASCII characters
-    return Notice(subject, "\n".join(lines), {"action": action.value, "decision": decision})
-
-
-def publish(topic_arn: str, notice: Notice, deadline: Deadline) -> str | None:
-    """Publish one notice; None if sent, else a warning. A failure changes neither the decision nor the answer."""
-    region = topic_region(topic_arn)
+def publish(topic_arn: str, notice: Notice, deadline: Deadline) -> None:
+    """Publish one notice to the topic (in the topic's own region)."""
     attributes = {name: {"DataType": "String", "StringValue": value} for name, value in notice.attributes.items()}
-    try:
-        aws_call(
-            "sns",
-            "Publish",
-            region,
-            deadline,
-            f"topic {topic_arn}",
-            call=lambda client: client.publish(
-                TopicArn=topic_arn, Subject=notice.subject, Message=notice.message, MessageAttributes=attributes
-            ),
-        )
-    except (AwsError, OutOfTimeError) as error:
-        return f"The notification was not published: {error.message}"
-    return None
+    aws_call(
+        "sns",
+        "Publish",
+        topic_region(topic_arn),
+        deadline,
+        f"topic {topic_arn}",
+        call=lambda client: client.publish(
+            TopicArn=topic_arn, Subject=notice.subject, Message=notice.message, MessageAttributes=attributes
+        ),
+    )
 
 
 # --- The backend: one HTTP exchange, bounded in time and bytes whatever the server does -----------
@@ -1729,371 +1757,499 @@ def _status_code(line: bytes) -> int:
     return int(rest[:3])
 
 
-# --- Actions: what each one does with the instance ------------------------------------------------
-@dataclass
-class Outcome:
-    """What an action did: the response's fields (logged too), its metrics and warnings."""
+# --- The actions: each takes the Run and returns a Done, what it did; present() makes the answer --
+@dataclass(frozen=True)
+class Run:
+    """What every action takes: the configuration, the deadline with its clock, the instance's EC2 calls, and the
+    event's fields (which hold reads)."""
 
-    fields: dict[str, Any]
-    status_code: int = 200
-    metrics: dict[str, float] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    level: int = logging.INFO
-    headers: dict[str, str] = field(default_factory=dict)
-    notify: bool = False  # it started or stopped the instance (or would have): publish to NOTIFY_TOPIC_ARN
-    notices: list[Notice] = field(default_factory=list)  # published besides that one (a hold that ended)
+    config: Config
+    deadline: Deadline
+    ec2: Ec2
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+    def now(self) -> datetime:
+        return self.deadline.clock.now()
 
 
-def start(ec2: Ec2, config: Config, fields: Mapping[str, Any]) -> Outcome:
-    """Describe (its tags carry any hold), then StartInstances if the instance is stopped; wait out a stop in
-    progress within the deadline. Held stopped: refused, with no StartInstances."""
-    info = ec2.describe()
-    reading = read_hold(info.tags, ec2.deadline.clock.now(), config.max_hold_hours)
+class Done(NamedTuple):
+    """What an action did, in plain values: the one thing it returns. present() is where it becomes the answer."""
+
+    action: Action
+    info: InstanceInfo | None = None  # what DescribeInstances said
+    verdict: Verdict | None = None  # start and status decide nothing
+    transition: Transition | None = None  # what StartInstances or StopInstances did
+    hold: Hold | None = None  # the hold in force, or the one the hold action set
+    ended: Hold | None = None  # the hold that check_idle found ended, or that release ended
+    activity: Activity | ActivityUnknown | None = None  # what the backend said, if asked
+    health: Mapping[str, Any] | None = None  # status: the health probe, None if there was no time for it
+    stuck_busy: bool = False
+    drained: bool = False
+    failure: OrchestratorError | None = None  # what left check_idle undecided, or failed a drained stop
+    warnings: tuple[str, ...] = ()
+    notices: tuple[Notice, ...] = ()  # besides the action's own: a hold that ended
+
+
+class Judgement(NamedTuple):
+    verdict: Verdict
+    activity: Activity | ActivityUnknown | None = None
+    stuck_busy: bool = False
+    warnings: tuple[str, ...] = ()
+
+
+def start(run: Run) -> Done:
+    """Describe (its tags carry any hold), then StartInstances if the instance is stopped, answering at once; a stop
+    in progress is waited out while a Describe and a StartInstances still fit. Held stopped: a 409, no start."""
+    info = run.ec2.describe()
+    reading = read_hold(info.tags, run.now(), run.config.max_hold_hours)
     if reading.hold is not None and reading.hold.state == "stopped":
         raise HeldStoppedError(
-            f"Instance {ec2.instance_id} is {reading.hold.text()}, so it is not started. It can be woken once the "
-            'hold ends, or when an operator releases it ({"action": "release"}).',
+            f"Instance {run.config.instance_id} is {reading.hold.text()}, so it is not started. It can be woken once "
+            'the hold ends, or when an operator releases it ({"action": "release"}).',
             hold=reading.hold.as_dict(),
         )
     if info.state in ("pending", "running"):
-        transition = Transition(info.state, info.state)
+        moved = Transition(info.state, info.state)
     elif info.state == "stopped":
         try:
-            transition = ec2.start_instance()
+            moved = run.ec2.start_instance()
         except AwsError as error:
             if error.aws_error_code != "IncorrectInstanceState":
                 raise
-            transition = _start_once_stopped(ec2, ec2.describe().state)
+            moved = _start_once_stopped(run, run.ec2.describe().state)
     else:
-        transition = _start_once_stopped(ec2, info.state)
-    started = transition.previous_state in ("stopped", "stopping")
-    message = "Instance is starting: poll the backend's health endpoint." if started else "Instance is already up."
-    return Outcome(
-        {"previous_state": transition.previous_state, "state": transition.state, "message": message},
-        status_code=202 if started else 200,
-        metrics={"InstanceStarted": int(started)},
-        warnings=[reading.problem] if reading.problem else [],
-        notify=started,
-    )
+        moved = _start_once_stopped(run, info.state)
+    return Done(Action.START, info, transition=moved, warnings=_warned(reading.problem))
 
 
-def _start_once_stopped(ec2: Ec2, state: str) -> Transition:
+def _start_once_stopped(run: Run, state: str) -> Transition:
     # StartInstances on a stopping instance fails with IncorrectInstanceState (so do shutting-down
     # and terminated): wait out a stop in progress.
-    deadline = ec2.deadline
     while state == "stopping":
-        # A wait is worth it only if a Describe and a StartInstances still fit after it.
-        if deadline.left() < STOPPING_POLL_SECONDS + 2 * aws_call_seconds(1):
+        if run.deadline.left() < reserve("wait_for_stopped", run.config):
             raise StillStoppingError(
-                f"Instance {ec2.instance_id} is still stopping. Retry start after {RETRY_AFTER_SECONDS} seconds.",
+                f"Instance {run.config.instance_id} is still stopping. Retry start after {RETRY_AFTER_SECONDS} "
+                "seconds.",
                 state=state,
             )
-        deadline.clock.sleep(STOPPING_POLL_SECONDS)
-        state = ec2.describe().state
+        run.deadline.clock.sleep(STOPPING_POLL_SECONDS)
+        state = run.ec2.describe().state
     if state in GONE_STATES:
         raise InstanceGoneError(
-            f"Instance {ec2.instance_id} is {state} and cannot be started. Point {ENV_INSTANCE_ID} at a live instance.",
+            f"Instance {run.config.instance_id} is {state} and cannot be started. Point {ENV_INSTANCE_ID} at a live "
+            "instance.",
             state=state,
         )
     if state == "stopped":
-        return ec2.start_instance()
+        return run.ec2.start_instance()
     return Transition(state, state)  # someone else started it meanwhile
 
 
-def status(ec2: Ec2, config: Config, fields: Mapping[str, Any]) -> Outcome:
+def status(run: Run) -> Done:
     """The instance's state, its hold, and, when it runs, whether the backend's health endpoint answers 2xx."""
-    health_url = config.require_backend_url(Action.STATUS) + config.health_path
-    info = ec2.describe()
-    reading = read_hold(info.tags, ec2.deadline.clock.now(), config.max_hold_hours)
-    held = reading.hold.as_dict() if reading.hold else None
-    outcome = Outcome({"state": info.state, "launch_time": info.launch_time.isoformat(), "hold": held})
-    if reading.problem:
-        outcome.warnings.append(reading.problem)
-    backend: dict[str, Any] | None = {"reachable": False, "healthy": False, "status_code": None}
-    if info.state == "running":
-        wanted = min(HEALTH_TIMEOUT_SECONDS, config.http_timeout_seconds)
-        try:
-            seconds = ec2.deadline.grant_backend(f"GET {health_url}", wanted)
-            backend = probe_health(health_url, seconds, ec2.deadline.clock)
-        except OutOfTimeError as error:  # answer what is known: the state
-            backend = None
-            outcome.warnings.append(error.message)
-    outcome.fields["backend"] = backend
-    return outcome
-
-
-def check_idle(ec2: Ec2, config: Config, fields: Mapping[str, Any]) -> Outcome:
-    """Stop the instance if it is known to be idle past the timeout; keep it whenever in doubt. Held running or
-    in a keep-warm window, keep it and start it if stopped. A hold that has ended is cleared."""
-    config.require_backend_url(Action.CHECK_IDLE)
-    outcome = Outcome({})
-    verdict: Verdict | None = None
+    url = run.config.require_backend_url(Action.STATUS) + run.config.health_path
+    info = run.ec2.describe()
+    reading = read_hold(info.tags, run.now(), run.config.max_hold_hours)
+    done = Done(Action.STATUS, info, hold=reading.hold, warnings=_warned(reading.problem))
+    if info.state != "running":
+        return done._replace(health={"reachable": False, "healthy": False, "status_code": None})
     try:
-        info = ec2.describe()
-        outcome.fields.update(state=info.state, launch_time=info.launch_time.isoformat())
-        reading = read_hold(info.tags, ec2.deadline.clock.now(), config.max_hold_hours)
-        if reading.problem:
-            outcome.warnings.append(reading.problem)
-        if reading.hold:
-            outcome.fields["hold"] = reading.hold.as_dict()
-        if reading.ended:
-            _end_hold(ec2, config, reading.ended, outcome)
-        verdict = _judge(ec2, config, info, reading.hold, outcome)  # kept apart: a stop out of time says why
-        verdict = _act(ec2, config, verdict, outcome)
-        if verdict.decision in (Decision.STOP, Decision.WOULD_STOP):
-            uptime_seconds = round((ec2.deadline.clock.now() - info.launch_time).total_seconds())
-            outcome.fields["uptime_seconds"] = uptime_seconds
-            if verdict.decision is Decision.STOP:
-                outcome.metrics["UptimeSeconds"] = uptime_seconds
-        reason = verdict.reason
-    except OutOfTimeError as error:
+        seconds = run.deadline.grant_backend(f"GET {url}", min(HEALTH_TIMEOUT_SECONDS, run.config.http_timeout_seconds))
+    except OutOfTimeError as error:  # answer what is known: the state
+        return done._replace(warnings=(*done.warnings, error.message))
+    return done._replace(health=probe_health(url, seconds, run.deadline.clock))
+
+
+def check_idle(run: Run) -> Done:
+    """Describe, judge, carry out: stop the instance once it is known to be idle past the timeout, keep it whenever in
+    doubt, and start it when it is held running or in a keep-warm window. A hold that has ended is cleared first."""
+    run.config.require_backend_url(Action.CHECK_IDLE)
+    done = Done(Action.CHECK_IDLE)
+    try:
+        info = run.ec2.describe()
+        reading = read_hold(info.tags, run.now(), run.config.max_hold_hours)
+        done = done._replace(info=info, hold=reading.hold, warnings=_warned(reading.problem))
+        if reading.ended is not None:
+            done = _end_hold(run, reading.ended, done)
+        judged = judge(
+            run.config,
+            info,
+            reading.hold,
+            run.now(),
+            backend=lambda: _read_activity(run),
+            metrics_idle=lambda seconds: _metrics_idle(run, info, seconds),
+        )
+        done = done._replace(
+            verdict=judged.verdict,
+            activity=judged.activity,
+            stuck_busy=judged.stuck_busy,
+            warnings=done.warnings + judged.warnings,
+        )
+        return carry_out(run, done)
+    except OutOfTimeError as error:  # no decision: an idle instance would run on, so the OutOfTime alarm hears of it
+        verdict = done.verdict
         reason = f"out of time before {error.step} ({error.brief}); the next check decides again"
         reason = f"{verdict.reason}, but {reason}" if verdict else reason
-        verdict = Verdict(Decision.KEEP, reason, verdict.idle_seconds if verdict else None, "deadline")
-        outcome.level = logging.ERROR  # no decision: an idle instance would run on; the OutOfTime alarm says so
-        outcome.metrics["OutOfTime"] = 1
-    idle_seconds = None if verdict.idle_seconds is None else round(verdict.idle_seconds, 1)
-    if idle_seconds is not None:
-        outcome.metrics["IdleSeconds"] = idle_seconds
-    outcome.notify = verdict.decision not in (Decision.KEEP, Decision.SKIP)
-    outcome.fields.update(
-        decision=verdict.decision.value,
-        reason=reason,
-        signal=verdict.signal,
-        idle_seconds=idle_seconds,
-        idle_timeout_seconds=config.idle_timeout_seconds,
-        dry_run=config.dry_run,
-    )
-    return outcome
+        idle_seconds = verdict.idle_seconds if verdict else None
+        return done._replace(verdict=Verdict(Decision.KEEP, reason, idle_seconds, "deadline"), failure=error)
 
 
-def _judge(ec2: Ec2, config: Config, info: InstanceInfo, hold: Hold | None, outcome: Outcome) -> Verdict:
-    """The verdict, from a hold, a keep-warm window, the backend's activity, or (when the backend cannot say, or
-    says busy for too long) CloudWatch."""
-    clock = ec2.deadline.clock
+def judge(
+    config: Config,
+    info: InstanceInfo,
+    hold: Hold | None,
+    now: datetime,
+    *,
+    backend: Callable[[], Activity | ActivityUnknown],
+    metrics_idle: Callable[[int], tuple[bool, str]],
+) -> Judgement:
+    """The README's rules, in order: the first that applies decides. `backend()` reads the activity endpoint and
+    `metrics_idle(seconds)` the instance's CloudWatch metrics over the last `seconds`, each only if a rule needs it."""
     if hold is not None and hold.state == "running":
-        return held_running(info.state, hold)
-    window = config.open_window(clock.now())
-    if window is not None:  # working hours: never stop, and start a stopped instance unless held stopped
-        verdict = keep_warm(info.state, window)
-        if verdict.decision is Decision.START and hold is not None:
-            return Verdict(Decision.SKIP, f"stopped, {hold.text()}: no keep-warm window starts it", signal="hold")
-        return verdict
+        return Judgement(held_running(info.state, hold))
+    window = config.open_window(now)
+    if window is not None and hold is not None and info.state == "stopped":
+        return Judgement(
+            Verdict(Decision.SKIP, f"stopped, {hold.text()}: no keep-warm window starts it", signal="hold")
+        )
+    if window is not None:  # working hours: never stop, and start a stopped instance
+        return Judgement(keep_warm(info.state, window))
     if info.state != "running":
-        return Verdict(Decision.SKIP, f"instance is {info.state}, not running", signal="state")
-    uptime_seconds = (clock.now() - info.launch_time).total_seconds()
-    outcome.metrics["UptimeHours"] = round(max(uptime_seconds, 0) / 3600, 2)  # nothing explains it: alarmed on
-    url = f"{config.backend_base_url}{config.last_activity_path}"
-    # The answer is worth reading only if the calls it may lead to still fit after it.
-    keep = after_activity_seconds(config)
-    activity = fetch_activity(url, ec2.deadline.grant_backend(f"GET {url}", config.http_timeout_seconds, keep), clock)
-    if isinstance(activity, ActivityUnknown):
-        outcome.metrics["BackendUnreachable"] = 1
-        outcome.level = logging.ERROR
-        if config.idle_cpu_percent > 0:
-            return _second_signal(ec2, config, info, activity)
-    verdict = decide(info.launch_time, activity, clock.now(), config.idle_timeout_seconds)
+        return Judgement(Verdict(Decision.SKIP, f"instance is {info.state}, not running", signal="state"))
+    activity = backend()
+    uptime_seconds = (now - info.launch_time).total_seconds()
+    if isinstance(activity, ActivityUnknown) and config.idle_cpu_percent > 0:  # the second signal
+        unreachable = f"backend unreachable ({activity.reason})"
+        if uptime_seconds <= config.idle_timeout_seconds:
+            up = f"up {_seconds(max(uptime_seconds, 0))}, within the {config.idle_timeout_seconds}s timeout"
+            return Judgement(Verdict(Decision.KEEP, f"{unreachable}; {up}"), activity)
+        if info.vcpus is None:
+            reason = "DescribeInstances gave no CpuOptions, so one busy vCPU cannot be told from an idle instance"
+            return Judgement(Verdict(Decision.KEEP, f"{unreachable}; {reason}", signal="cloudwatch"), activity)
+        try:
+            idle, evidence = metrics_idle(config.idle_timeout_seconds)
+        except AwsError as error:
+            evidence = f"CloudWatch could not be read: {error.message}"
+            return Judgement(Verdict(Decision.KEEP, f"{unreachable}; {evidence}", signal="cloudwatch"), activity)
+        return Judgement(
+            Verdict(Decision.STOP if idle else Decision.KEEP, f"{unreachable}; {evidence}", signal="cloudwatch"),
+            activity,
+        )
+    verdict = decide(info.launch_time, activity, now, config.idle_timeout_seconds)
     busy = isinstance(activity, Activity) and activity.busy_reason is not None
-    watched = 0 < config.stuck_busy_seconds < uptime_seconds and config.idle_cpu_percent > 0 and info.vcpus is not None
-    if busy and watched:
-        return _stuck_busy(ec2, config, info, verdict, outcome)
-    return verdict
+    if busy and 0 < config.stuck_busy_seconds < uptime_seconds and config.idle_cpu_percent > 0 and info.vcpus:
+        return _stuck_busy(config, verdict, activity, metrics_idle)
+    return Judgement(verdict, activity)
 
 
-def _stuck_busy(ec2: Ec2, config: Config, info: InstanceInfo, verdict: Verdict, outcome: Outcome) -> Verdict:
-    """Busy for longer than STUCK_BUSY_SECONDS: one GetMetricData over that time, judged as the second signal is.
-    Idle all along means a busy flag that never clears: WARNING and StuckBusy, and a stop with STOP_STUCK_BUSY."""
+def _stuck_busy(
+    config: Config,
+    verdict: Verdict,
+    activity: Activity | ActivityUnknown,
+    metrics_idle: Callable[[int], tuple[bool, str]],
+) -> Judgement:
+    """Busy for longer than STUCK_BUSY_SECONDS: the metrics over that time, judged as the second signal is. Idle all
+    along means a busy flag that never clears: WARNING and StuckBusy, and a stop with STOP_STUCK_BUSY."""
     try:
-        idle, evidence = _metrics_idle(ec2, config, info, config.stuck_busy_seconds)
+        idle, evidence = metrics_idle(config.stuck_busy_seconds)
     except (AwsError, OutOfTimeError) as error:
-        outcome.warnings.append(f"The stuck-busy watch could not read CloudWatch: {error.message}")
-        return verdict
+        return Judgement(
+            verdict, activity, warnings=(f"The stuck-busy watch could not read CloudWatch: {error.message}",)
+        )
     if not idle:
-        return verdict
-    outcome.fields["stuck_busy"] = True
-    outcome.metrics["StuckBusy"] = 1
-    outcome.level = max(outcome.level, logging.WARNING)
+        return Judgement(verdict, activity)
     reason = f"{verdict.reason}, but its metrics say idle ({evidence}): the busy flag may be stuck"
     if config.stop_stuck_busy:
-        return Verdict(
+        stop = Verdict(
             Decision.STOP, f"{reason}; stopped ({ENV_STOP_STUCK_BUSY}=true)", verdict.idle_seconds, "stuck_busy"
         )
-    return verdict._replace(reason=f"{reason}; kept (a busy backend is stopped only with {ENV_STOP_STUCK_BUSY}=true)")
+        return Judgement(stop, activity, stuck_busy=True)
+    kept = f"{reason}; kept (a busy backend is stopped only with {ENV_STOP_STUCK_BUSY}=true)"
+    return Judgement(verdict._replace(reason=kept), activity, stuck_busy=True)
 
 
-def _end_hold(ec2: Ec2, config: Config, ended: Hold, outcome: Outcome) -> None:
-    """A hold whose end has passed: delete its tags (one DeleteTags) and say so once; the usual rules apply."""
-    if config.dry_run:
-        outcome.warnings.append(f"The hold ({ended.text()}) has ended; in dry run its tags are left in place.")
-        return
-    try:
-        ec2.clear_hold()
-    except AwsError as error:
-        outcome.warnings.append(f"The hold ({ended.text()}) has ended, but its tags stay: {error.message}")
-        return
-    outcome.fields["hold_ended"] = ended.as_dict()
-    text = f"The hold on instance {ec2.instance_id} ({ended.text()}) has ended; the usual rules apply again."
-    attributes = {"action": Action.CHECK_IDLE.value, "decision": "hold_ended"}
-    outcome.notices.append(Notice(f"Backend {ec2.instance_id} hold ended", text, attributes))
+def _read_activity(run: Run) -> Activity | ActivityUnknown:
+    url = f"{run.config.backend_base_url}{run.config.last_activity_path}"
+    wanted = run.config.http_timeout_seconds
+    return fetch_activity(
+        url, run.deadline.grant_backend(f"GET {url}", wanted, reserve("activity", run.config)), run.deadline.clock
+    )
 
 
-def _metrics_idle(ec2: Ec2, config: Config, info: InstanceInfo, seconds: int) -> tuple[bool, str]:
+def _metrics_idle(run: Run, info: InstanceInfo, seconds: int) -> tuple[bool, str]:
     """Whether the instance's own metrics were idle over the last `seconds` of the current run, on its scale (one
     busy vCPU of any count is not idle), in one GetMetricData call; and the evidence."""
-    assert info.vcpus is not None  # noqa: S101 - both callers check it first
-    now = ec2.deadline.clock.now()
+    assert info.vcpus is not None  # noqa: S101 - judge() checks it first
+    now = run.now()
     start, end = metric_window(now, seconds)
-    samples = instance_metrics(ec2, start, now)
-    cpu_limit = min(config.idle_cpu_percent, ONE_BUSY_VCPU_PERCENT / info.vcpus)
-    network_limit = config.idle_network_kb * 1024
+    samples = instance_metrics(run, start, now)
+    cpu_limit = min(run.config.idle_cpu_percent, ONE_BUSY_VCPU_PERCENT / info.vcpus)
+    network_limit = run.config.idle_network_kb * 1024
     return judge_metrics(samples, start, end, cpu_limit, network_limit, launch_time=info.launch_time)
 
 
-def _second_signal(ec2: Ec2, config: Config, info: InstanceInfo, activity: ActivityUnknown) -> Verdict:
-    """The backend cannot say: once the instance has run past the timeout, its own CloudWatch metrics decide,
-    on the instance's own scale: one busy vCPU of any count keeps it."""
-    now, timeout = ec2.deadline.clock.now(), config.idle_timeout_seconds
-    unreachable = f"backend unreachable ({activity.reason})"
-    uptime_seconds = (now - info.launch_time).total_seconds()
-    if uptime_seconds <= timeout:
-        return Verdict(
-            Decision.KEEP, f"{unreachable}; up {_seconds(max(uptime_seconds, 0))}, within the {timeout}s timeout"
-        )
-    if info.vcpus is None:
-        reason = "DescribeInstances gave no CpuOptions, so one busy vCPU cannot be told from an idle instance"
-        return Verdict(Decision.KEEP, f"{unreachable}; {reason}", signal="cloudwatch")
+def _end_hold(run: Run, ended: Hold, done: Done) -> Done:
+    """A hold whose end has passed: delete its tags (one DeleteTags) and say so once; the usual rules apply."""
+    if run.config.dry_run:
+        return _warn(done, f"The hold ({ended.text()}) has ended; in dry run its tags are left in place.")
     try:
-        idle, evidence = _metrics_idle(ec2, config, info, timeout)
+        run.ec2.clear_hold()
     except AwsError as error:
-        return Verdict(
-            Decision.KEEP, f"{unreachable}; CloudWatch could not be read: {error.message}", signal="cloudwatch"
-        )
-    return Verdict(Decision.STOP if idle else Decision.KEEP, f"{unreachable}; {evidence}", signal="cloudwatch")
+        return _warn(done, f"The hold ({ended.text()}) has ended, but its tags stay: {error.message}")
+    instance_id = run.config.instance_id
+    text = f"The hold on instance {instance_id} ({ended.text()}) has ended; the usual rules apply again."
+    attributes = {"action": Action.CHECK_IDLE.value, "decision": "hold_ended"}
+    return done._replace(ended=ended, notices=(Notice(f"Backend {instance_id} hold ended", text, attributes),))
 
 
-def _act(ec2: Ec2, config: Config, verdict: Verdict, outcome: Outcome) -> Verdict:
-    """Carry out a stop or a keep-warm start; a stop the backend's activity decided waits for its drain."""
-    if verdict.decision is Decision.START:
-        return verdict._replace(decision=_start_unless_dry_run(ec2, config, outcome))
-    if verdict.decision is not Decision.STOP:
-        return verdict
-    if not (config.drain_path and verdict.signal == "activity" and not config.dry_run):
-        return verdict._replace(decision=_stop_unless_dry_run(ec2, config, outcome))
-    url = f"{config.backend_base_url}{config.drain_path}"
-    refused = drain(url, config.http_timeout_seconds, ec2.deadline, keep=stop_seconds(config))
-    if refused is not None:
-        return verdict._replace(decision=Decision.KEEP, reason=f"{verdict.reason}, but {refused}")
-    outcome.fields["drained"] = True
-    try:
-        return verdict._replace(decision=_stop_unless_dry_run(ec2, config, outcome))
-    except (AwsError, OutOfTimeError) as error:  # the backend refuses all work now: tell it to resume
-        outcome.level = logging.ERROR
-        outcome.metrics["Errors"] = 1
-        if isinstance(error, OutOfTimeError):
-            outcome.metrics["OutOfTime"] = 1
-        resumed = undrain(url, config.http_timeout_seconds, ec2.deadline)
-        reason = f"{verdict.reason}; drained, but StopInstances failed: {error.message} {resumed}"
-        return verdict._replace(decision=Decision.KEEP, reason=reason)
+def carry_out(run: Run, done: Done) -> Done:
+    """Make the verdict so: a start (keep-warm, held running) or a stop; a stop that the backend's activity decided
+    waits for its drain, and a drained backend whose stop then fails is told to resume work."""
+    assert done.verdict is not None  # noqa: S101 - check_idle judged first
+    config, verdict = run.config, done.verdict
+    match verdict.decision:
+        case Decision.START:
+            return _start_unless_dry_run(run, done)
+        case Decision.STOP if config.drain_path and verdict.signal == "activity" and not config.dry_run:
+            url = f"{config.backend_base_url}{config.drain_path}"
+            refused = drain(url, config.http_timeout_seconds, run.deadline, keep=reserve("drain", config))
+            if refused is not None:
+                return done._replace(
+                    verdict=verdict._replace(decision=Decision.KEEP, reason=f"{verdict.reason}, but {refused}")
+                )
+            try:
+                return _stop_unless_dry_run(run, done._replace(drained=True))
+            except (AwsError, OutOfTimeError) as error:  # the backend refuses all work now: tell it to resume
+                resumed = undrain(url, config.http_timeout_seconds, run.deadline)
+                reason = f"{verdict.reason}; drained, but StopInstances failed: {error.message} {resumed}"
+                kept = verdict._replace(decision=Decision.KEEP, reason=reason)
+                return done._replace(verdict=kept, drained=True, failure=error)
+        case Decision.STOP:
+            return _stop_unless_dry_run(run, done)
+    return done
 
 
-def _start_unless_dry_run(ec2: Ec2, config: Config, outcome: Outcome) -> Decision:
-    if config.dry_run:
-        return Decision.WOULD_START
-    transition = ec2.start_instance()
-    outcome.fields.update(previous_state=transition.previous_state, state=transition.state)
-    outcome.metrics["InstanceStarted"] = 1
-    return Decision.START
+def _start_unless_dry_run(run: Run, done: Done) -> Done:
+    if run.config.dry_run:
+        return _decided(done, Decision.WOULD_START)
+    return _decided(done._replace(transition=run.ec2.start_instance()), Decision.START)
 
 
-def stop(ec2: Ec2, config: Config, fields: Mapping[str, Any]) -> Outcome:
+def _stop_unless_dry_run(run: Run, done: Done) -> Done:
+    if run.config.dry_run:
+        return _decided(done, Decision.WOULD_STOP)
+    moved, warning = run.ec2.stop_instance(run.config.stop_hibernate)
+    done = done._replace(transition=moved, warnings=done.warnings + _warned(warning))
+    return _decided(done, Decision.SKIP if moved.previous_state in STOPPED_STATES else Decision.STOP)
+
+
+def stop(run: Run) -> Done:
     """The operator's stop, now (direct invocation only): honours DRY_RUN and STOP_HIBERNATE."""
-    outcome = Outcome({"state": ec2.describe().state} if config.dry_run else {})
-    already = config.dry_run and outcome.fields["state"] in STOPPED_STATES
-    decision = Decision.SKIP if already else _stop_unless_dry_run(ec2, config, outcome)
-    reason = "stop requested"
-    if decision is Decision.SKIP:  # nothing changed: nothing to notify
-        reason += f", but the instance was already {outcome.fields.get('previous_state', outcome.fields['state'])}"
-    outcome.notify = decision is not Decision.SKIP
-    outcome.fields.update(decision=decision.value, reason=reason, dry_run=config.dry_run)
-    window = config.open_window(ec2.deadline.clock.now())
-    if window is not None:
-        outcome.warnings.append(
-            f"The keep-warm window {window.text!r} is open: the next check_idle starts the instance again. "
-            f"To keep it stopped, remove the window from {ENV_KEEP_WARM} first."
+    info = run.ec2.describe() if run.config.dry_run else None
+    done = Done(Action.STOP, info, Verdict(Decision.STOP, "stop requested", signal="operator"))
+    if info is not None and info.state in STOPPED_STATES:
+        done = _decided(done, Decision.SKIP)
+    else:
+        done = _stop_unless_dry_run(run, done)
+    if done.verdict is not None and done.verdict.decision is Decision.SKIP:  # nothing changed: nothing to notify
+        was = done.transition.previous_state if done.transition else info.state if info else "stopped"
+        done = done._replace(
+            verdict=done.verdict._replace(reason=f"stop requested, but the instance was already {was}")
         )
-    return outcome
+    window = run.config.open_window(run.now())
+    if window is None:
+        return done
+    return _warn(
+        done,
+        f"The keep-warm window {window.text!r} is open: the next check_idle starts the instance again. "
+        f"To keep it stopped, remove the window from {ENV_KEEP_WARM} first.",
+    )
 
 
-def _stop_unless_dry_run(ec2: Ec2, config: Config, outcome: Outcome) -> Decision:
-    if config.dry_run:
-        return Decision.WOULD_STOP
-    transition, warning = ec2.stop_instance(config.stop_hibernate)
-    if warning:
-        outcome.warnings.append(warning)
-    outcome.fields.update(previous_state=transition.previous_state, state=transition.state)
-    if transition.previous_state in STOPPED_STATES:  # someone else stopped it first
-        return Decision.SKIP
-    outcome.metrics["InstanceStopped"] = 1
-    return Decision.STOP
-
-
-def hold(ec2: Ec2, config: Config, fields: Mapping[str, Any]) -> Outcome:
+def hold(run: Run) -> Done:
     """Hold the instance running or stopped until a time (direct invocation only): the three tags in one
     CreateTags, then start or stop it to match (an operator's stop: STOP_HIBERNATE and DRY_RUN honoured)."""
-    wanted = hold_request(fields, ec2.deadline.clock.now(), config.max_hold_hours)  # a 400 writes nothing
-    info = ec2.describe()
-    outcome = Outcome({"hold": wanted.as_dict(), "state": info.state}, notify=True)
-    if not config.dry_run:
-        ec2.set_hold(wanted)
+    wanted = hold_request(run.fields, run.now(), run.config.max_hold_hours)  # a 400 writes nothing
+    info = run.ec2.describe()
+    if not run.config.dry_run:
+        run.ec2.set_hold(wanted)
+    written = " (dry run: nothing written)" if run.config.dry_run else ""
+    done = Done(Action.HOLD, info, Verdict(Decision.KEEP, f"{wanted.text()}{written}", signal="operator"), hold=wanted)
     if wanted.state == "running" and info.state == "stopped":
-        decision = _start_unless_dry_run(ec2, config, outcome)
-    elif wanted.state == "stopped" and info.state in ("pending", "running"):
-        decision = _stop_unless_dry_run(ec2, config, outcome)
-    else:
-        decision = Decision.KEEP
-    written = " (dry run: nothing written)" if config.dry_run else ""
-    outcome.fields.update(decision=decision.value, reason=f"{wanted.text()}{written}", dry_run=config.dry_run)
-    return outcome
+        return _start_unless_dry_run(run, done)
+    if wanted.state == "stopped" and info.state in ("pending", "running"):
+        return _stop_unless_dry_run(run, done)
+    return done
 
 
-def release(ec2: Ec2, config: Config, fields: Mapping[str, Any]) -> Outcome:
+def release(run: Run) -> Done:
     """End the hold now (direct invocation only): its tags deleted in one DeleteTags; the usual rules apply."""
-    info = ec2.describe()
-    reading = read_hold(info.tags, ec2.deadline.clock.now(), config.max_hold_hours)
+    info = run.ec2.describe()
+    reading = read_hold(info.tags, run.now(), run.config.max_hold_hours)
     released = reading.hold or reading.ended
-    if info.tags and not config.dry_run:
-        ec2.clear_hold()
+    if info.tags and not run.config.dry_run:
+        run.ec2.clear_hold()
     reason = f"released from its hold ({released.text()})" if released else "released: it had no hold"
-    if config.dry_run:
-        reason += " (dry run: nothing written)"
-    return Outcome(
-        {"hold": None, "released": released.as_dict() if released else None, "state": info.state,
-         "decision": Decision.KEEP.value, "reason": reason, "dry_run": config.dry_run},
-        notify=bool(info.tags),
-    )  # fmt: skip
+    reason += " (dry run: nothing written)" if run.config.dry_run else ""
+    return Done(Action.RELEASE, info, Verdict(Decision.KEEP, reason, signal="operator"), ended=released)
 
 
-# The actions by name; each takes the instance, the configuration and the event's fields (for hold).
-ACTIONS: Final[dict[Action, Callable[[Ec2, Config, Mapping[str, Any]], Outcome]]] = {
-    Action.START: start,
-    Action.STATUS: status,
-    Action.CHECK_IDLE: check_idle,
-    Action.STOP: stop,
-    Action.HOLD: hold,
-    Action.RELEASE: release,
-}
+def _decided(done: Done, decision: Decision) -> Done:
+    assert done.verdict is not None  # noqa: S101 - only a verdict is carried out
+    return done._replace(verdict=done.verdict._replace(decision=decision))
 
 
-def act(action: Action, config: Config, deadline: Deadline, fields: Mapping[str, Any]) -> Outcome:
-    """Run the action on the instance; publish a start, a stop or a hold to NOTIFY_TOPIC_ARN."""
-    outcome = ACTIONS[action](Ec2(config.region, config.instance_id, deadline), config, fields)
-    if config.notify_topic_arn:
-        notices = [notification(action, config.instance_id, outcome.fields)] if outcome.notify else []
-        for notice in [*outcome.notices, *notices]:
-            failure = publish(config.notify_topic_arn, notice, deadline)
-            if failure:
-                outcome.warnings.append(failure)
-    return outcome
+def _warn(done: Done, warning: str) -> Done:
+    return done._replace(warnings=(*done.warnings, warning))
+
+
+def _warned(warning: str | None) -> tuple[str, ...]:
+    return (warning,) if warning else ()
+
+
+# --- The answer: one presenter, from what an action did to its body, metrics, log level and notices
+class Answer(NamedTuple):
+    """An invocation's answer before it is rendered: the body's fields, status and headers, the metrics, the
+    warnings, the log level, and the notices to publish to NOTIFY_TOPIC_ARN."""
+
+    fields: Mapping[str, Any]
+    status_code: int = 200
+    metrics: Mapping[str, float] = {}
+    warnings: tuple[str, ...] = ()
+    level: int = logging.INFO
+    headers: Mapping[str, str] = {}
+    notices: tuple[Notice, ...] = ()
+
+
+CHANGES: Final = frozenset({Decision.START, Decision.STOP, Decision.WOULD_START, Decision.WOULD_STOP})
+
+
+def present(done: Done, config: Config, now: datetime) -> Answer:
+    """The one place where what an action did becomes its answer: body, status, metrics, log level, notices."""
+    info, verdict, moved, action = done.info, done.verdict, done.transition, done.action
+    fields: dict[str, Any] = {}
+    metrics: dict[str, float] = {}
+    if info is not None:
+        fields.update(state=info.state, launch_time=info.launch_time.isoformat())
+    if done.hold is not None or action in (Action.STATUS, Action.HOLD, Action.RELEASE):
+        fields["hold"] = done.hold.as_dict() if done.hold else None
+    if done.ended is not None or action is Action.RELEASE:
+        fields["released" if action is Action.RELEASE else "hold_ended"] = done.ended.as_dict() if done.ended else None
+    if moved is not None:
+        fields.update(previous_state=moved.previous_state, state=moved.state)
+        metrics.update({"InstanceStarted": 1} if moved.started else {"InstanceStopped": 1} if moved.stopped else {})
+    started = moved is not None and moved.started
+    if action is Action.START:
+        fields["message"] = (
+            "Instance is starting: poll the backend's health endpoint." if started else "Instance is already up."
+        )
+        metrics["InstanceStarted"] = int(started)
+    if action is Action.STATUS:
+        fields["backend"] = done.health
+    if verdict is not None:
+        fields.update(decision=verdict.decision.value, reason=verdict.reason, signal=verdict.signal)
+        fields["dry_run"] = config.dry_run
+    uptime_seconds = _check_idle_figures(done, config, now, fields, metrics) if action is Action.CHECK_IDLE else None
+    match action:
+        case Action.START:
+            changed = started
+        case Action.HOLD:
+            changed = True
+        case Action.RELEASE:
+            changed = bool(info and info.tags)
+        case _:
+            changed = verdict is not None and verdict.decision in CHANGES
+    own = (notification(done, config.instance_id, uptime_seconds),) if changed else ()
+    status_code = 202 if started and action is Action.START else 200
+    return Answer(fields, status_code, metrics, done.warnings, _level(done), notices=done.notices + own)
+
+
+def _check_idle_figures(
+    done: Done, config: Config, now: datetime, fields: dict[str, Any], metrics: dict[str, float]
+) -> int | None:
+    """check_idle's own part of the answer (present's helper, filling present's two dicts); its uptime at a stop."""
+    info, verdict = done.info, done.verdict
+    assert verdict is not None  # noqa: S101 - check_idle always ends in a verdict
+    idle_seconds = None if verdict.idle_seconds is None else round(verdict.idle_seconds, 1)
+    fields.update(idle_seconds=idle_seconds, idle_timeout_seconds=config.idle_timeout_seconds)
+    metrics.update({"IdleSeconds": idle_seconds} if idle_seconds is not None else {})
+    if isinstance(done.activity, ActivityUnknown):
+        metrics["BackendUnreachable"] = 1
+    if done.stuck_busy:
+        fields["stuck_busy"], metrics["StuckBusy"] = True, 1
+    if done.drained:
+        fields["drained"] = True
+    if done.failure is not None:
+        metrics.update({"OutOfTime": 1} if isinstance(done.failure, OutOfTimeError) else {})
+        metrics.update({"Errors": 1} if done.drained else {})  # a drained backend left running: the Errors alarm
+    if info is None:
+        return None
+    uptime = (now - info.launch_time).total_seconds()
+    if info.state == "running" and verdict.signal not in ("hold", "keep_warm"):  # nothing explains it: alarmed on
+        metrics["UptimeHours"] = round(max(uptime, 0) / 3600, 2)
+    if verdict.decision not in (Decision.STOP, Decision.WOULD_STOP):
+        return None
+    fields["uptime_seconds"] = round(uptime)
+    metrics.update({"UptimeSeconds": round(uptime)} if verdict.decision is Decision.STOP else {})
+    return round(uptime)
+
+
+def _level(done: Done) -> int:
+    """ERROR when the backend cannot say (BackendUnreachable) or check_idle could not decide or carry out; WARNING
+    for a busy flag that may be stuck. Any warning lifts INFO to WARNING when the line is logged."""
+    if isinstance(done.activity, ActivityUnknown) or done.failure is not None:
+        return logging.ERROR
+    return logging.WARNING if done.stuck_busy else logging.INFO
+
+
+def notification(done: Done, instance_id: str, uptime_seconds: int | None) -> Notice:
+    """The SNS message for a start, a stop or a hold: a subject and a body a person reads, attributes to filter on."""
+    verdict, moved = done.verdict, done.transition
+    decision = verdict.decision.value if verdict else "start"
+    what = {"start": "started", "stop": "stopped", "would_stop": "would be stopped (dry run)",
+            "would_start": "would be started (dry run)"}.get(decision, decision)  # fmt: skip
+    if done.action in (Action.HOLD, Action.RELEASE) and verdict is not None:
+        what = verdict.reason
+    lines = [f"Instance {instance_id} {what} by {done.action}."]
+    if verdict is not None:
+        lines += [f"Why: {verdict.reason}", f"Decided by: {verdict.signal}"]
+    if moved is not None:
+        lines += [f"Was: {moved.previous_state}", f"Now: {moved.state}"]
+    elif done.info is not None:
+        lines.append(f"Now: {done.info.state}")
+    if uptime_seconds is not None:
+        lines.append(f"Ran for: {uptime_seconds // 3600} h {uptime_seconds % 3600 // 60} min")
+    subject = f"Backend {instance_id} {what}"[:100]  # SNS: at most 100 printable ASCII characters
+    return Notice(subject, "\n".join(lines), {"action": done.action.value, "decision": decision})
+
+
+def act(action: Action, config: Config, deadline: Deadline, fields: Mapping[str, Any]) -> Answer:
+    """Run the action on the instance, present what it did, and publish its notices to NOTIFY_TOPIC_ARN."""
+    run = Run(config, deadline, Ec2(config.region, config.instance_id, deadline), fields)
+    match action:
+        case Action.START:
+            done = start(run)
+        case Action.STATUS:
+            done = status(run)
+        case Action.CHECK_IDLE:
+            done = check_idle(run)
+        case Action.STOP:
+            done = stop(run)
+        case Action.HOLD:
+            done = hold(run)
+        case Action.RELEASE:
+            done = release(run)
+        case Action.PREFLIGHT:
+            raise AssertionError("preflight runs before the configuration is required: see respond()")
+    answer = present(done, config, deadline.clock.now())
+    warnings, topic = list(answer.warnings), config.notify_topic_arn
+    for notice in answer.notices:
+        try:
+            if topic:
+                publish(topic, notice, deadline)
+        except (AwsError, OutOfTimeError) as error:  # a notice changes neither the decision nor the answer
+            warnings.append(f"The notification was not published: {error.message}")
+    return answer._replace(warnings=tuple(warnings))
 
 
 # --- Preflight: what is wrong with the deployment, before the first idle night --------------------
@@ -2104,23 +2260,26 @@ class Check(NamedTuple):
     fix: str | None = None
 
 
-def preflight(environ: Mapping[str, str], deadline: Deadline, fields: Mapping[str, Any]) -> Outcome:
+def preflight(settings: Settings, deadline: Deadline, fields: Mapping[str, Any]) -> Answer:
     """Check the deployment without changing anything (no start, stop, tag or drain; SNS only with "notify": true).
     Each check runs within the deadline, and the failure of one never stops the others."""
     whole_seconds = deadline.left() + ANSWER_MARGIN_SECONDS
-    config, problems = Config.with_problems(environ)
-    checks = [_config_check(environ, problems)]
+    config, problems = settings.config, (*settings.problems, *_warned_error(settings.token.problem))
+    if problems:
+        checks = [Check("config", "fail", " | ".join(p.message for p in problems), "fix each variable named above")]
+    else:
+        checks = [Check("config", "ok", f"every variable is valid: {', '.join(settings.shown) or 'all defaults'}")]
     if config is None:
         skipped = "INSTANCE_ID is missing or bad: fix the configuration and run preflight again"
         checks += [Check(name, "skip", skipped) for name in PREFLIGHT_CHECKS[1:]]
     else:
-        ec2 = Ec2(config.region, config.instance_id, deadline)
+        run = Run(config, deadline, Ec2(config.region, config.instance_id, deadline), fields)
         found: list[InstanceInfo] = []
         for name in PREFLIGHT_CHECKS[1:]:
-            checks.append(_run_check(name, ec2, config, found, fields, whole=whole_seconds))
+            checks.append(_run_check(name, run, found, whole=whole_seconds))
     failed = [check.check for check in checks if check.status == "fail"]
     counts = ", ".join(f"{sum(c.status == s for c in checks)} {s}" for s in ("ok", "warn", "fail", "skip"))
-    return Outcome(
+    return Answer(
         {"ok": not failed, "checks": [check._asdict() for check in checks], "message": f"preflight: {counts}"},
         level=logging.WARNING if failed else logging.INFO,
     )
@@ -2133,38 +2292,25 @@ PREFLIGHT_CHECKS: Final = (
 )  # fmt: skip
 
 
-def _config_check(environ: Mapping[str, str], problems: list[ConfigError]) -> Check:
-    shown = [
-        f"{n}={'(set)' if n == ENV_AUTH_TOKEN else environ[n]!r}"
-        for n in (*VARIABLES, ENV_AUTH_TOKEN)
-        if environ.get(n, "").strip()
-    ]
-    if problems:
-        return Check("config", "fail", " | ".join(p.message for p in problems), "fix each variable named above")
-    return Check("config", "ok", f"every variable is valid: {', '.join(shown) or 'all defaults'}")
-
-
-def _run_check(
-    name: str, ec2: Ec2, config: Config, found: list[InstanceInfo], fields: Mapping[str, Any], *, whole: float
-) -> Check:
+def _run_check(name: str, run: Run, found: list[InstanceInfo], *, whole: float) -> Check:
     """One check; an AWS or backend failure is that check's failure, and no time left is a skip."""
     try:
         if name not in WITHOUT_THE_INSTANCE and not found:
             return Check(name, "skip", "the instance could not be described: see the instance check")
-        return PREFLIGHT[name](ec2, config, found, fields, whole)
+        return PREFLIGHT[name](run, found, whole)
     except OutOfTimeError as error:
         return Check(name, "skip", f"out of time ({error.brief})", "raise the function's timeout")
-    except AwsError as error:
+    except (AwsError, InstanceNotFoundError) as error:
         fix = f"allow {error.details['iam_action']} to the function's role" if "iam_action" in error.details else None
         return Check(name, "fail", error.message, fix or "see the message")
 
 
-def _instance_check(ec2: Ec2, config: Config, found: list[InstanceInfo], *_: Any) -> Check:
-    info = ec2.describe()
+def _instance_check(run: Run, found: list[InstanceInfo], *_: Any) -> Check:
+    info = run.ec2.describe()
     found.append(info)
     monitoring = "detailed" if info.detailed_monitoring else "basic (5-minute averages hide shorter bursts)"
     detail = f"{info.state}, {info.instance_type}, {info.vcpus or '?'} vCPUs, monitoring {monitoring}"
-    if config.stop_hibernate and not info.hibernation_configured:
+    if run.config.stop_hibernate and not info.hibernation_configured:
         fix = f"enable hibernation on the instance (only possible at launch) or set {ENV_STOP_HIBERNATE}=false"
         return Check(
             "instance", "fail", f"{detail}; {ENV_STOP_HIBERNATE}=true but it is not configured to hibernate", fix
@@ -2173,26 +2319,25 @@ def _instance_check(ec2: Ec2, config: Config, found: list[InstanceInfo], *_: Any
 
 
 def _permission(name: str, operations: tuple[str, ...], **kwargs: Any) -> Callable[..., Check]:
-    def check(ec2: Ec2, *_: Any) -> Check:
+    def check(run: Run, *_: Any) -> Check:
         for operation in operations:
-            ec2.allowed(operation, **kwargs)
-        return Check(
-            name, "ok", f"{', '.join(IAM_ACTIONS[o] for o in operations)} allowed (DryRun) on {ec2.instance_id}"
-        )
+            run.ec2.allowed(operation, **kwargs)
+        allowed = ", ".join(IAM_ACTIONS[o] for o in operations)
+        return Check(name, "ok", f"{allowed} allowed (DryRun) on {run.config.instance_id}")
 
     return check
 
 
-def _stop_permission(ec2: Ec2, config: Config, *_: Any) -> Check:
-    return _permission("stop_permission", ("StopInstances",), Hibernate=config.stop_hibernate)(ec2)
+def _stop_permission(run: Run, *_: Any) -> Check:
+    return _permission("stop_permission", ("StopInstances",), Hibernate=run.config.stop_hibernate)(run)
 
 
-def _metrics_check(ec2: Ec2, config: Config, found: list[InstanceInfo], *_: Any) -> Check:
-    if config.idle_cpu_percent == 0:
+def _metrics_check(run: Run, found: list[InstanceInfo], *_: Any) -> Check:
+    if run.config.idle_cpu_percent == 0:
         return Check("metrics", "skip", f"the CloudWatch fallback is off ({ENV_IDLE_CPU_PERCENT}=0)")
-    info, now = found[0], ec2.deadline.clock.now()
+    info, now = found[0], run.now()
     start = now - timedelta(hours=1) if info.state == "running" else info.launch_time
-    points = len(instance_metrics(ec2, start, start + timedelta(hours=1)).cpu)
+    points = len(instance_metrics(run, start, start + timedelta(hours=1)).cpu)
     span = f"{start:%Y-%m-%d %H:%M}-{start + timedelta(hours=1):%H:%M} UTC"
     if points:
         return Check("metrics", "ok", f"GetMetricData allowed; {points} CPU datapoints for {span}")
@@ -2200,8 +2345,8 @@ def _metrics_check(ec2: Ec2, config: Config, found: list[InstanceInfo], *_: Any)
     return Check("metrics", "warn", f"GetMetricData allowed, but no CPU datapoints for {span}", fix)
 
 
-def _schedule_check(ec2: Ec2, config: Config, *_: Any) -> Check:
-    now = ec2.deadline.clock.now()
+def _schedule_check(run: Run, *_: Any) -> Check:
+    config, now = run.config, run.now()
     query = {"Id": "checks", "MetricStat": {"Period": 60, "Stat": "Sum", "Metric": {
         "Namespace": config.metrics_namespace, "MetricName": "CheckIdleRequested",
         "Dimensions": [{"Name": "InstanceId", "Value": config.instance_id}]}}}  # fmt: skip
@@ -2210,7 +2355,7 @@ def _schedule_check(ec2: Ec2, config: Config, *_: Any) -> Check:
         "cloudwatch",
         "GetMetricData",
         config.region,
-        ec2.deadline,
+        run.deadline,
         about,
         call=lambda client: client.get_metric_data(
             MetricDataQueries=[query], StartTime=now - timedelta(days=1), EndTime=now
@@ -2228,25 +2373,29 @@ def _schedule_check(ec2: Ec2, config: Config, *_: Any) -> Check:
     return Check("schedule", "fail", "check_idle ran in the last day but not in the last 15 minutes", rule)
 
 
-def _notifications_check(ec2: Ec2, config: Config, _: Any, fields: Mapping[str, Any], *__: Any) -> Check:
+def _notifications_check(run: Run, *_: Any) -> Check:
+    config = run.config
     if not config.notify_topic_arn:
         return Check("notifications", "skip", f"{ENV_NOTIFY_TOPIC_ARN} is not set: no start or stop notices")
-    if fields.get("notify") is not True:
+    if run.fields.get("notify") is not True:
         return Check("notifications", "skip", 'send a test message with {"action": "preflight", "notify": true}')
     text = f"A test message from the Backend Orchestrator's preflight for instance {config.instance_id}."
     notice = Notice(f"Backend {config.instance_id} preflight", text, {"action": "preflight", "decision": "test"})
-    failure = publish(config.notify_topic_arn, notice, ec2.deadline)
-    if failure:
-        return Check("notifications", "fail", failure, f"allow sns:Publish on {config.notify_topic_arn}")
+    try:
+        publish(config.notify_topic_arn, notice, run.deadline)
+    except AwsError as error:
+        fix = f"allow sns:Publish on {config.notify_topic_arn}"
+        return Check("notifications", "fail", f"The notification was not published: {error.message}", fix)
     return Check("notifications", "ok", f"a test message was published to {config.notify_topic_arn}")
 
 
-def _backend_check(ec2: Ec2, config: Config, found: list[InstanceInfo], *_: Any) -> Check:
+def _backend_check(run: Run, found: list[InstanceInfo], *_: Any) -> Check:
+    config = run.config
     if found[0].state != "running":
         return Check("backend_health", "skip", f"the instance is {found[0].state}: start it and run preflight again")
     url = config.require_backend_url(Action.PREFLIGHT) + config.health_path
-    seconds = ec2.deadline.grant_backend(f"GET {url}", min(HEALTH_TIMEOUT_SECONDS, config.http_timeout_seconds))
-    health = probe_health(url, seconds, ec2.deadline.clock)
+    seconds = run.deadline.grant_backend(f"GET {url}", min(HEALTH_TIMEOUT_SECONDS, config.http_timeout_seconds))
+    health = probe_health(url, seconds, run.deadline.clock)
     if health["healthy"]:
         return Check("backend_health", "ok", f"GET {url} answered HTTP {health['status_code']}")
     what = f"answered HTTP {health['status_code']}" if health["reachable"] else "could not be reached"
@@ -2254,13 +2403,13 @@ def _backend_check(ec2: Ec2, config: Config, found: list[InstanceInfo], *_: Any)
     return Check("backend_health", "fail", f"GET {url} {what}", fix)
 
 
-def _activity_check(ec2: Ec2, config: Config, found: list[InstanceInfo], *_: Any) -> Check:
+def _activity_check(run: Run, found: list[InstanceInfo], *_: Any) -> Check:
+    config = run.config
     if found[0].state != "running":
         return Check("activity_contract", "skip", f"the instance is {found[0].state}: start it and run preflight again")
     url = config.require_backend_url(Action.PREFLIGHT) + config.last_activity_path
-    activity = fetch_activity(
-        url, ec2.deadline.grant_backend(f"GET {url}", config.http_timeout_seconds), ec2.deadline.clock
-    )
+    seconds = run.deadline.grant_backend(f"GET {url}", config.http_timeout_seconds)
+    activity = fetch_activity(url, seconds, run.deadline.clock)
     if isinstance(activity, ActivityUnknown):
         fix = "answer the activity contract (docs/activity-contract.md); until then the backend is never stopped"
         return Check("activity_contract", "fail", activity.reason, fix)
@@ -2270,17 +2419,19 @@ def _activity_check(ec2: Ec2, config: Config, found: list[InstanceInfo], *_: Any
     return Check("activity_contract", "ok", f"GET {url}: {said}")
 
 
-def _drain_check(ec2: Ec2, config: Config, *_: Any) -> Check:
+def _drain_check(run: Run, *_: Any) -> Check:
+    config = run.config
     if not config.drain_path:
         return Check("drain", "skip", f"{ENV_DRAIN_PATH} is not set: no drain before a stop")
     note = f"{ENV_DRAIN_PATH}={config.drain_path} is not called: a drain makes the backend refuse work for its lease"
     return Check("drain", "skip", note)
 
 
-def _keep_warm_check(ec2: Ec2, config: Config, *_: Any) -> Check:
+def _keep_warm_check(run: Run, *_: Any) -> Check:
+    config = run.config
     if not config.keep_warm:
         return Check("keep_warm", "skip", f"{ENV_KEEP_WARM} is not set: no keep-warm window")
-    now = ec2.deadline.clock.now().replace(second=0, microsecond=0)
+    now = run.now().replace(second=0, microsecond=0)
     window = config.open_window(now)
     for minute in range(1, 8 * 24 * 60):  # the next change within a week and a day, minute by minute
         moment = now + timedelta(minutes=minute)
@@ -2297,8 +2448,8 @@ def _keep_warm_check(ec2: Ec2, config: Config, *_: Any) -> Check:
     return Check("keep_warm", "ok", "open all week" if window else "no window opens within a week")
 
 
-def _timeout_check(ec2: Ec2, config: Config, _: Any, __: Any, whole: float) -> Check:
-    shortest, typical = shortest_check_seconds(config), first_attempts_check_seconds(config)
+def _timeout_check(run: Run, _: Any, whole: float) -> Check:
+    shortest, typical = shortest_check_seconds(run.config), first_attempts_check_seconds(run.config)
     detail = (
         f"the invocation had {whole:.0f} s; a check decides from {shortest:g} s, and needs {typical:g} s when every "
         "call takes its whole first attempt"
@@ -2379,80 +2530,101 @@ def emit_metrics(namespace: str, instance_id: str | None, metrics: Mapping[str, 
     METRICS_LOG.info(json.dumps({**document, "InstanceId": instance_id or "unknown", **metrics}, separators=(",", ":")))
 
 
-def log_invocation(response: Response, body: dict[str, Any], request_id: str | None, duration_ms: float) -> None:
+def log_invocation(
+    response: Response, body: dict[str, Any], warnings: tuple[str, ...], request_id: str | None, duration_ms: float
+) -> None:
     """The invocation's one log line: what was asked, what happened, why, and how long it took."""
-    outcome = response.outcome
-    fields = {"source": response.source, **body, "status_code": outcome.status_code}
-    fields.update(warnings=outcome.warnings or None, aws_request_id=request_id, duration_ms=duration_ms)
-    message = fields.pop("message", None)
+    answer = response.answer
+    fields = {"source": response.source, **body, "status_code": answer.status_code}
+    fields.update(warnings=list(warnings) or None, aws_request_id=request_id, duration_ms=duration_ms)
     if "error" in body:
         message = body["error"]["message"]
-    elif message is None:
-        message = f"{body['action']}: {body.get('decision') or body.get('state')}"
-    level = max(outcome.level, logging.WARNING) if outcome.warnings else outcome.level
+    else:
+        message = body.get("message") or f"{body['action']}: {body.get('decision') or body.get('state')}"
+    level = max(answer.level, logging.WARNING) if warnings else answer.level
     clean = {key: value for key, value in fields.items() if value is not None}
     LOG.log(level, message, exc_info=response.bug, extra={"fields": clean})
 
 
-# --- The entry point: parse, authorise, act, render -----------------------------------------------
+# --- The entry point: classify, authorise, configure, act, render -------------------------------
+class Settings(NamedTuple):
+    """The environment, read once: the configuration if every variable is valid, every bad variable, and the token
+    (AuthToken), which alone decides who may learn any of it."""
+
+    token: AuthToken
+    config: Config | None
+    problems: tuple[ConfigError, ...]  # every bad variable, in VARIABLES' order; then a bad AUTH_TOKEN
+    shown: tuple[str, ...]  # NAME='value' of each variable set (AUTH_TOKEN as "(set)"), for preflight
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        token = AuthToken.from_env(environ)
+        config, problems = Config.read(environ)
+        shown = tuple(
+            f"{n}={'(set)' if n == ENV_AUTH_TOKEN else environ[n]!r}"
+            for n in (*VARIABLES, ENV_AUTH_TOKEN)
+            if environ.get(n, "").strip()
+        )
+        return cls(token, config, (*problems, *_warned_error(token.problem)), shown)
+
+    def required(self) -> Config:
+        """The configuration, or what is wrong with it: told only to a caller who may know (after authorize)."""
+        if self.token.problem is not None:
+            raise self.token.problem
+        if self.config is None or self.problems:
+            raise self.problems[0]
+        LOG.setLevel(self.config.log_level)
+        return self.config
+
+
+def _warned_error(problem: ConfigError | None) -> tuple[ConfigError, ...]:
+    return (problem,) if problem else ()
+
+
 @dataclass(frozen=True)
 class Response:
     """One invocation, answered: what it asked, as far as it was understood, and what came of it."""
 
-    outcome: Outcome
+    answer: Answer
+    http: bool  # a Function URL or API Gateway event: answered as one
     source: Source | None = None
     action: Action | None = None
-    config: Config | None = None
+    config: Config | None = None  # as read, if valid: the log names the instance even on a 401
     authorized: bool = False  # may see the instance ID: an HTTP caller without the token may not
     bug: Exception | None = None
 
 
 def respond(event: object, environ: Mapping[str, str], deadline: Deadline) -> Response:
-    """Parse, authorise, configure and act; every failure becomes a Response that says what to fix."""
-    source, action, config, authorized = None, None, None, False
+    """Classify, authorise, configure and act; every failure becomes a Response that says what to fix."""
+    http = _is_http(event)  # the one look at the event's shape: it also decides how the answer is rendered
+    source, action, settings, authorized = None, None, None, False
     try:
-        request = parse_event(event)
+        request = parse_event(event, http)
         source = Source.HTTP if isinstance(request, HttpRequest) else request.source
-        token, loaded = AuthToken.from_env(environ), _load_config(environ)
-        config = loaded if isinstance(loaded, Config) else None  # the log names the instance, even on a 401
+        settings = Settings.from_env(environ)
         if isinstance(request, HttpRequest):
-            authorize(request, token.value)
+            settings.token.admit(request.authorization)
         authorized = True  # direct and scheduled invocations need no token
         if isinstance(request, EventRequest) and request.action is Action.PREFLIGHT:  # lists every bad variable
-            outcome = preflight(environ, deadline, request.fields)
-            return Response(outcome, source, Action.PREFLIGHT, config, authorized)
-        config = _configured(token, loaded)  # what is misconfigured, told only to a caller who may know
+            return Response(
+                preflight(settings, deadline, request.fields), http, source, Action.PREFLIGHT, settings.config, True
+            )
+        config = settings.required()
         action = http_action(request) if isinstance(request, HttpRequest) else request.action
-        fields = request.fields if isinstance(request, EventRequest) else {}
-        outcome = act(action, config, deadline, fields)
+        answer = act(action, config, deadline, request.fields if isinstance(request, EventRequest) else {})
         if isinstance(request, EventRequest) and request.warning:
-            outcome.warnings.insert(0, request.warning)
+            answer = answer._replace(warnings=(request.warning, *answer.warnings))
     except OrchestratorError as error:
-        return Response(_failure(error), source, action, config, authorized)
+        return Response(_failure(error), http, source, action, settings and settings.config, authorized)
     except Exception as bug:  # noqa: BLE001 - the one broad catch: a bug is logged with its traceback, answered 500
         failure = _failure(OrchestratorError("Unexpected error: the function's log has the traceback."))
-        return Response(failure, source, action, config, authorized, bug)
-    return Response(outcome, source, action, config, authorized)
+        return Response(failure, http, source, action, settings and settings.config, authorized, bug)
+    return Response(answer, http, source, action, config, authorized)
 
 
-def _load_config(environ: Mapping[str, str]) -> Config | ConfigError:
-    try:
-        return Config.from_env(environ)
-    except ConfigError as error:
-        return error
-
-
-def _configured(token: AuthToken, loaded: Config | ConfigError) -> Config:
-    token.require_valid()
-    if isinstance(loaded, ConfigError):
-        raise loaded
-    LOG.setLevel(loaded.log_level)
-    return loaded
-
-
-def _failure(error: OrchestratorError) -> Outcome:
-    return Outcome(
-        {**error.details, "error": {"code": error.code, "message": error.message}},
+def _failure(error: OrchestratorError) -> Answer:
+    return Answer(
+        {**error.details, "error": {"code": error.CODE, "message": error.message}},
         status_code=error.STATUS_CODE,
         metrics={"Errors" if error.STATUS_CODE >= 500 else "Rejected": 1},  # the alarm watches Errors: ours only
         level=logging.ERROR if error.STATUS_CODE >= 500 else logging.WARNING,
@@ -2460,13 +2632,13 @@ def _failure(error: OrchestratorError) -> Outcome:
     )
 
 
-def render(response: Response, body: dict[str, Any], http: bool) -> dict[str, Any]:
+def render(response: Response, body: dict[str, Any]) -> dict[str, Any]:
     """The answer as the caller expects it: a Function URL / API Gateway response, or the body itself."""
-    if not http:
+    if not response.http:
         return body
-    headers = {"Content-Type": "application/json", "Cache-Control": "no-store", **response.outcome.headers}
+    headers = {"Content-Type": "application/json", "Cache-Control": "no-store", **response.answer.headers}
     return {
-        "statusCode": response.outcome.status_code,
+        "statusCode": response.answer.status_code,
         "headers": headers,
         "body": json.dumps(body, default=str),
         "isBase64Encoded": False,
@@ -2479,23 +2651,22 @@ def handle(event: object, context: object, environ: Mapping[str, str], clock: Cl
     started = clock.monotonic()
     deadline = Deadline.from_context(context, clock)
     response = respond(event, environ, deadline)
-    outcome, config = response.outcome, response.config
-    if deadline.warning:
-        outcome.warnings.append(deadline.warning)
+    answer, config = response.answer, response.config
+    warnings = (*answer.warnings, *_warned(deadline.warning))
     instance_id = config.instance_id if config else None
     body = {
-        "ok": outcome.status_code < 400,
+        "ok": answer.status_code < 400,
         "action": response.action,
         "instance_id": instance_id if response.authorized else None,
-        **outcome.fields,
+        **answer.fields,
     }
     duration_ms = round((clock.monotonic() - started) * 1000, 1)
     request_id = getattr(context, "aws_request_id", None)
-    log_invocation(response, {**body, "instance_id": instance_id}, request_id, duration_ms)  # the log always names it
+    log_invocation(response, {**body, "instance_id": instance_id}, warnings, request_id, duration_ms)  # names it
     requested = {f"{response.action.title().replace('_', '')}Requested": 1} if response.action else {}
     namespace = config.metrics_namespace if config else Config.metrics_namespace
-    emit_metrics(namespace, instance_id, {**requested, **outcome.metrics}, clock.now())
-    return render(response, body, _is_http(event))
+    emit_metrics(namespace, instance_id, {**requested, **answer.metrics}, clock.now())
+    return render(response, body)
 
 
 def lambda_handler(event: object, context: object) -> dict[str, Any]:

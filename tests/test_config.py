@@ -165,7 +165,8 @@ def test_a_blank_token_lets_no_http_caller_through(invoke: Invoke, ec2: Ec2World
 
 
 def test_no_environment_read_outside_config() -> None:
-    """Config.from_env reads every variable but AUTH_TOKEN, AuthToken.from_env that one; nothing else looks."""
+    """Settings.from_env reads the environment once (Config.read every variable but AUTH_TOKEN, AuthToken.from_env
+    that one); nothing else looks."""
     import ast
     import inspect
 
@@ -198,12 +199,9 @@ def test_no_environment_read_outside_config() -> None:
         "warm_clients": {"environ"},  # passes it to Config.from_env
         "lambda_handler": {"os.environ"},  # hands it over, once
         "handle": {"environ"},  # passes it on
-        "respond": {"environ"},  # passes it to AuthToken.from_env and _load_config
-        "_load_config": {"environ"},  # passes it to Config.from_env
-        "from_env": {"environ"},  # Config's and AuthToken's
-        "with_problems": {"environ"},  # Config's, for preflight: every bad variable, not only the first
-        "preflight": {"environ"},  # passes it to Config.with_problems and _config_check
-        "_config_check": {"environ"},  # shows the values set (the token as "(set)")
+        "respond": {"environ"},  # passes it to Settings.from_env: the one read, for every action and preflight
+        "from_env": {"environ"},  # Settings', Config's and AuthToken's
+        "read": {"environ"},  # Config's: every variable, and every bad one
     }
 
 
@@ -273,7 +271,7 @@ def test_no_value_of_any_variable_raises_anything_but_a_config_error(variable: s
     with contextlib.suppress(bo.ConfigError):
         bo.Config.from_env({"INSTANCE_ID": "i-0abc123def4567890", variable: value})
     with contextlib.suppress(bo.ConfigError):
-        bo.AuthToken.from_env({"AUTH_TOKEN": value}).require_valid()
+        bo.Settings.from_env({"INSTANCE_ID": "i-0abc123def4567890", "AUTH_TOKEN": value}).required()
 
 
 @settings(max_examples=100, deadline=None)

@@ -7,11 +7,14 @@ import json
 import re
 import subprocess
 import sys
+import zoneinfo
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cfnlint.decode import cfn_yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import backend_orchestrator as bo
 from tools import bench, lint_policy, package
@@ -475,3 +478,74 @@ def test_the_uptime_alarm_watches_the_max_uptime_parameter() -> None:
     )
     assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
     assert template["Parameters"]["MaxUptimeHours"]["Default"] == 12
+
+
+# --- One code per error class, listed once, and the troubleshooting table that lists them ----------------------
+def test_each_error_class_has_its_own_code_and_the_troubleshooting_table_lists_them_all() -> None:
+    classes = {
+        value for value in vars(bo).values() if isinstance(value, type) and issubclass(value, bo.OrchestratorError)
+    }
+    raised = classes - {bo.BadRequestError}  # the 400s' base: each of its subclasses has a code of its own
+    assert set(bo.ERRORS.values()) == raised  # every class is listed...
+    assert len({error.CODE for error in raised}) == len(raised)  # ...under a code of its own
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    table = doc[doc.index("## Troubleshooting by error code") :]
+    rows = re.findall(r"^\| (\d{3}) \| `([a-z0-9_]+)` \|", table, re.MULTILINE)
+    documented = {code: int(status) for status, code in rows}
+    assert len(documented) == len(rows)  # each code once
+    assert documented == {code: error.STATUS_CODE for code, error in bo.ERRORS.items()}
+
+
+# --- Settings: the template's defaults are the function's ------------------------------------------------------
+def test_the_templates_defaults_are_the_functions_defaults() -> None:
+    template = load_template()
+    variables = template["Resources"]["Function"]["Properties"]["Environment"]["Variables"]
+    compared = []
+    for variable, given in variables.items():
+        if variable not in bo.VARIABLES:
+            continue
+        field_name, parse = bo.VARIABLES[variable]
+        parameter = given["Ref"] if isinstance(given, dict) and set(given) == {"Ref"} else None
+        value = template["Parameters"][parameter].get("Default") if parameter in template["Parameters"] else given
+        if not isinstance(value, str) or not value:
+            continue  # a Ref to a resource (the topic), or no default: the function's default applies as it is
+        assert parse(variable, value) == getattr(bo.Config, field_name), variable
+        compared.append(variable)
+    assert len(compared) >= 10, compared  # the timeout, the fallback, the hold, the watch, the flags, ...
+
+
+# --- KEEP_WARM: the template's pattern against the parser's grammar, with cases derived from each -------------
+def keep_warm_error(value: str) -> str | None:
+    try:
+        bo.Config.from_env({"INSTANCE_ID": "i-0abc123def4567890", "KEEP_WARM": value})
+    except bo.ConfigError as error:
+        return error.message
+    return None
+
+
+GAP_MESSAGES = ("is not an IANA time zone", "ends when it starts")  # what no regular expression can check
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=st.from_regex(load_template()["Parameters"]["KeepWarm"]["AllowedPattern"], fullmatch=True))
+def test_what_the_keep_warm_pattern_admits_the_function_accepts_but_for_its_gaps(value: str) -> None:
+    error = keep_warm_error(value)
+    assert error is None or any(gap in error for gap in GAP_MESSAGES), (value, error)
+
+
+DAY = st.sampled_from([*bo.DAYS, *(day.title() for day in bo.DAYS), *(day.upper() for day in bo.DAYS)])
+DAY_LIST = st.lists(st.one_of(DAY, st.builds("{}-{}".format, DAY, DAY)), min_size=1, max_size=3).map(",".join)
+START = st.builds("{:02d}:{:02d}".format, st.integers(0, 23), st.integers(0, 59))
+END = st.one_of(START, st.just("24:00"))
+ZONES = sorted(zone for zone in zoneinfo.available_timezones() if "/" in zone or zone == "UTC")  # Area/Location
+WINDOW = st.builds(
+    "{} {}-{}{}".format, DAY_LIST, START, END, st.one_of(st.just(""), st.sampled_from(ZONES).map(" {}".format))
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(windows=st.lists(WINDOW, min_size=1, max_size=3))
+def test_every_window_of_the_parsers_grammar_that_it_accepts_the_template_admits(windows: list[str]) -> None:
+    value = "; ".join(windows)
+    if keep_warm_error(value) is None:
+        assert template_accepts("KeepWarm", value), value

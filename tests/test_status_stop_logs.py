@@ -169,7 +169,7 @@ def test_an_unexpected_bug_is_a_500_with_the_traceback_in_the_log(
     def broken(*_: Any) -> Any:
         raise KeyError("StartingInstances")
 
-    monkeypatch.setitem(bo.ACTIONS, bo.Action.START, broken)
+    monkeypatch.setattr(bo, "start", broken)  # act() calls the action by its name
     response = invoke(http_event())
     assert response["statusCode"] == 500
     assert body_of(response)["error"]["code"] == "internal_error"
