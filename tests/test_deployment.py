@@ -501,12 +501,12 @@ def test_the_templates_defaults_are_the_functions_defaults() -> None:
     template = load_template()
     variables = template["Resources"]["Function"]["Properties"]["Environment"]["Variables"]
     compared = []
-    for variable, given in variables.items():
+    for variable, written in variables.items():
         if variable not in bo.VARIABLES:
             continue
         field_name, parse = bo.VARIABLES[variable]
-        parameter = given["Ref"] if isinstance(given, dict) and set(given) == {"Ref"} else None
-        value = template["Parameters"][parameter].get("Default") if parameter in template["Parameters"] else given
+        parameter = written["Ref"] if isinstance(written, dict) and set(written) == {"Ref"} else None
+        value = template["Parameters"][parameter].get("Default") if parameter in template["Parameters"] else written
         if not isinstance(value, str) or not value:
             continue  # a Ref to a resource (the topic), or no default: the function's default applies as it is
         assert parse(variable, value) == getattr(bo.Config, field_name), variable
