@@ -635,8 +635,8 @@ def _parse_window(name: str, text: str) -> Window:
         raise ConfigError(
             f"{name}: {text!r} is not a window: write days, HH:MM-HH:MM and an optional IANA time zone, {example}."
         )
-    days, start, end = _days(name, match["days"]), _minute(name, match["start"]), _minute(name, match["end"])
-    if start in (24 * 60, end):
+    days, opens, closes = _days(name, match["days"]), _minute(name, match["start"]), _minute(name, match["end"])
+    if opens in (24 * 60, closes):
         raise ConfigError(
             f"{name}: {text!r} starts at 24:00 or ends when it starts; for a whole day write 00:00-24:00."
         )
@@ -644,7 +644,7 @@ def _parse_window(name: str, text: str) -> Window:
         zone = ZoneInfo(match["zone"] or "UTC")
     except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a directory of the database (Europe), a long name
         raise ConfigError(f"{name}: {match['zone']!r} is not an IANA time zone, e.g. Europe/Berlin or UTC.") from None
-    return Window(text, days, start, end, zone)
+    return Window(text, days, opens, closes, zone)
 
 
 def _days(name: str, text: str) -> frozenset[int]:
@@ -655,8 +655,10 @@ def _days(name: str, text: str) -> frozenset[int]:
             raise ConfigError(
                 f"{name}: {text!r} is not a list of days: use Mon..Sun, ranges and commas, e.g. Mon-Fri,Sun."
             )
-        start, stop = DAYS.index(first), DAYS.index(last or first)
-        days.update(day % 7 for day in range(start, stop + (7 if stop < start else 0) + 1))  # Fri-Mon wraps
+        first_day, last_day = DAYS.index(first), DAYS.index(last or first)
+        days.update(
+            day % 7 for day in range(first_day, last_day + (7 if last_day < first_day else 0) + 1)
+        )  # Fri-Mon wraps
     return frozenset(days)
 
 
@@ -765,15 +767,15 @@ class EventRequest(NamedTuple):
     fields: Mapping[str, Any] = {}
 
 
-def parse_event(event: object, http: bool) -> HttpRequest | EventRequest:
-    """The request an event makes (`http`: it has an HTTP event's shape, see _is_http); an event of no known shape
+def parse_event(event: object, over_http: bool) -> HttpRequest | EventRequest:
+    """The request an event makes (`over_http`: it has an HTTP event's shape, see _is_http); an event of no known shape
     is a 400."""
     if not isinstance(event, dict):
         raise InvalidEventError(
             f"The event is a JSON {_json_type(event)}, not an object. "
             'Invoke with an object such as {"action": "check_idle"}.'
         )
-    if http:
+    if over_http:
         fields = event if "httpMethod" in event else event["requestContext"]["http"]
         headers = _member(event, "headers", dict, {})
         # Function URLs lower-case header names; REST APIs pass them as the client sent them.
@@ -1014,8 +1016,8 @@ def read_hold(tags: Mapping[str, str], now: datetime, max_hold_hours: float) -> 
             problem=f"Tag {HOLD_UNTIL_TAG}={until_text!r} lies more than {ENV_MAX_HOLD_HOURS}={max_hold_hours:g} "
             f"hours ahead: {ignored}."
         )
-    hold = Hold(state, until, tags.get(HOLD_REASON_TAG) or None)
-    return HoldReading(ended=hold) if until <= now else HoldReading(hold=hold)
+    found = Hold(state, until, tags.get(HOLD_REASON_TAG) or None)
+    return HoldReading(ended=found) if until <= now else HoldReading(hold=found)
 
 
 def hold_request(fields: Mapping[str, Any], now: datetime, max_hold_hours: float) -> Hold:
@@ -1086,30 +1088,30 @@ def metric_window(now: datetime, idle_timeout_seconds: int) -> tuple[datetime, d
     """The whole 5-minute periods to judge: as many as cover the idle timeout, ending METRICS_DELAY_SECONDS
     before now at a period boundary, so that EC2 has published them (its metrics arrive minutes late)."""
     period = METRIC_PERIOD_SECONDS
-    end = datetime.fromtimestamp((now.timestamp() - METRICS_DELAY_SECONDS) // period * period, UTC)
-    return end - timedelta(seconds=math.ceil(idle_timeout_seconds / period) * period), end
+    until = datetime.fromtimestamp((now.timestamp() - METRICS_DELAY_SECONDS) // period * period, UTC)
+    return until - timedelta(seconds=math.ceil(idle_timeout_seconds / period) * period), until
 
 
 def judge_metrics(
     samples: MetricSamples,
-    start: datetime,
-    end: datetime,
+    since: datetime,
+    until: datetime,
     cpu_limit: float,
     network_limit_bytes: float,
     *,
     launch_time: datetime,
 ) -> tuple[bool, str]:
-    """Idle by the instance's own metrics: every period of [start, end) has CPU and network data of the current
-    run, and no period since `start` (later ones too, where already published) reached either limit.
+    """Idle by the instance's own metrics: every period of [since, until) has CPU and network data of the current
+    run, and no period since `since` (later ones too, where already published) reached either limit.
 
     A period that began before `launch_time` holds the previous run's data, idle since that run was stopped
     for it: it counts as missing, and so does a value that is not a finite number."""
-    first = max(0, math.ceil((launch_time - start).total_seconds() / METRIC_PERIOD_SECONDS))  # of the current run
+    first = max(0, math.ceil((launch_time - since).total_seconds() / METRIC_PERIOD_SECONDS))  # of the current run
 
     def by_period(points: list[tuple[datetime, float]], combine: Callable[[float, float], float]) -> dict[int, float]:
         periods: dict[int, float] = {}
-        for when, value in points:  # CloudWatch stamps a period's start; bucket by time anyway
-            index = int((when - start).total_seconds() // METRIC_PERIOD_SECONDS)
+        for when, value in points:  # CloudWatch stamps a period's since; bucket by time anyway
+            index = int((when - since).total_seconds() // METRIC_PERIOD_SECONDS)
             if index >= first and math.isfinite(value):
                 periods[index] = combine(periods[index], value) if index in periods else value
         return periods
@@ -1118,8 +1120,8 @@ def judge_metrics(
     network_in = by_period(samples.network_in, lambda a, b: a + b)
     network_out = by_period(samples.network_out, lambda a, b: a + b)
     network = {i: network_in.get(i, 0.0) + network_out.get(i, 0.0) for i in network_in.keys() | network_out.keys()}
-    expected = int((end - start).total_seconds() // METRIC_PERIOD_SECONDS)
-    span = f"{start:%H:%M}-{end:%H:%M} UTC"
+    expected = int((until - since).total_seconds() // METRIC_PERIOD_SECONDS)
+    span = f"{since:%H:%M}-{until:%H:%M} UTC"
     missing = [i for i in range(expected) if i not in cpu or i not in network_in or i not in network_out]
     if missing:
         before = f"; {min(first, expected)} began before the launch at {launch_time:%H:%M:%S} UTC" if first else ""
@@ -1127,7 +1129,7 @@ def judge_metrics(
         return False, f"{lacking} of {span}{before}"
     cpu_max, network_max = max(cpu.values()), max(network.values())
     if cpu_max >= cpu_limit:
-        return False, f"CPU max {cpu_max:.1f}% >= {cpu_limit:g}% since {start:%H:%M} UTC"
+        return False, f"CPU max {cpu_max:.1f}% >= {cpu_limit:g}% since {since:%H:%M} UTC"
     if network_max >= network_limit_bytes:
         return False, f"network {network_max / 1024:.0f} KB in 5 min >= {network_limit_bytes / 1024:.0f} KB"
     return True, (
@@ -1503,7 +1505,7 @@ class Ec2:
             raise
 
 
-def instance_metrics(run: Run, start: datetime, end: datetime) -> MetricSamples:
+def instance_metrics(run: Run, since: datetime, until: datetime) -> MetricSamples:
     """The instance's CPU and network from AWS/EC2 in one GetMetricData call, period 300 s (basic and detailed
     monitoring alike). https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/viewing_metrics_with_cloudwatch.html"""
     dimensions = [{"Name": "InstanceId", "Value": run.config.instance_id}]
@@ -1530,7 +1532,7 @@ def instance_metrics(run: Run, start: datetime, end: datetime) -> MetricSamples:
         run.config.region,
         run.deadline,
         about,
-        call=lambda client: client.get_metric_data(MetricDataQueries=queries, StartTime=start, EndTime=end),
+        call=lambda client: client.get_metric_data(MetricDataQueries=queries, StartTime=since, EndTime=until),
     )["MetricDataResults"]
     points = {result["Id"]: list(zip(result["Timestamps"], result["Values"], strict=True)) for result in results}
     return MetricSamples(points.get("cpu", []), points.get("network_in", []), points.get("network_out", []))
@@ -1577,24 +1579,27 @@ def fetch_activity(url: str, seconds: float, clock: Clock) -> Activity | Activit
     return parse_activity(body, clock.now())
 
 
-def drain(url: str, http_timeout_seconds: float, deadline: Deadline, keep: float) -> str | None:
-    """POST the backend's drain endpoint right before a stop, keeping `keep` seconds for the stop: None if it
-    drained (it then refuses new work), else why not. Anything but a 2xx {"drained": true} is a refusal."""
+class NotDrainedError(Exception):
+    """The backend did not drain (the message says why): it is not stopped this time."""
+
+
+def drain(url: str, http_timeout_seconds: float, deadline: Deadline, keep: float) -> None:
+    """POST the backend's drain endpoint right before a stop, keeping `keep` seconds for the stop. Returns once it
+    drained (it then refuses new work); anything but a 2xx {"drained": true} is a NotDrainedError."""
     seconds = deadline.grant_backend(f"POST {url}", http_timeout_seconds, keep=keep)
     try:
         status_code, body = http_exchange("POST", url, seconds, MAX_ACTIVITY_BYTES, deadline.clock.monotonic)
     except TimeoutError:
-        return f"the drain (POST {url}) timed out after {seconds:.1f}s"
+        raise NotDrainedError(f"the drain (POST {url}) timed out after {seconds:.1f}s") from None
     except (OSError, http.client.HTTPException, ResponseTooLargeError) as error:
-        return f"the drain (POST {url}) failed: {type(error).__name__}"
+        raise NotDrainedError(f"the drain (POST {url}) failed: {type(error).__name__}") from None
     try:
         answer = strict_json(body)
     except ValueError:
         answer = None
-    if 200 <= status_code < 300 and isinstance(answer, dict) and answer.get("drained") is True:
-        return None
-    shown = json.dumps(answer)[:200] if answer is not None else _short(body[:60])
-    return f"the backend did not drain (POST {url} answered HTTP {status_code}: {shown})"
+    if not (200 <= status_code < 300 and isinstance(answer, dict) and answer.get("drained") is True):
+        shown = json.dumps(answer)[:200] if answer is not None else _short(body[:60])
+        raise NotDrainedError(f"the backend did not drain (POST {url} answered HTTP {status_code}: {shown})")
 
 
 def undrain(url: str, http_timeout_seconds: float, deadline: Deadline) -> str:
@@ -1629,12 +1634,12 @@ def http_exchange(
     requests cannot promise this: its timeouts apply to each socket operation, so a server that trickles
     a byte at a time holds it for ever (requests/requests#4276). Here DNS, connect, TLS, sending and every
     receive share one deadline. Redirects are not followed."""
-    deadline = monotonic() + seconds
+    ends_at = monotonic() + seconds
     parts = urlsplit(url)
     https = parts.scheme == "https"
-    sock = _connect(parts.hostname or "", parts.port or (443 if https else 80), https, deadline, monotonic)
+    sock = _connect(parts.hostname or "", parts.port or (443 if https else 80), https, ends_at, monotonic)
     try:
-        stream = _DeadlineStream(sock, deadline, monotonic, max_bytes)
+        stream = _DeadlineStream(sock, ends_at, monotonic, max_bytes)
         request = f"{method} {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept: application/json\r\n"
         length = "" if method == "GET" else "Content-Length: 0\r\n"  # a POST without a body says so
         stream.sendall(f"{request}{length}Connection: close\r\n\r\n".encode())
@@ -1654,9 +1659,9 @@ class _DeadlineStream(io.RawIOBase):
     """A connected socket on which every send and receive ends by one deadline, and that yields at most
     `max_bytes` (status line and headers included); http.client reads the response from it."""
 
-    def __init__(self, sock: socket.socket, deadline: float, monotonic: Callable[[], float], max_bytes: int) -> None:
+    def __init__(self, sock: socket.socket, ends_at: float, monotonic: Callable[[], float], max_bytes: int) -> None:
         super().__init__()
-        self._sock, self._deadline, self._monotonic, self._bytes_left = sock, deadline, monotonic, max_bytes
+        self._sock, self._ends_at, self._monotonic, self._bytes_left = sock, ends_at, monotonic, max_bytes
         self._pending = b""  # read while looking past interim responses, served first
 
     def readable(self) -> bool:
@@ -1669,7 +1674,7 @@ class _DeadlineStream(io.RawIOBase):
             return size
         if self._bytes_left <= 0:
             raise ResponseTooLargeError
-        self._sock.settimeout(_seconds_left(self._deadline, self._monotonic))
+        self._sock.settimeout(_seconds_left(self._ends_at, self._monotonic))
         received = self._sock.recv_into(buffer, min(len(buffer), self._bytes_left))
         self._bytes_left -= received
         return received
@@ -1689,23 +1694,23 @@ class _DeadlineStream(io.RawIOBase):
         self._pending = head
 
     def sendall(self, data: bytes) -> None:
-        self._sock.settimeout(_seconds_left(self._deadline, self._monotonic))  # sendall's total since 3.5
+        self._sock.settimeout(_seconds_left(self._ends_at, self._monotonic))  # sendall's total since 3.5
         self._sock.sendall(data)
 
     def makefile(self, mode: str = "rb") -> io.BufferedReader:
         return io.BufferedReader(self)
 
 
-def _connect(host: str, port: int, https: bool, deadline: float, monotonic: Callable[[], float]) -> socket.socket:
-    """DNS, TCP and TLS, all before the deadline; the first address that answers wins."""
+def _connect(host: str, port: int, https: bool, ends_at: float, monotonic: Callable[[], float]) -> socket.socket:
+    """DNS, TCP and TLS, all before `ends_at` (monotonic); the first address that answers wins."""
     failure: OSError = ConnectionError(f"no address found for {host}")
-    for family, kind, protocol, _, address in _resolve(host, port, deadline - monotonic()):
+    for family, kind, protocol, _, address in _resolve(host, port, ends_at - monotonic()):
         sock = socket.socket(family, kind, protocol)
         try:
-            sock.settimeout(_seconds_left(deadline, monotonic))
+            sock.settimeout(_seconds_left(ends_at, monotonic))
             sock.connect(address)
             if https:  # the socket's timeout bounds the whole handshake (Python 3.5+): give it only what is left
-                sock.settimeout(_seconds_left(deadline, monotonic))
+                sock.settimeout(_seconds_left(ends_at, monotonic))
                 sock = _tls_context().wrap_socket(sock, server_hostname=host)
             return sock
         except OSError as error:
@@ -1743,8 +1748,8 @@ def _tls_context() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=where())
 
 
-def _seconds_left(deadline: float, monotonic: Callable[[], float]) -> float:
-    left = deadline - monotonic()
+def _seconds_left(ends_at: float, monotonic: Callable[[], float]) -> float:
+    left = ends_at - monotonic()
     if left <= 0:
         raise TimeoutError("the deadline passed")
     return left
@@ -1960,10 +1965,10 @@ def _stuck_busy(
         return Judgement(verdict, activity)
     reason = f"{verdict.reason}, but its metrics say idle ({evidence}): the busy flag may be stuck"
     if config.stop_stuck_busy:
-        stop = Verdict(
+        stopped = Verdict(
             Decision.STOP, f"{reason}; stopped ({ENV_STOP_STUCK_BUSY}=true)", verdict.idle_seconds, "stuck_busy"
         )
-        return Judgement(stop, activity, stuck_busy=True)
+        return Judgement(stopped, activity, stuck_busy=True)
     kept = f"{reason}; kept (a busy backend is stopped only with {ENV_STOP_STUCK_BUSY}=true)"
     return Judgement(verdict._replace(reason=kept), activity, stuck_busy=True)
 
@@ -1981,11 +1986,11 @@ def _metrics_idle(run: Run, info: InstanceInfo, seconds: int) -> tuple[bool, str
     busy vCPU of any count is not idle), in one GetMetricData call; and the evidence."""
     assert info.vcpus is not None  # noqa: S101 - judge() checks it first
     now = run.now()
-    start, end = metric_window(now, seconds)
-    samples = instance_metrics(run, start, now)
+    since, until = metric_window(now, seconds)
+    samples = instance_metrics(run, since, now)
     cpu_limit = min(run.config.idle_cpu_percent, ONE_BUSY_VCPU_PERCENT / info.vcpus)
     network_limit = run.config.idle_network_kb * 1024
-    return judge_metrics(samples, start, end, cpu_limit, network_limit, launch_time=info.launch_time)
+    return judge_metrics(samples, since, until, cpu_limit, network_limit, launch_time=info.launch_time)
 
 
 def _end_hold(run: Run, ended: Hold, done: Done) -> Done:
@@ -2012,8 +2017,9 @@ def carry_out(run: Run, done: Done) -> Done:
             return _start_unless_dry_run(run, done)
         case Decision.STOP if config.drain_path and verdict.signal == "activity" and not config.dry_run:
             url = f"{config.backend_base_url}{config.drain_path}"
-            refused = drain(url, config.http_timeout_seconds, run.deadline, keep=reserve("drain", config))
-            if refused is not None:
+            try:
+                drain(url, config.http_timeout_seconds, run.deadline, keep=reserve("drain", config))
+            except NotDrainedError as refused:
                 return done._replace(
                     verdict=verdict._replace(decision=Decision.KEEP, reason=f"{verdict.reason}, but {refused}")
                 )
@@ -2336,9 +2342,9 @@ def _metrics_check(run: Run, found: list[InstanceInfo], *_: Any) -> Check:
     if run.config.idle_cpu_percent == 0:
         return Check("metrics", "skip", f"the CloudWatch fallback is off ({ENV_IDLE_CPU_PERCENT}=0)")
     info, now = found[0], run.now()
-    start = now - timedelta(hours=1) if info.state == "running" else info.launch_time
-    points = len(instance_metrics(run, start, start + timedelta(hours=1)).cpu)
-    span = f"{start:%Y-%m-%d %H:%M}-{start + timedelta(hours=1):%H:%M} UTC"
+    since = now - timedelta(hours=1) if info.state == "running" else info.launch_time
+    points = len(instance_metrics(run, since, since + timedelta(hours=1)).cpu)
+    span = f"{since:%Y-%m-%d %H:%M}-{since + timedelta(hours=1):%H:%M} UTC"
     if points:
         return Check("metrics", "ok", f"GetMetricData allowed; {points} CPU datapoints for {span}")
     fix = "EC2 publishes minutes late; check the instance ran then, and the function's route to CloudWatch"
@@ -2586,7 +2592,7 @@ class Response:
     """One invocation, answered: what it asked, as far as it was understood, and what came of it."""
 
     answer: Answer
-    http: bool  # a Function URL or API Gateway event: answered as one
+    over_http: bool  # a Function URL or API Gateway event: answered as one
     source: Source | None = None
     action: Action | None = None
     config: Config | None = None  # as read, if valid: the log names the instance even on a 401
@@ -2596,10 +2602,10 @@ class Response:
 
 def respond(event: object, environ: Mapping[str, str], deadline: Deadline) -> Response:
     """Classify, authorise, configure and act; every failure becomes a Response that says what to fix."""
-    http = _is_http(event)  # the one look at the event's shape: it also decides how the answer is rendered
+    over_http = _is_http(event)  # the one look at the event's shape: it also decides how the answer is rendered
     source, action, settings, authorized = None, None, None, False
     try:
-        request = parse_event(event, http)
+        request = parse_event(event, over_http)
         source = Source.HTTP if isinstance(request, HttpRequest) else request.source
         settings = Settings.from_env(environ)
         if isinstance(request, HttpRequest):
@@ -2607,7 +2613,12 @@ def respond(event: object, environ: Mapping[str, str], deadline: Deadline) -> Re
         authorized = True  # direct and scheduled invocations need no token
         if isinstance(request, EventRequest) and request.action is Action.PREFLIGHT:  # lists every bad variable
             return Response(
-                preflight(settings, deadline, request.fields), http, source, Action.PREFLIGHT, settings.config, True
+                preflight(settings, deadline, request.fields),
+                over_http,
+                source,
+                Action.PREFLIGHT,
+                settings.config,
+                True,
             )
         config = settings.required()
         action = http_action(request) if isinstance(request, HttpRequest) else request.action
@@ -2615,11 +2626,11 @@ def respond(event: object, environ: Mapping[str, str], deadline: Deadline) -> Re
         if isinstance(request, EventRequest) and request.warning:
             answer = answer._replace(warnings=(request.warning, *answer.warnings))
     except OrchestratorError as error:
-        return Response(_failure(error), http, source, action, settings and settings.config, authorized)
+        return Response(_failure(error), over_http, source, action, settings and settings.config, authorized)
     except Exception as bug:  # noqa: BLE001 - the one broad catch: a bug is logged with its traceback, answered 500
         failure = _failure(OrchestratorError("Unexpected error: the function's log has the traceback."))
-        return Response(failure, http, source, action, settings and settings.config, authorized, bug)
-    return Response(answer, http, source, action, config, authorized)
+        return Response(failure, over_http, source, action, settings and settings.config, authorized, bug)
+    return Response(answer, over_http, source, action, config, authorized)
 
 
 def _failure(error: OrchestratorError) -> Answer:
@@ -2634,7 +2645,7 @@ def _failure(error: OrchestratorError) -> Answer:
 
 def render(response: Response, body: dict[str, Any]) -> dict[str, Any]:
     """The answer as the caller expects it: a Function URL / API Gateway response, or the body itself."""
-    if not response.http:
+    if not response.over_http:
         return body
     headers = {"Content-Type": "application/json", "Cache-Control": "no-store", **response.answer.headers}
     return {

@@ -22,16 +22,15 @@ from tests.helpers import (
     REGION,
     Ec2World,
     FakeClock,
-    FakeContext,
     Invoke,
     MotoServer,
     ScriptedBackend,
-    ec2_error,
     fresh_session,
+    invoke_handler,
     setup_client,
     stopped_instance,
 )
-from tools.real_ec2 import add_cpu_options
+from tools.harness import RealEc2
 
 
 # --- Hermetic: no real AWS, no network beyond loopback -------------------------------------------
@@ -93,36 +92,25 @@ def aws() -> Iterator[None]:
 
 @pytest.fixture
 def ec2(aws: None, clock: FakeClock) -> Ec2World:
-    """A running moto instance; the hooks below see every call the function's own clients make."""
+    """A running moto instance, real EC2's behaviour where moto's differs, and every call the function's own clients
+    make (hooks on the default session, from which the function builds them)."""
     boto3.DEFAULT_SESSION = fresh_session()  # hooks registered on it reach only this test's clients
-    setup = boto3.client("ec2", region_name=REGION)  # built before the hooks: the test's own calls are not counted
+    setup = setup_client("ec2")  # a session of its own: the test's own calls are neither counted nor changed
     launched = setup.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1, InstanceType="t3.medium")
     instance_id = launched["Instances"][0]["InstanceId"]
-    world = Ec2World(setup, instance_id)
+
+    def moto_state(instance: str) -> str:
+        return str(setup.describe_instances(InstanceIds=[instance])["Reservations"][0]["Instances"][0]["State"]["Name"])
+
+    real = RealEc2(clock.now, moto_state)
+    real.install(boto3.DEFAULT_SESSION.events)
+    world = Ec2World(setup, instance_id, real)
     bo.aws_client.cache_clear()
 
     def count(model: Any, **_: Any) -> None:
         world.calls.append(model.name)
 
-    def start_like_real_ec2(params: dict[str, Any], **_: Any) -> Any:
-        # moto starts an instance in any state; real EC2 answers IncorrectInstanceState for
-        # stopping, shutting-down and terminated (EC2 API reference, StartInstances).
-        state = world.state()
-        if state in ("stopping", "shutting-down", "terminated"):
-            return ec2_error(
-                "IncorrectInstanceState",
-                f"The instance '{instance_id}' is not in a state from which it can be started.",
-            )
-        return None
-
-    def refresh_launch_time(**_: Any) -> None:
-        # Real EC2 sets LaunchTime at each start; moto keeps the first one.
-        world.set_launch_time(clock.now())
-
     world.on_function_calls("before-parameter-build", count)  # once per API call of any service, not per attempt
-    world.on_function_calls("before-call.ec2.StartInstances", start_like_real_ec2)
-    world.on_function_calls("after-call.ec2.StartInstances", refresh_launch_time)
-    world.on_function_calls("after-call.ec2.DescribeInstances", add_cpu_options)  # moto sends no CpuOptions
     return world
 
 
@@ -173,7 +161,7 @@ def invoke(env: dict[str, str], clock: FakeClock) -> Invoke:
     """Call the handler as the runtime would, with the fake clock and a 60 s context."""
 
     def call(event: Any, **overrides: str) -> dict[str, Any]:
-        return bo.handle(event, FakeContext(clock), {**env, **overrides}, clock=clock.as_clock())
+        return invoke_handler(event, {**env, **overrides}, clock=clock)
 
     return call
 

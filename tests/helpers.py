@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,15 +26,14 @@ import botocore.loaders
 import botocore.session
 from botocore.awsrequest import AWSResponse, HTTPHeaders
 from hypothesis import strategies as st
-from moto.core.models import DEFAULT_ACCOUNT_ID
-from moto.ec2.models import ec2_backends
 
-import backend_orchestrator as bo
+from tools.harness import REGION, FakeClock, FakeContext, MotoServer, RealContext, RealEc2, free_port
+from tools.harness import invoke as invoke_handler
+
+__all__ = ["REGION", "FakeClock", "FakeContext", "MotoServer", "RealContext", "free_port", "invoke_handler"]
 
 EVENTS = Path(__file__).parent / "events"
-REGION = "us-east-1"
 ACTIVITY_PATH = "/api/last-activity"
-STATE_CODES = {"pending": 0, "running": 16, "shutting-down": 32, "terminated": 48, "stopping": 64, "stopped": 80}
 Invoke = Callable[..., dict[str, Any]]
 CHECK = {"action": "check_idle"}
 
@@ -73,93 +72,45 @@ def body_of(response: dict[str, Any]) -> dict[str, Any]:
     return response
 
 
-# --- Time ------------------------------------------------------------------------------------------
-@dataclass
-class FakeClock:
-    """Wall time and monotonic time that move only when the code sleeps or a test says so."""
-
-    wall: datetime = field(default_factory=lambda: datetime.now(UTC))
-    mono: float = 1000.0
-    sleeps: list[float] = field(default_factory=list)
-
-    def now(self) -> datetime:
-        return self.wall
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.advance(seconds)
-
-    def advance(self, seconds: float) -> None:
-        self.wall += timedelta(seconds=seconds)
-        self.mono += seconds
-
-    def as_clock(self) -> bo.Clock:
-        return bo.Clock(now=self.now, monotonic=self.monotonic, sleep=self.sleep)
-
-
-@dataclass
-class FakeContext:
-    """A Lambda context whose remaining time follows the fake clock."""
-
-    clock: FakeClock
-    timeout_seconds: float = 60.0
-    aws_request_id: str = "req-0001"
-    started: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.started = self.clock.mono
-
-    def get_remaining_time_in_millis(self) -> int:
-        return int((self.timeout_seconds - (self.clock.mono - self.started)) * 1000)
-
-
 def invoke_for_real(
     action: str, instance_id: str, backend_url: str, context_seconds: float = 60, **env: str
 ) -> dict[str, Any]:
     """The handler against real servers (moto's, a backend), with a context that counts down for real."""
     environ = {"INSTANCE_ID": instance_id, "AWS_REGION": REGION, "BACKEND_BASE_URL": backend_url, **env}
-    return bo.handle({"action": action}, RealContext(context_seconds), environ)
-
-
-class RealContext:
-    """A Lambda context whose remaining time counts down for real, for tests against real servers."""
-
-    def __init__(self, timeout_seconds: float) -> None:
-        self.aws_request_id = "req-real"
-        self._deadline = time.monotonic() + timeout_seconds
-
-    def get_remaining_time_in_millis(self) -> int:
-        return max(0, int((self._deadline - time.monotonic()) * 1000))
+    return invoke_handler({"action": action}, environ, timeout_seconds=context_seconds)
 
 
 # --- EC2 in moto ---------------------------------------------------------------------------------
 @dataclass
 class Ec2World:
-    """A moto instance plus what real EC2 does that moto does not; counts the function's AWS API calls."""
+    """A moto instance, real EC2's behaviour where moto's differs (RealEc2), and the function's AWS API calls."""
 
     client: Any
     instance_id: str
+    real: RealEc2
     calls: list[str] = field(default_factory=list)
 
     @staticmethod
     def on_function_calls(event_name: str, handler: Callable[..., Any]) -> None:
-        """Hook every EC2 client the function builds from now on (it keeps one per number of attempts)."""
+        """Hook every client the function builds from now on."""
         boto3.DEFAULT_SESSION.events.register(event_name, handler)  # type: ignore[union-attr]
 
     def set_state(self, name: str) -> None:
-        # moto changes state at once; a test that needs pending, stopping or shutting-down sets it.
-        instance = ec2_backends[DEFAULT_ACCOUNT_ID][REGION].get_instance(self.instance_id)
-        instance._state.name, instance._state.code = name, STATE_CODES[name]
+        """Put the instance in a state through moto's API; a transient one (pending, stopping, shutting-down),
+        which moto never shows, is shown on top of the state it leads to."""
+        settled = {"pending": "running", "stopping": "stopped", "shutting-down": "terminated"}.get(name, name)
+        ids = [self.instance_id]
+        {"running": self.client.start_instances, "stopped": self.client.stop_instances,
+         "terminated": self.client.terminate_instances}[settled](InstanceIds=ids)  # fmt: skip
+        self.real.show_state(self.instance_id, name if name != settled else None)
 
     def set_launch_time(self, when: datetime) -> None:
-        # Real EC2 sets LaunchTime at each start; moto keeps the first one, and has no API to change it.
-        instance = ec2_backends[DEFAULT_ACCOUNT_ID][REGION].get_instance(self.instance_id)
-        instance.launch_time = when.astimezone(UTC).replace(tzinfo=None)  # moto keeps naive UTC
+        self.real.set_launch_time(self.instance_id, when)
 
     def state(self) -> str:
+        return self.real.state(self.instance_id)
+
+    def moto_state(self) -> str:
         reservations = self.client.describe_instances(InstanceIds=[self.instance_id])["Reservations"]
         return str(reservations[0]["Instances"][0]["State"]["Name"])
 
@@ -194,27 +145,6 @@ def ec2_error(code: str, message: str) -> tuple[AWSResponse, dict[str, Any]]:
 
 
 # --- moto's server on 127.0.0.1 -------------------------------------------------------------------
-class MotoServer:
-    """moto over real HTTP on a free loopback port, from the parts moto's own server command uses."""
-
-    def __init__(self) -> None:
-        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
-        from werkzeug.serving import make_server
-
-        self._server = make_server("127.0.0.1", 0, DomainDispatcherApplication(create_backend_app), threaded=True)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="moto", daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_port}"
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
-
-
 def stopped_instance(endpoint: str) -> str:
     """A stopped instance in moto's server, as the backend sits between uses."""
     client = boto3.client("ec2", region_name=REGION, endpoint_url=endpoint)
@@ -388,10 +318,3 @@ class SilentServer:
         for connection in self.held:
             connection.close()
         self.listener.close()
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (for a backend that is down)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])

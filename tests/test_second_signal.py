@@ -24,6 +24,7 @@ from tests.helpers import (
     http_event,
     setup_client,
 )
+from tools.harness import published_periods
 from tools.real_ec2 import CPU_OPTIONS
 
 TIMEOUT = 900  # three 5-minute periods
@@ -46,10 +47,10 @@ def put_metrics(
     timeout: int = TIMEOUT,
 ) -> None:
     """Datapoints in AWS/EC2 for the periods of the metric window (index 0 is its first period), as EC2 puts them."""
-    start, _ = bo.metric_window(clock.now(), timeout)
+    start = published_periods(clock.now(), timeout)[0]  # the README's window, computed apart from the function's
     data: list[Any] = []
     for index, (cpu_percent, network_bytes) in enumerate(zip(cpu, network, strict=True), start=first_period):
-        when = start + timedelta(seconds=index * bo.METRIC_PERIOD_SECONDS + 60)
+        when = start + timedelta(minutes=5 * index + 1)
         values = {"CPUUtilization": cpu_percent}
         if network_bytes is not None:
             values |= {"NetworkIn": network_bytes / 2, "NetworkOut": network_bytes / 2}
@@ -184,7 +185,7 @@ def test_the_fallback_judges_only_periods_of_the_current_run(
 ) -> None:
     # Idle datapoints in every period: where a period began before the launch, they are the previous run's,
     # which was stopped for being idle. A restarted backend that does not answer yet must not be stopped on them.
-    start, _ = bo.metric_window(clock.now(), TIMEOUT)
+    start = published_periods(clock.now(), TIMEOUT)[0]
     long_running.set_launch_time(start + timedelta(seconds=launched))
     put_metrics(clock, long_running.instance_id, [0.5] * 3, [QUIET] * 3)
     body = invoke(CHECK)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -218,6 +219,8 @@ def main() -> int:
     parser.add_argument("--check-every", type=float, default=30.0, help="seconds between check_idle (serve)")
     parser.add_argument("--idle-timeout", type=int, default=120, help="IDLE_TIMEOUT_SECONDS (serve)")
     args = parser.parse_args()
+    # Ctrl-C stops it even when it was started with SIGINT ignored, as a shell's background job is (`make demo &`).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.serve or args.app:
         serve(args.check_every, args.idle_timeout, page=args.app)
         return 0

@@ -38,13 +38,15 @@ CFS_PERIOD_US = 20_000  # short, so that a few ms of CPU cannot slip through one
 CONTAINERS = 5  # cold containers per memory size: the figures are medians
 TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 
-# moto's DescribeInstances has no CpuOptions, which real EC2 always sends and the fallback needs: the runtime
-# process gets them the way the tests and the sandbox add them (tools.real_ec2).
+# moto's DescribeInstances has no CpuOptions, which real EC2 always sends and the fallback needs, and keeps the first
+# LaunchTime: the runtime process gets both the way the tests and the sandbox do (tools.real_ec2).
 SITECUSTOMIZE = """
-import boto3
-from tools.real_ec2 import add_cpu_options
+import os, pathlib, boto3
+from tools.real_ec2 import add_cpu_options, launch_times_from
 boto3.setup_default_session()
 boto3.DEFAULT_SESSION.events.register("after-call.ec2.DescribeInstances", add_cpu_options)
+launched = launch_times_from(pathlib.Path(os.environ["BENCH_LAUNCH_TIMES"]))
+boto3.DEFAULT_SESSION.events.register("after-call.ec2.DescribeInstances", launched)
 """
 
 
@@ -293,10 +295,12 @@ def template_memory_mb() -> int:
 
 
 def main() -> None:
-    from tools.sandbox import FAKE_CREDENTIALS, REGION, Sandbox
+    from tools.harness import REGION, published_periods
+    from tools.sandbox import FAKE_CREDENTIALS, Sandbox
 
     memories = sorted({128, template_memory_mb()})
     with function_zip() as work, Sandbox(idle_timeout_seconds=900, boot_seconds=0) as sandbox:
+        launch_times = work / "launch-times.json"  # what the runtime's DescribeInstances answers as LaunchTime
         setup = sandbox.ec2
         topic_arn = _sns(sandbox.moto_url).create_topic(Name="backend-orchestrator")["TopicArn"]
         environ = {
@@ -309,6 +313,7 @@ def main() -> None:
             "INSTANCE_ID": sandbox.instance_id,
             "BACKEND_BASE_URL": sandbox.backend_url,
             "NOTIFY_TOPIC_ARN": topic_arn,  # as the template sets it
+            "BENCH_LAUNCH_TIMES": str(launch_times),
         }
 
         def power(state: str, crashed: bool = False) -> None:
@@ -336,8 +341,8 @@ def main() -> None:
         def crashed() -> dict[str, str]:
             power("stopped")
             power("running", crashed=True)
-            window_start, _ = sandbox_window(sandbox)
-            sandbox.set_launch_time(window_start - timedelta(minutes=1))  # run past the window: CloudWatch decides
+            launched = published_periods(datetime.now(UTC), sandbox.idle_timeout_seconds)[0] - timedelta(minutes=1)
+            launch_times.write_text(json.dumps({sandbox.instance_id: launched.isoformat()}))  # CloudWatch decides
             return {"action": "check_idle"}
 
         def crashed_and_idle() -> dict[str, str]:
@@ -360,12 +365,6 @@ def main() -> None:
                 sandbox.backend_host.crashed = False
                 containers.append(run_container(work, memory_mb, environ, steps))
             report(memory_mb, containers)
-
-
-def sandbox_window(sandbox: Any) -> tuple[datetime, datetime]:
-    import backend_orchestrator as bo
-
-    return bo.metric_window(datetime.now(UTC), sandbox.idle_timeout_seconds)
 
 
 def _sns(endpoint: str) -> Any:

@@ -15,7 +15,6 @@ import base64
 import json
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
@@ -31,28 +30,14 @@ import boto3
 
 import backend_orchestrator as bo
 from examples.reference_backend import ReferenceBackend
-from tools.real_ec2 import add_cpu_options
+from tools.harness import REGION, MotoServer, RealContext, RealEc2, free_port, invoke, published_periods
 
-REGION = "us-east-1"
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing"}
 TEXT_TYPES = ("text/", "application/json", "application/xml", "application/x-www-form-urlencoded")
 Handler = Callable[[object, object], dict[str, Any]]
 
 
 # --- The local Function URL -------------------------------------------------------------------------------
-class LocalContext:
-    """The parts of the Lambda context the function reads; the remaining time counts down for real."""
-
-    def __init__(self, timeout_seconds: float) -> None:
-        self.aws_request_id = str(uuid.uuid4())
-        self.function_name = "backend-orchestrator-local"
-        self.memory_limit_in_mb = 128
-        self._deadline = time.monotonic() + timeout_seconds
-
-    def get_remaining_time_in_millis(self) -> int:
-        return max(0, int((self._deadline - time.monotonic()) * 1000))
-
-
 class LocalFunctionUrl(ThreadingHTTPServer):
     """An HTTP server that calls the handler as a Lambda Function URL would (payload format 2.0)."""
 
@@ -84,7 +69,7 @@ class _FunctionUrlRequest(BaseHTTPRequestHandler):
             self.server.actions.append(str(json.loads(event.get("body") or "{}").get("action", "start")))
         except (ValueError, AttributeError):
             self.server.actions.append("?")
-        result = self.server.handler(event, LocalContext(self.server.timeout_seconds))
+        result = self.server.handler(event, RealContext(self.server.timeout_seconds))
         if "statusCode" not in result:  # a Function URL turns a plain object into a 200 JSON answer
             result = {"statusCode": 200, "headers": {"Content-Type": "application/json"}, "body": json.dumps(result)}
         body = result.get("body") or ""
@@ -150,7 +135,7 @@ class BackendHost:
 
     def __init__(self, ec2: Any, instance_id: str, boot_seconds: float, on_change: Callable[[str, str], None]) -> None:
         self.ec2, self.instance_id, self.boot_seconds, self.on_change = ec2, instance_id, boot_seconds, on_change
-        self.port = _free_port()
+        self.port = free_port()
         self.backend: ReferenceBackend | None = None
         self.powered = False
         self.crashed = False
@@ -202,12 +187,6 @@ class BackendHost:
             self.backend = None
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 # --- All of it together ------------------------------------------------------------------------------------
 class Sandbox:
     """moto + the backend host + the local Function URL, configured for one another."""
@@ -245,55 +224,47 @@ class Sandbox:
 
     def invoke(self, event: object) -> dict[str, Any]:
         """A direct invocation, as EventBridge with constant input makes it."""
-        return bo.lambda_handler(event, LocalContext(self.function_timeout_seconds))
+        return invoke(event, os.environ, timeout_seconds=self.function_timeout_seconds)
 
     def state(self) -> str:
-        reservations = self.ec2.describe_instances(InstanceIds=[self.instance_id])["Reservations"]
-        return str(reservations[0]["Instances"][0]["State"]["Name"])
+        return self.real_ec2.state(self.instance_id)
 
     def publish_instance_metrics(self, cpu_percent: float, network_bytes: float) -> None:
         """Put what EC2 would have published for the instance into moto's AWS/EC2: one datapoint per metric for
         each 5-minute period the function's CloudWatch fallback reads now."""
         cloudwatch = boto3.client("cloudwatch", region_name=REGION, endpoint_url=self.moto_url)
-        start, end = bo.metric_window(datetime.now(UTC), self.idle_timeout_seconds)
         dimensions = [{"Name": "InstanceId", "Value": self.instance_id}]
         values = {"CPUUtilization": cpu_percent, "NetworkIn": network_bytes / 2, "NetworkOut": network_bytes / 2}
-        periods = int((end - start).total_seconds() // bo.METRIC_PERIOD_SECONDS)
         data: list[Any] = [
-            {"MetricName": name, "Dimensions": dimensions, "Value": value,
-             "Timestamp": start + timedelta(seconds=index * bo.METRIC_PERIOD_SECONDS + 60)}
-            for index in range(periods) for name, value in values.items()
-        ]  # fmt: skip
+            {"MetricName": name, "Dimensions": dimensions, "Value": value, "Timestamp": period + timedelta(minutes=1)}
+            for period in published_periods(datetime.now(UTC), self.idle_timeout_seconds)
+            for name, value in values.items()
+        ]
         cloudwatch.put_metric_data(Namespace="AWS/EC2", MetricData=data)
 
     def set_launch_time(self, when: datetime) -> None:
-        """Real EC2 sets LaunchTime at each start; moto keeps the first one and has no API to change it, so set it
-        in moto's (in-process) state: the instance has run since `when`."""
-        from moto.core.models import DEFAULT_ACCOUNT_ID
-        from moto.ec2.models import ec2_backends
-
-        instance = ec2_backends[DEFAULT_ACCOUNT_ID][REGION].get_instance(self.instance_id)
-        instance.launch_time = when.astimezone(UTC).replace(tzinfo=None)  # moto keeps naive UTC
+        """The instance has run since `when` (as DescribeInstances tells it: see RealEc2)."""
+        self.real_ec2.set_launch_time(self.instance_id, when)
 
     def _start(self) -> None:
-        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
-        from werkzeug.serving import make_server
-
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request otherwise
-        moto = make_server("127.0.0.1", 0, DomainDispatcherApplication(create_backend_app), threaded=True)
-        threading.Thread(target=moto.serve_forever, name="moto", daemon=True).start()
-        self._stack.callback(moto.server_close)
-        self._stack.callback(moto.shutdown)
-        self.moto_url = f"http://127.0.0.1:{moto.server_port}"
+        moto = MotoServer()
+        self._stack.callback(moto.close)
+        self.moto_url = moto.url
         # No default AMIs: moto would spend a second loading them, and any image ID will do here.
         setup = {**FAKE_CREDENTIALS, "AWS_DEFAULT_REGION": REGION, "MOTO_EC2_LOAD_DEFAULT_AMIS": "false"}
         self._stack.enter_context(_environment(setup))
         if boto3.DEFAULT_SESSION is None:
             boto3.setup_default_session()
-        events = boto3.DEFAULT_SESSION.events  # type: ignore[union-attr]  # the function's clients come from it
-        events.register("after-call.ec2.DescribeInstances", add_cpu_options, unique_id="sandbox-cpu-options")
-        self._stack.callback(events.unregister, "after-call.ec2.DescribeInstances", unique_id="sandbox-cpu-options")
+        # The function's clients come from the default session: real EC2's behaviour is played on them (RealEc2).
         self.ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=self.moto_url)
+
+        def moto_state(instance_id: str) -> str:  # asked only when no transient state is shown instead
+            described = self.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
+            return str(described["State"]["Name"])
+
+        self.real_ec2 = RealEc2(lambda: datetime.now(UTC), moto_state)
+        self._stack.callback(self.real_ec2.install(boto3.DEFAULT_SESSION.events))  # type: ignore[union-attr]
         launched = self.ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1, InstanceType="c6i.xlarge")
         self.instance_id = launched["Instances"][0]["InstanceId"]
         self.ec2.stop_instances(InstanceIds=[self.instance_id])
