@@ -50,7 +50,7 @@ def _loopback_only(host: object) -> None:
 def hermetic(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Fake credentials, no profile, and sockets that can reach nothing but loopback."""
     for name in list(os.environ):
-        if name.startswith(("AWS_", "BOTO")) or name in {v for k, v in vars(bo).items() if k.startswith("ENV_")}:
+        if name.startswith(("AWS_", "BOTO")) or name in {*bo.VARIABLES, "AUTH_TOKEN"}:
             monkeypatch.delenv(name)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")

@@ -3,6 +3,7 @@ WARNING that names the step, status answers the state it has. Nothing is left ha
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +16,19 @@ from tests.helpers import (
     Answer,
     Ec2World,
     FakeClock,
-    FakeContext,
     ScriptedBackend,
     body_of,
     ec2_error,
+    free_port,
     http_event,
+    invoke_handler,
 )
 
 ONE_CALL = bo.aws_call_seconds(1)
 
 
 def handle(event: Any, env: dict[str, str], clock: FakeClock, timeout_seconds: float, **overrides: str) -> Any:
-    return bo.handle(event, FakeContext(clock, timeout_seconds), {**env, **overrides}, clock=clock.as_clock())
+    return invoke_handler(event, {**env, **overrides}, clock=clock, timeout_seconds=timeout_seconds)
 
 
 def test_start_without_time_for_one_call_is_503_and_calls_nothing(
@@ -151,3 +153,29 @@ def test_the_deploy_doc_states_the_shortest_deciding_timeouts() -> None:
     assert f"decides from a function timeout of **{on:g} s** with the fallback on and **{off:g} s** with it off" in doc
     drained = bo.shortest_check_seconds(bo.Config.from_env({**base, "DRAIN_PATH": "/d", "STOP_HIBERNATE": "true"}))
     assert f"With `DRAIN_PATH` and\n`STOP_HIBERNATE=true` it needs {drained:g} s" in doc
+
+
+def test_the_longest_path_of_check_idle_counts_every_call_it_makes(
+    long_running: Ec2World, env: dict[str, str], clock: FakeClock, topic: tuple[str, Any]
+) -> None:
+    """The worst-case table's check_idle row, against a check that makes every AWS call it can: an ended hold, a
+    backend that is down, idle metrics, a refused hibernation (injected: moto hibernates anything), two notices."""
+    from tests.test_holds import tag_by_hand
+    from tests.test_second_signal import QUIET, put_metrics
+
+    def refuse_hibernation(params: dict[str, Any], **_: Any) -> Any:
+        if params["body"].get("Hibernate") == "true":
+            return ec2_error("UnsupportedHibernationConfiguration", "The instance is not configured for hibernation.")
+        return None
+
+    topic_arn, received = topic
+    long_running.on_function_calls("before-call.ec2.StopInstances", refuse_hibernation)
+    tag_by_hand(long_running, "running", clock.now() - timedelta(minutes=1), "board demo")
+    put_metrics(clock, long_running.instance_id, [0.5] * 3, [QUIET] * 3)
+    environ = {**env, "BACKEND_BASE_URL": f"http://127.0.0.1:{free_port()}", "NOTIFY_TOPIC_ARN": topic_arn}
+    body = handle(CHECK, environ, clock, 60, STOP_HIBERNATE="true")
+    assert (body["decision"], body["signal"]) == ("stop", "cloudwatch")
+    assert len(received()) == 2  # the hold's end, the stop
+    config = bo.Config.from_env({**environ, "STOP_HIBERNATE": "true"})
+    aws_steps = [step.split(" ")[0] for step, _ in bo.longest_path(bo.Action.CHECK_IDLE, config) if "GET" not in step]
+    assert long_running.calls == aws_steps

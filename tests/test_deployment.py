@@ -58,12 +58,12 @@ def drift(template: dict[str, Any], policy: dict[str, Any]) -> list[str]:
     module_name, handler_name = function["Handler"].rsplit(".", 1)
     if module_name != bo.__name__ or not callable(getattr(bo, handler_name, None)):
         problems.append(f"Handler {function['Handler']} is not a function of {bo.__name__}")
-    known = {value for name, value in vars(bo).items() if name.startswith("ENV_")}
+    known = {*bo.VARIABLES, "AUTH_TOKEN"}
     variables = function["Environment"]["Variables"]
     problems += [
         f"the template sets {name}, which the function does not read" for name in variables if name not in known
     ]
-    required = (bo.ENV_INSTANCE_ID, bo.ENV_BACKEND_BASE_URL)
+    required = ("INSTANCE_ID", "BACKEND_BASE_URL")
     problems += [f"the template does not set {name}" for name in required if name not in variables]
     code_actions = {"*": {bo.IAM_ACTIONS["DescribeInstances"], bo.IAM_ACTIONS["GetMetricData"]},
                     INSTANCE_ARN: {bo.IAM_ACTIONS[name] for name in ("StartInstances", "StopInstances", "CreateTags",
@@ -438,7 +438,7 @@ def test_the_configuration_table_lists_every_variable_and_only_those() -> None:
     deploy = (ROOT / "docs" / "deploy.md").read_text()
     table = deploy[deploy.index("## Configuration") : deploy.index("## Where the action comes from")]
     documented = set(re.findall(r"^\| `([A-Z_0-9]+)` \|", table, flags=re.MULTILINE))
-    assert documented == {value for name, value in vars(bo).items() if name.startswith("ENV_")}
+    assert documented == {*bo.VARIABLES, "AUTH_TOKEN"}
 
 
 def test_the_docs_link_only_to_files_and_headings_that_exist() -> None:

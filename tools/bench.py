@@ -24,38 +24,38 @@ RUNS = 9
 TEMPLATE_TIMEOUT_SECONDS = 60  # template.yaml's Function Timeout (a test keeps them equal)
 
 
+# The configuration whose actions wait longest: every option that adds a step on (a drain, hibernation, notices).
+LONGEST_ENVIRONMENT = {
+    "INSTANCE_ID": "i-0abc123def4567890",
+    "BACKEND_BASE_URL": "http://10.0.1.50:8000",
+    "DRAIN_PATH": "/api/drain",
+    "STOP_HIBERNATE": "true",
+    "NOTIFY_TOPIC_ARN": "arn:aws:sns:eu-central-1:123456789012:backend-orchestrator",
+}
+
+
 def worst_case_table(timeout_seconds: float = TEMPLATE_TIMEOUT_SECONDS) -> str:
-    """Each action's longest possible wall time, from the function's constants, as a Markdown table."""
+    """Each action's longest path, as the function computes it (longest_path), as a Markdown table."""
     sys.path.insert(0, str(ROOT / "lambda"))
     import backend_orchestrator as bo
 
-    call = bo.aws_call_seconds(bo.AWS_MAX_ATTEMPTS)
-    activity = bo.Config.http_timeout_seconds
-    health = min(bo.HEALTH_TIMEOUT_SECONDS, activity)
+    config = bo.Config.from_env(LONGEST_ENVIRONMENT)
     budget = timeout_seconds - bo.ANSWER_MARGIN_SECONDS
+    call = bo.aws_call_seconds(bo.AWS_MAX_ATTEMPTS)
     backoff = call - bo.AWS_MAX_ATTEMPTS * (bo.AWS_CONNECT_TIMEOUT_SECONDS + bo.AWS_READ_TIMEOUT_SECONDS)
-    poll = bo.STOPPING_POLL_SECONDS
-    rows = [
-        ("one AWS API call", f"{bo.AWS_MAX_ATTEMPTS} attempts of {bo.AWS_CONNECT_TIMEOUT_SECONDS:g} s connect and "
-         f"{bo.AWS_READ_TIMEOUT_SECONDS:g} s read, and {backoff:g} s of retry backoff", call),
-        ("`start`", f"StartInstances {call:g} s; if the instance is stopping: Describe, then {poll:g} s waits "
-         f"and Describes while a Describe and a StartInstances still fit, then StartInstances {call:g} s; "
-         f"SNS Publish {call:g} s", math.inf),
-        ("`status`", f"Describe {call:g} s, /health {health:g} s", call + health),
-        ("`check_idle`", f"Describe {call:g} s, activity GET {activity:g} s, then GetMetricData {call:g} s "
-         f"(backend unknown) or the drain POST {activity:g} s, StopInstances {call:g} s, hibernate fallback "
-         f"{call:g} s, the drain's DELETE {activity:g} s (a stop that failed), SNS Publish {call:g} s",
-         5 * call + 2 * activity),
-        ("`stop`", f"Describe (DRY_RUN only) {call:g} s, StopInstances {call:g} s, "
-         f"hibernate fallback {call:g} s, SNS Publish {call:g} s", 4 * call),
-    ]  # fmt: skip
     lines = [
         f"| action | what it may wait for, each at its worst | sum | answered within ({timeout_seconds:g} s timeout) |",
         "|---|---|---|---|",
+        f"| one AWS API call | {bo.AWS_MAX_ATTEMPTS} attempts of {bo.AWS_CONNECT_TIMEOUT_SECONDS:g} s connect and "
+        f"{bo.AWS_READ_TIMEOUT_SECONDS:g} s read, and {backoff:g} s of retry backoff | {call:g} s "
+        f"| {min(call, budget):g} s |",
     ]
-    for action, steps, total in rows:
-        within = min(total, budget)
-        lines.append(f"| {action} | {steps} | {'no bound' if math.isinf(total) else f'{total:g} s'} | {within:g} s |")
+    for action in bo.Action:
+        steps = bo.longest_path(action, config)
+        total = sum(seconds for _, seconds in steps)
+        shown = ", ".join(step if math.isinf(seconds) else f"{step} {seconds:g} s" for step, seconds in steps)
+        sum_text = "no bound" if math.isinf(total) else f"{total:g} s"
+        lines.append(f"| `{action}` | {shown} | {sum_text} | {min(total, budget):g} s |")
     return "\n".join(lines)
 
 
