@@ -1,7 +1,8 @@
 """Wake the PyElli backend's EC2 instance on demand and stop it once it has been idle.
 
 Actions:
-  start       start the instance and answer at once (the app then polls the backend's /health)
+  start       start the instance, without waiting for the boot (a stop in progress is waited out first); the
+              app then polls the backend's /health
   status      the instance's state and whether the backend answers its health check
   check_idle  ask the backend how long it has been idle (when it cannot say, the instance's CloudWatch
               metrics); stop the instance past the timeout; keep it, and start it, in keep-warm windows
@@ -21,9 +22,8 @@ Events accepted:
     schedule can never keep the backend awake.
     https://docs.aws.amazon.com/eventbridge/latest/userguide/eb-run-lambda-schedule.html
 
-Read top to bottom: settings, errors, configuration, the clock and the deadline, events, the pure
-decision, the AWS and backend edges, the actions, logs, and the entry point (parse, authorise, act,
-render). Every wait fits the invocation's deadline: see Deadline.
+Read top to bottom: limits, errors, configuration, the deadline, events, the pure decision, the AWS and
+backend edges, the actions (a Run in, a Done out), the one presenter, preflight, logs, the entry point.
 """
 
 from __future__ import annotations
@@ -48,11 +48,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
 from enum import StrEnum
-from functools import cache
+from functools import cache, partial
 from typing import TYPE_CHECKING, Any, ClassVar, Final, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 import boto3
+from botocore import xform_name
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -158,13 +159,18 @@ class Decision(StrEnum):
     WOULD_START = "would_start"
 
 
-# --- Errors: each class carries its HTTP status and its one code; ERRORS lists them all -----------
+# --- Errors: each class carries its HTTP status, its one code and its headers; ERRORS lists them ---------
 class OrchestratorError(Exception):
-    """An answer to the caller that says what went wrong and what to do."""
+    """An answer to the caller that says what went wrong and what to do. A subclass names its HTTP status, its code
+    and its headers as class keywords; one without a code of its own (BadRequestError) is only a family."""
 
     STATUS_CODE: ClassVar[int] = 500
-    CODE: ClassVar[str] = "internal_error"
+    CODE: ClassVar[str] = "internal_error"  # a bug: the log has the traceback
     HEADERS: ClassVar[Mapping[str, str]] = {}
+
+    def __init_subclass__(cls, status: int = 0, code: str = "", headers: Mapping[str, str] | None = None) -> None:
+        super().__init_subclass__()
+        cls.STATUS_CODE, cls.CODE, cls.HEADERS = status or cls.STATUS_CODE, code, headers or cls.HEADERS
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
@@ -172,98 +178,67 @@ class OrchestratorError(Exception):
         self.details = details
 
 
-class BadRequestError(OrchestratorError):
-    """The request itself is wrong: each subclass says how, with its own code."""
-
-    STATUS_CODE = 400
+RETRY_AFTER: Final = {"Retry-After": str(RETRY_AFTER_SECONDS)}
 
 
-class InvalidEventError(BadRequestError):
-    CODE = "invalid_event"
+class BadRequestError(OrchestratorError, status=400): ...  # the request itself is wrong: a subclass says how
 
 
-class UnsupportedEventError(BadRequestError):
-    CODE = "unsupported_event"
+class InvalidEventError(BadRequestError, code="invalid_event"): ...
 
 
-class MalformedJsonError(BadRequestError):
-    CODE = "malformed_json"
+class UnsupportedEventError(BadRequestError, code="unsupported_event"): ...
 
 
-class InvalidBase64Error(BadRequestError):
-    CODE = "invalid_base64"
+class MalformedJsonError(BadRequestError, code="malformed_json"): ...
 
 
-class InvalidBodyError(BadRequestError):
-    CODE = "invalid_body"
+class InvalidBase64Error(BadRequestError, code="invalid_base64"): ...
 
 
-class InvalidActionError(BadRequestError):
-    CODE = "invalid_action"
+class InvalidBodyError(BadRequestError, code="invalid_body"): ...
 
 
-class UnknownActionError(BadRequestError):
-    CODE = "unknown_action"
+class InvalidActionError(BadRequestError, code="invalid_action"): ...
 
 
-class InvalidHoldError(BadRequestError):
-    """A hold action's fields are wrong (the message names the field); nothing was written."""
-
-    CODE = "invalid_hold"
+class UnknownActionError(BadRequestError, code="unknown_action"): ...
 
 
-class UnauthorizedError(OrchestratorError):
-    STATUS_CODE = 401
-    CODE = "unauthorized"
-    HEADERS: ClassVar[Mapping[str, str]] = {"WWW-Authenticate": "Bearer"}
+class InvalidHoldError(BadRequestError, code="invalid_hold"): ...  # the message names the field; nothing written
 
 
-class ForbiddenError(OrchestratorError):
-    STATUS_CODE = 403
-    CODE = "action_not_allowed"
+class UnauthorizedError(OrchestratorError, status=401, code="unauthorized", headers={"WWW-Authenticate": "Bearer"}): ...
 
 
-class MethodNotAllowedError(OrchestratorError):
-    STATUS_CODE = 405
-    CODE = "method_not_allowed"
-    HEADERS: ClassVar[Mapping[str, str]] = {"Allow": "GET, POST"}
+class ForbiddenError(OrchestratorError, status=403, code="action_not_allowed"): ...
 
 
-class HeldStoppedError(OrchestratorError):
-    """An operator holds the instance stopped: no start until the hold ends or is released."""
-
-    STATUS_CODE = 409
-    CODE = "held_stopped"
+class MethodNotAllowedError(
+    OrchestratorError, status=405, code="method_not_allowed", headers={"Allow": "GET, POST"}
+): ...
 
 
-class InstanceGoneError(OrchestratorError):
-    """The instance is shutting down or terminated: no action brings it back."""
-
-    STATUS_CODE = 409
-    CODE = "instance_terminated"
+class HeldStoppedError(OrchestratorError, status=409, code="held_stopped"): ...  # until the hold ends or is released
 
 
-class PayloadTooLargeError(OrchestratorError):
-    STATUS_CODE = 413
-    CODE = "payload_too_large"
+class InstanceGoneError(OrchestratorError, status=409, code="instance_terminated"): ...  # shutting down, terminated
 
 
-class ConfigError(OrchestratorError):
-    STATUS_CODE = 500
-    CODE = "config_error"
+class PayloadTooLargeError(OrchestratorError, status=413, code="payload_too_large"): ...
 
 
-class InstanceNotFoundError(ConfigError):
-    """INSTANCE_ID names no instance in the region: the configuration's fault, so a 500 like config_error."""
-
-    CODE = "instance_not_found"
+class ConfigError(OrchestratorError, code="config_error"): ...
 
 
-class AwsError(OrchestratorError):
+class InstanceNotFoundError(ConfigError, code="instance_not_found"): ...  # INSTANCE_ID's fault: a 500, as config_error
+
+
+class StillStoppingError(OrchestratorError, status=503, code="still_stopping", headers=RETRY_AFTER): ...
+
+
+class AwsError(OrchestratorError, status=502, code="aws_error"):
     """An AWS API error the function cannot act on; `aws_error_code` is AWS's own code, when AWS answered."""
-
-    STATUS_CODE = 502
-    CODE = "aws_error"
 
     def __init__(self, message: str, *, aws_error_code: str | None = None, **details: Any):
         if aws_error_code is not None:
@@ -272,38 +247,19 @@ class AwsError(OrchestratorError):
         self.aws_error_code = aws_error_code
 
 
-class AccessDeniedError(AwsError):
-    """The role lacks a permission; `iam_action` names it."""
-
-    CODE = "aws_access_denied"
+class AccessDeniedError(AwsError, code="aws_access_denied"): ...  # `iam_action` names the missing permission
 
 
-class AwsUnreachableError(AwsError):
-    CODE = "aws_unreachable"
+class AwsUnreachableError(AwsError, code="aws_unreachable"): ...
 
 
-class InsufficientCapacityError(AwsError):
-    """EC2 has no capacity for the instance type in its zone right now: transient, safe to retry."""
-
-    STATUS_CODE = 503
-    CODE = "insufficient_capacity"
-    HEADERS: ClassVar[Mapping[str, str]] = {"Retry-After": str(CAPACITY_RETRY_AFTER_SECONDS)}
+class InsufficientCapacityError(
+    AwsError, status=503, code="insufficient_capacity", headers={"Retry-After": str(CAPACITY_RETRY_AFTER_SECONDS)}
+): ...  # transient: EC2 has no capacity for the instance's type in its zone right now
 
 
-class StillStoppingError(OrchestratorError):
-    """The instance is still stopping; safe to retry after Retry-After seconds."""
-
-    STATUS_CODE = 503
-    CODE = "still_stopping"
-    HEADERS: ClassVar[Mapping[str, str]] = {"Retry-After": str(RETRY_AFTER_SECONDS)}
-
-
-class OutOfTimeError(OrchestratorError):
+class OutOfTimeError(OrchestratorError, status=503, code="out_of_time", headers=RETRY_AFTER):
     """Too little of the invocation's time is left for the next step; nothing half-done, safe to retry."""
-
-    STATUS_CODE = 503
-    CODE = "out_of_time"
-    HEADERS: ClassVar[Mapping[str, str]] = {"Retry-After": str(RETRY_AFTER_SECONDS)}
 
     def __init__(self, step: str, left_seconds: float, needed_seconds: float) -> None:
         self.step = step
@@ -314,17 +270,12 @@ class OutOfTimeError(OrchestratorError):
         )
 
 
+def _family(error: type[OrchestratorError]) -> list[type[OrchestratorError]]:
+    return [error, *(member for child in error.__subclasses__() for member in _family(child))]
+
+
 # Every answer the function gives that is not a success, by its code (docs/deploy.md's troubleshooting table).
-ERRORS: Final = {
-    error.CODE: error
-    for error in (
-        InvalidEventError, UnsupportedEventError, MalformedJsonError, InvalidBase64Error, InvalidBodyError,
-        InvalidActionError, UnknownActionError, InvalidHoldError, UnauthorizedError, ForbiddenError,
-        MethodNotAllowedError, HeldStoppedError, InstanceGoneError, PayloadTooLargeError, ConfigError,
-        InstanceNotFoundError, OrchestratorError, AwsError, AccessDeniedError, AwsUnreachableError,
-        InsufficientCapacityError, StillStoppingError, OutOfTimeError,
-    )
-}  # fmt: skip
+ERRORS: Final = {error.CODE: error for error in _family(OrchestratorError) if error.CODE}
 
 
 # --- Configuration: every variable read and checked in one place ----------------------------------
@@ -366,13 +317,16 @@ class Config:
         """Every variable of VARIABLES read and checked: the configuration of the good ones (None without a usable
         INSTANCE_ID), and every bad one, in VARIABLES' order."""
         values, problems = {}, []
-        for name, (field_name, _) in VARIABLES.items():
+        for name, (field_name, parse) in VARIABLES.items():
             raw = environ.get(name, "").strip()
             try:
                 if raw:
-                    values[field_name] = read_variable(name, raw)
+                    values[field_name] = parse(name, raw)
             except ConfigError as problem:
                 problems.append(problem)
+            except (ValueError, OSError, OverflowError) as error:  # what a parser did not foresee: still the variable's
+                how = "set it as the README's configuration table describes"
+                problems.append(ConfigError(f"{name} could not be read ({type(error).__name__}): {how}."))
         try:
             return cls(**values), problems
         except ConfigError as problem:
@@ -445,20 +399,6 @@ class Window:
         if self.start < self.end:
             return day in self.days and self.start <= minute < self.end
         return (day in self.days and minute >= self.start) or ((day - 1) % 7 in self.days and minute < self.end)
-
-
-def read_variable(name: str, raw: str) -> Any:
-    """One variable through its parser; any exception a parser did not foresee is still that variable's fault."""
-    try:
-        return VARIABLES[name][1](name, raw)
-    except (ValueError, OSError, OverflowError) as error:
-        raise ConfigError(
-            f"{name} could not be read ({type(error).__name__}): set it as the README's configuration table describes."
-        ) from None
-
-
-def _parse_text(name: str, raw: str) -> str:
-    return raw
 
 
 def _parse_region(name: str, raw: str) -> str:
@@ -538,10 +478,6 @@ def _parse_positive_float(name: str, raw: str, unit: str = "seconds, e.g. 5 or 2
     if not (value > 0 and math.isfinite(value)):
         raise ConfigError(f"{name}={raw!r} is not a positive number of {unit}.")
     return value
-
-
-def _parse_kilobytes(name: str, raw: str) -> float:
-    return _parse_positive_float(name, raw, "KB, e.g. 1024")
 
 
 def _parse_hours(name: str, raw: str) -> float:
@@ -659,10 +595,13 @@ VARIABLES: Final[dict[str, tuple[str, Callable[[str, str], Any]]]] = {
     "LAST_ACTIVITY_PATH": ("last_activity_path", _parse_path),
     "HEALTH_PATH": ("health_path", _parse_path),
     "LOG_LEVEL": ("log_level", _parse_log_level),
-    "METRICS_NAMESPACE": ("metrics_namespace", _parse_text),
+    "METRICS_NAMESPACE": ("metrics_namespace", lambda _, raw: raw),
     "KEEP_WARM": ("keep_warm", _parse_keep_warm),
     "IDLE_CPU_PERCENT": ("idle_cpu_percent", _parse_percent),
-    "IDLE_NETWORK_KB_PER_5MIN": ("idle_network_kb", _parse_kilobytes),
+    "IDLE_NETWORK_KB_PER_5MIN": (
+        "idle_network_kb",
+        lambda name, raw: _parse_positive_float(name, raw, "KB, e.g. 1024"),
+    ),
     "DRAIN_PATH": ("drain_path", _parse_path),
     "NOTIFY_TOPIC_ARN": ("notify_topic_arn", _parse_topic_arn),
     "MAX_HOLD_HOURS": ("max_hold_hours", _parse_hours),
@@ -913,7 +852,9 @@ class Verdict(NamedTuple):
     decision: Decision
     reason: str
     idle_seconds: float | None = None
-    signal: str = "activity"  # what decided: activity, cloudwatch, keep_warm, state, deadline
+    signal: str = (
+        "activity"  # what decided: activity, cloudwatch, stuck_busy, keep_warm, hold, state, deadline, operator
+    )
 
 
 def decide(
@@ -931,26 +872,19 @@ def decide(
     # A freshly started instance gets a full timeout even if the backend remembers older activity.
     uptime_seconds = max(0.0, (now - launch_time).total_seconds())
     idle_seconds = min(activity.idle_seconds, uptime_seconds)
-    if idle_seconds > idle_timeout_seconds:
-        return Verdict(
-            Decision.STOP, f"idle for {_seconds(idle_seconds)}, over the {idle_timeout_seconds}s timeout", idle_seconds
-        )
-    return Verdict(
-        Decision.KEEP, f"idle for {_seconds(idle_seconds)}, within the {idle_timeout_seconds}s timeout", idle_seconds
-    )
+    over = idle_seconds > idle_timeout_seconds
+    reason = f"idle for {_seconds(idle_seconds)}, {'over' if over else 'within'} the {idle_timeout_seconds}s timeout"
+    return Verdict(Decision.STOP if over else Decision.KEEP, reason, idle_seconds)
 
 
-def keep_warm(state: str, window: Window) -> Verdict:
-    """Inside a keep-warm window: keep a running instance whatever its backend says, start a stopped one."""
-    inside = f"inside the keep-warm window {window.text!r}"
+def kept_up(state: str, why: str, signal: str, started: str = "started") -> Verdict:
+    """Held running or in a keep-warm window: keep a running instance whatever its backend says, start a stopped
+    one, and wait for one that is stopping."""
     if state in ("running", "pending"):
-        return Verdict(Decision.KEEP, inside, signal="keep_warm")
+        return Verdict(Decision.KEEP, why, signal=signal)
     if state == "stopped":
-        reason = f"stopped {inside}: started so that it is warm when people arrive"
-        return Verdict(Decision.START, reason, signal="keep_warm")
-    return Verdict(
-        Decision.SKIP, f"instance is {state}, {inside}: nothing to do until it is stopped", signal="keep_warm"
-    )
+        return Verdict(Decision.START, f"stopped, {why}: {started}", signal=signal)
+    return Verdict(Decision.SKIP, f"instance is {state}, {why}: nothing to do until it is stopped", signal=signal)
 
 
 class Hold(NamedTuple):
@@ -1021,17 +955,15 @@ def hold_request(fields: Mapping[str, Any], now: datetime, max_hold_hours: float
             raise InvalidHoldError(f'"until" is {until_text}: give a time in the future, {limit}.')
         until = parsed
     if reason is not None and not (
-        isinstance(reason, str) and len(reason) <= MAX_TAG_VALUE_CHARS and all(_tag_character(c) for c in reason)
+        isinstance(reason, str)
+        and len(reason) <= MAX_TAG_VALUE_CHARS
+        and all(c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF for c in reason)  # UTF-8 text on one line
     ):
         raise InvalidHoldError(
             f'"reason" must be text of at most {MAX_TAG_VALUE_CHARS} characters without control characters.'
         )
     whole = until.replace(microsecond=0) + (timedelta(seconds=1) if until.microsecond else timedelta())  # > now
     return Hold(state, whole, reason or None)
-
-
-def _tag_character(char: str) -> bool:
-    return char.isprintable() and not 0xD800 <= ord(char) <= 0xDFFF  # a tag value is UTF-8 text on one line
 
 
 def _aware_time(text: str) -> datetime | None:
@@ -1041,17 +973,6 @@ def _aware_time(text: str) -> datetime | None:
     except ValueError:
         return None
     return parsed if parsed.tzinfo is not None else None
-
-
-def held_running(state: str, hold: Hold) -> Verdict:
-    """Held running: keep it whatever its backend says, and start it if it is stopped (as a keep-warm window)."""
-    if state in ("running", "pending"):
-        return Verdict(Decision.KEEP, hold.text(), signal="hold")
-    if state == "stopped":
-        return Verdict(Decision.START, f"stopped, {hold.text()}: started", signal="hold")
-    return Verdict(
-        Decision.SKIP, f"instance is {state}, {hold.text()}: nothing to do until it is stopped", signal="hold"
-    )
 
 
 class MetricSamples(NamedTuple):
@@ -1330,23 +1251,13 @@ def warm_clients(environ: Mapping[str, str]) -> None:
         if config.idle_cpu_percent > 0:
             aws_client("cloudwatch", config.region)
         if config.notify_topic_arn:
-            aws_client("sns", topic_region(config.notify_topic_arn))
+            aws_client("sns", config.notify_topic_arn.split(":")[3])  # the topic's own region
     except (ConfigError, BotoCoreError):
         return
 
 
-def topic_region(topic_arn: str) -> str:
-    return topic_arn.split(":")[3]
-
-
 def aws_call(
-    service: str,
-    operation: str,
-    region: str | None,
-    deadline: Deadline,
-    about: str,
-    *,
-    call: Callable[[Any], T],
+    service: str, operation: str, region: str | None, deadline: Deadline, about: str, *, call: Callable[[Any], T]
 ) -> T:
     """One API call, `call(client)`, with as many attempts as fit before the deadline; errors told apart by code."""
     name = SERVICE_NAMES[service]
@@ -1426,23 +1337,20 @@ class Ec2:
         cpu = instances[0].get("CpuOptions") or {}
         vcpus = cpu.get("CoreCount", 0) * cpu.get("ThreadsPerCore", 1)  # real EC2 always sends both
         tags = {tag["Key"]: tag["Value"] for tag in instances[0].get("Tags", []) if tag["Key"] in HOLD_TAGS}
+        monitoring, hibernation = instances[0].get("Monitoring", {}), instances[0].get("HibernationOptions", {})
         return InstanceInfo(
-            instances[0]["State"]["Name"],
-            launch_time,
-            vcpus if vcpus > 0 else None,
-            tags,
-            instances[0].get("InstanceType", ""),
-            instances[0].get("Monitoring", {}).get("State") == "enabled",
-            instances[0].get("HibernationOptions", {}).get("Configured") is True,
-        )
+            instances[0]["State"]["Name"], launch_time, vcpus if vcpus > 0 else None, tags,
+            instances[0].get("InstanceType", ""), monitoring.get("State") == "enabled",
+            hibernation.get("Configured") is True,
+        )  # fmt: skip
 
     def allowed(self, operation: str, **kwargs: Any) -> None:
         """The call with DryRun=True: returns if EC2 would allow it (DryRunOperation), else raises the AwsError."""
-        methods = {"StartInstances": "start_instances", "StopInstances": "stop_instances",
-                   "CreateTags": "create_tags", "DeleteTags": "delete_tags"}  # fmt: skip
         target = {"Resources" if "Tags" in operation else "InstanceIds": [self.instance_id]}
         try:
-            self._call(operation, lambda client: getattr(client, methods[operation])(DryRun=True, **target, **kwargs))
+            self._call(
+                operation, lambda client: getattr(client, xform_name(operation))(DryRun=True, **target, **kwargs)
+            )
         except AwsError as error:
             if error.aws_error_code != "DryRunOperation":
                 raise
@@ -1458,9 +1366,7 @@ class Ec2:
         self._call("DeleteTags", lambda client: client.delete_tags(Resources=[self.instance_id], Tags=keys))
 
     def start_instance(self) -> Transition:
-        response = self._call("StartInstances", lambda client: client.start_instances(InstanceIds=[self.instance_id]))
-        change = response["StartingInstances"][0]
-        return Transition(change["PreviousState"]["Name"], change["CurrentState"]["Name"])
+        return self._transition("StartInstances", lambda client: client.start_instances(InstanceIds=[self.instance_id]))
 
     def stop_instance(self, hibernate: bool) -> tuple[Transition, str | None]:
         """Stop, hibernating if asked; the second value is a warning when EC2 refused hibernation."""
@@ -1469,17 +1375,20 @@ class Ec2:
         except AwsError as error:
             if not hibernate or error.aws_error_code != "UnsupportedHibernationConfiguration":
                 raise
-        warning = (
-            f"EC2 refused to hibernate instance {self.instance_id}, so it was stopped normally: "
-            f"enable hibernation on the instance or set STOP_HIBERNATE=false."
-        )
+        warning = f"EC2 refused to hibernate instance {self.instance_id}, so it was stopped normally: "
+        warning += "enable hibernation on the instance or set STOP_HIBERNATE=false."
         return self._stop_instances(hibernate=False), warning
 
     def _stop_instances(self, hibernate: bool) -> Transition:
-        response = self._call(
-            "StopInstances", lambda client: client.stop_instances(InstanceIds=[self.instance_id], Hibernate=hibernate)
+        ids = [self.instance_id]
+        return self._transition(
+            "StopInstances", lambda client: client.stop_instances(InstanceIds=ids, Hibernate=hibernate)
         )
-        change = response["StoppingInstances"][0]
+
+    def _transition(self, operation: str, call: Callable[[EC2Client], Any]) -> Transition:
+        change = self._call(operation, call)[
+            "StartingInstances" if operation == "StartInstances" else "StoppingInstances"
+        ][0]
         return Transition(change["PreviousState"]["Name"], change["CurrentState"]["Name"])
 
     def _not_found(self) -> InstanceNotFoundError:
@@ -1508,34 +1417,31 @@ class Ec2:
 def instance_metrics(run: Run, since: datetime, until: datetime) -> MetricSamples:
     """The instance's CPU and network from AWS/EC2 in one GetMetricData call, period 300 s (basic and detailed
     monitoring alike). https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/viewing_metrics_with_cloudwatch.html"""
+    wanted = {"cpu": ("CPUUtilization", "Maximum"), "network_in": ("NetworkIn", "Sum"), "out": ("NetworkOut", "Sum")}
+    points = metric_data(run, "AWS/EC2", wanted, METRIC_PERIOD_SECONDS, since=since, until=until)
+    return MetricSamples(points["cpu"], points["network_in"], points["out"])
+
+
+def metric_data(
+    run: Run, namespace: str, wanted: Mapping[str, tuple[str, str]], period: int, *, since: datetime, until: datetime
+) -> dict[str, list[tuple[datetime, float]]]:
+    """One GetMetricData call for the instance: {query ID: [(timestamp, value)]}, `wanted` as {ID: (name, stat)}."""
     dimensions = [{"Name": "InstanceId", "Value": run.config.instance_id}]
-    wanted = (
-        ("cpu", "CPUUtilization", "Maximum"),
-        ("network_in", "NetworkIn", "Sum"),
-        ("network_out", "NetworkOut", "Sum"),
-    )
-    queries = [
-        {
-            "Id": query_id,
-            "MetricStat": {
-                "Metric": {"Namespace": "AWS/EC2", "MetricName": name, "Dimensions": dimensions},
-                "Period": METRIC_PERIOD_SECONDS,
-                "Stat": stat,
-            },
-        }
-        for query_id, name, stat in wanted
+    queries: list[Any] = [
+        {"Id": key, "MetricStat": {"Metric": {"Namespace": namespace, "MetricName": name, "Dimensions": dimensions},
+                                   "Period": period, "Stat": stat}}
+        for key, (name, stat) in wanted.items()
+    ]  # fmt: skip
+    about = f'the {namespace} metrics of instance {run.config.instance_id} (GetMetricData needs Resource "*")'
+
+    def call(client: Any) -> Any:
+        return client.get_metric_data(MetricDataQueries=queries, StartTime=since, EndTime=until)
+
+    results = aws_call("cloudwatch", "GetMetricData", run.config.region, run.deadline, about, call=call)[
+        "MetricDataResults"
     ]
-    about = f'the metrics of instance {run.config.instance_id} (GetMetricData needs Resource "*")'
-    results = aws_call(
-        "cloudwatch",
-        "GetMetricData",
-        run.config.region,
-        run.deadline,
-        about,
-        call=lambda client: client.get_metric_data(MetricDataQueries=queries, StartTime=since, EndTime=until),
-    )["MetricDataResults"]
     points = {result["Id"]: list(zip(result["Timestamps"], result["Values"], strict=True)) for result in results}
-    return MetricSamples(points.get("cpu", []), points.get("network_in", []), points.get("network_out", []))
+    return {key: points.get(key, []) for key in wanted}
 
 
 class Notice(NamedTuple):
@@ -1547,16 +1453,13 @@ class Notice(NamedTuple):
 def publish(topic_arn: str, notice: Notice, deadline: Deadline) -> None:
     """Publish one notice to the topic (in the topic's own region)."""
     attributes = {name: {"DataType": "String", "StringValue": value} for name, value in notice.attributes.items()}
-    aws_call(
-        "sns",
-        "Publish",
-        topic_region(topic_arn),
-        deadline,
-        f"topic {topic_arn}",
-        call=lambda client: client.publish(
+
+    def call(client: Any) -> Any:
+        return client.publish(
             TopicArn=topic_arn, Subject=notice.subject, Message=notice.message, MessageAttributes=attributes
-        ),
-    )
+        )
+
+    aws_call("sns", "Publish", topic_arn.split(":")[3], deadline, f"topic {topic_arn}", call=call)
 
 
 # --- The backend: one HTTP exchange, bounded in time and bytes whatever the server does -----------
@@ -1644,8 +1547,12 @@ def http_exchange(
         length = "" if method == "GET" else "Content-Length: 0\r\n"  # a POST without a body says so
         stream.sendall(f"{request}{length}Connection: close\r\n\r\n".encode())
         stream.skip_interim_responses()
-        if status_only:
-            return _status_code(stream.makefile().readline(max_bytes)), b""
+        if status_only:  # "HTTP/1.1 200 OK": the status line and nothing more
+            line = stream.makefile().readline(max_bytes)
+            version, _, rest = line.partition(b" ")
+            if not version.startswith(b"HTTP/") or not rest[:3].isdigit():
+                raise http.client.BadStatusLine(repr(line[:60]))
+            return int(rest[:3]), b""
         response = http.client.HTTPResponse(stream, method=method)  # type: ignore[arg-type]
         response.begin()
         if response.length is not None and response.length > max_bytes:  # refused before a byte of it is read
@@ -1702,9 +1609,17 @@ class _DeadlineStream(io.RawIOBase):
 
 
 def _connect(host: str, port: int, https: bool, ends_at: float, monotonic: Callable[[], float]) -> socket.socket:
-    """DNS, TCP and TLS, all before `ends_at` (monotonic); the first address that answers wins."""
+    """DNS, TCP and TLS, all before `ends_at` (monotonic); the first address that answers wins. getaddrinfo takes no
+    timeout: it runs on a worker thread that is waited for no longer than what is left."""
+
+    def lookup() -> list[Any]:
+        try:
+            return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except UnicodeError:  # the IDNA codec refuses the name (an empty label, a label over 63 characters)
+            raise socket.gaierror(socket.EAI_NONAME, f"{host!r} is not a valid host name") from None
+
     failure: OSError = ConnectionError(f"no address found for {host}")
-    for family, kind, protocol, _, address in _resolve(host, port, ends_at - monotonic()):
+    for family, kind, protocol, _, address in within(_seconds_left(ends_at, monotonic), lookup, f"resolving {host}"):
         sock = socket.socket(family, kind, protocol)
         try:
             sock.settimeout(_seconds_left(ends_at, monotonic))
@@ -1719,28 +1634,6 @@ def _connect(host: str, port: int, https: bool, ends_at: float, monotonic: Calla
     raise failure
 
 
-def _resolve(host: str, port: int, seconds: float) -> list[Any]:
-    """getaddrinfo, which takes no timeout: it runs in a daemon thread that we wait for at most `seconds`."""
-    answers: list[Any] = []
-
-    def lookup() -> None:
-        try:
-            answers.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
-        except OSError as error:
-            answers.append(error)
-        except UnicodeError:  # the IDNA codec refuses the name (an empty label, a label over 63 characters)
-            answers.append(socket.gaierror(socket.EAI_NONAME, f"{host!r} is not a valid host name"))
-
-    worker = threading.Thread(target=lookup, name="resolve-backend", daemon=True)
-    worker.start()
-    worker.join(max(seconds, 0.0))
-    if not answers:
-        raise TimeoutError(f"resolving {host} took longer than {seconds:.1f}s")
-    if isinstance(answers[0], OSError):
-        raise answers[0]
-    return list(answers[0])
-
-
 @cache
 def _tls_context() -> ssl.SSLContext:
     from botocore.httpsession import where  # the CA bundle botocore itself trusts, in every Lambda runtime
@@ -1753,13 +1646,6 @@ def _seconds_left(ends_at: float, monotonic: Callable[[], float]) -> float:
     if left <= 0:
         raise TimeoutError("the deadline passed")
     return left
-
-
-def _status_code(line: bytes) -> int:
-    version, _, rest = line.partition(b" ")
-    if not version.startswith(b"HTTP/") or not rest[:3].isdigit():
-        raise http.client.BadStatusLine(repr(line[:60]))
-    return int(rest[:3])
 
 
 # --- The actions: each takes the Run and returns a Done, what it did; present() makes the answer --
@@ -1795,7 +1681,11 @@ class Done(NamedTuple):
     notices: tuple[Notice, ...] = ()  # besides the action's own: a hold that ended
 
 
-class Judgement(NamedTuple):
+Reading = Callable[[], Activity | ActivityUnknown]  # what the backend says, asked only if a rule needs it
+MetricsReading = Callable[[int], tuple[bool, str]]  # whether the metrics were idle over the last N seconds, and why
+
+
+class Judgement(NamedTuple):  # what judge() found: the Done fields it fills
     verdict: Verdict
     activity: Activity | ActivityUnknown | None = None
     stuck_busy: bool = False
@@ -1803,8 +1693,8 @@ class Judgement(NamedTuple):
 
 
 def start(run: Run) -> Done:
-    """Describe (its tags carry any hold), then StartInstances if the instance is stopped, answering at once; a stop
-    in progress is waited out while a Describe and a StartInstances still fit. Held stopped: a 409, no start."""
+    """Describe (its tags carry any hold), then StartInstances if the instance is stopped, without waiting for the
+    boot; a stop in progress is waited out while a Describe and a StartInstances still fit. Held stopped: a 409."""
     info = run.ec2.describe()
     reading = read_hold(info.tags, run.now(), run.config.max_hold_hours)
     if reading.hold is not None and reading.hold.state == "stopped":
@@ -1824,7 +1714,7 @@ def start(run: Run) -> Done:
             moved = _start_once_stopped(run, run.ec2.describe().state)
     else:
         moved = _start_once_stopped(run, info.state)
-    return Done(Action.START, info, transition=moved, warnings=_warned(reading.problem))
+    return Done(Action.START, info, transition=moved, warnings=_some(reading.problem))
 
 
 def _start_once_stopped(run: Run, state: str) -> Transition:
@@ -1855,7 +1745,7 @@ def status(run: Run) -> Done:
     url = run.config.require_backend_url(Action.STATUS) + run.config.health_path
     info = run.ec2.describe()
     reading = read_hold(info.tags, run.now(), run.config.max_hold_hours)
-    done = Done(Action.STATUS, info, hold=reading.hold, warnings=_warned(reading.problem))
+    done = Done(Action.STATUS, info, hold=reading.hold, warnings=_some(reading.problem))
     if info.state != "running":
         return done._replace(health={"reachable": False, "healthy": False, "status_code": None})
     try:
@@ -1873,23 +1763,12 @@ def check_idle(run: Run) -> Done:
     try:
         info = run.ec2.describe()
         reading = read_hold(info.tags, run.now(), run.config.max_hold_hours)
-        done = done._replace(info=info, hold=reading.hold, warnings=_warned(reading.problem))
+        done = done._replace(info=info, hold=reading.hold, warnings=_some(reading.problem))
         if reading.ended is not None:
             done = _end_hold(run, reading.ended, done)
-        judged = judge(
-            run.config,
-            info,
-            reading.hold,
-            run.now(),
-            backend=lambda: _read_activity(run),
-            metrics_idle=lambda seconds: _metrics_idle(run, info, seconds),
-        )
-        done = done._replace(
-            verdict=judged.verdict,
-            activity=judged.activity,
-            stuck_busy=judged.stuck_busy,
-            warnings=done.warnings + judged.warnings,
-        )
+        metrics = partial(_metrics_idle, run, info)
+        judged = judge(run.config, info, reading.hold, run.now(), backend=lambda: _read_activity(run), metrics=metrics)
+        done = done._replace(**{**judged._asdict(), "warnings": done.warnings + judged.warnings})
         return carry_out(run, done)
     except OutOfTimeError as error:  # no decision: an idle instance would run on, so the OutOfTime alarm hears of it
         verdict = done.verdict
@@ -1900,25 +1779,18 @@ def check_idle(run: Run) -> Done:
 
 
 def judge(
-    config: Config,
-    info: InstanceInfo,
-    hold: Hold | None,
-    now: datetime,
-    *,
-    backend: Callable[[], Activity | ActivityUnknown],
-    metrics_idle: Callable[[int], tuple[bool, str]],
+    config: Config, info: InstanceInfo, hold: Hold | None, now: datetime, *, backend: Reading, metrics: MetricsReading
 ) -> Judgement:
     """The README's rules, in order: the first that applies decides. `backend()` reads the activity endpoint and
-    `metrics_idle(seconds)` the instance's CloudWatch metrics over the last `seconds`, each only if a rule needs it."""
+    `metrics(seconds)` the instance's CloudWatch metrics over the last `seconds`, each only if a rule needs it."""
     if hold is not None and hold.state == "running":
-        return Judgement(held_running(info.state, hold))
+        return Judgement(kept_up(info.state, hold.text(), "hold"))
     window = config.open_window(now)
     if window is not None and hold is not None and info.state == "stopped":
-        return Judgement(
-            Verdict(Decision.SKIP, f"stopped, {hold.text()}: no keep-warm window starts it", signal="hold")
-        )
+        return Judgement(Verdict(Decision.SKIP, f"stopped, {hold.text()}: no keep-warm window starts it", None, "hold"))
     if window is not None:  # working hours: never stop, and start a stopped instance
-        return Judgement(keep_warm(info.state, window))
+        why, started = f"inside the keep-warm window {window.text!r}", "started so that it is warm when people arrive"
+        return Judgement(kept_up(info.state, why, "keep_warm", started))
     if info.state != "running":
         return Judgement(Verdict(Decision.SKIP, f"instance is {info.state}, not running", signal="state"))
     activity = backend()
@@ -1932,31 +1804,23 @@ def judge(
             reason = "DescribeInstances gave no CpuOptions, so one busy vCPU cannot be told from an idle instance"
             return Judgement(Verdict(Decision.KEEP, f"{unreachable}; {reason}", signal="cloudwatch"), activity)
         try:
-            idle, evidence = metrics_idle(config.idle_timeout_seconds)
+            idle, evidence = metrics(config.idle_timeout_seconds)
         except AwsError as error:
-            evidence = f"CloudWatch could not be read: {error.message}"
-            return Judgement(Verdict(Decision.KEEP, f"{unreachable}; {evidence}", signal="cloudwatch"), activity)
-        return Judgement(
-            Verdict(Decision.STOP if idle else Decision.KEEP, f"{unreachable}; {evidence}", signal="cloudwatch"),
-            activity,
-        )
+            idle, evidence = False, f"CloudWatch could not be read: {error.message}"
+        decision = Decision.STOP if idle else Decision.KEEP
+        return Judgement(Verdict(decision, f"{unreachable}; {evidence}", signal="cloudwatch"), activity)
     verdict = decide(info.launch_time, activity, now, config.idle_timeout_seconds)
-    busy = isinstance(activity, Activity) and activity.busy_reason is not None
-    if busy and 0 < config.stuck_busy_seconds < uptime_seconds and config.idle_cpu_percent > 0 and info.vcpus:
-        return _stuck_busy(config, verdict, activity, metrics_idle)
+    watched = 0 < config.stuck_busy_seconds < uptime_seconds and config.idle_cpu_percent > 0 and info.vcpus
+    if isinstance(activity, Activity) and activity.busy_reason is not None and watched:
+        return _stuck_busy(config, verdict, activity, metrics)
     return Judgement(verdict, activity)
 
 
-def _stuck_busy(
-    config: Config,
-    verdict: Verdict,
-    activity: Activity | ActivityUnknown,
-    metrics_idle: Callable[[int], tuple[bool, str]],
-) -> Judgement:
+def _stuck_busy(config: Config, verdict: Verdict, activity: Activity, metrics: MetricsReading) -> Judgement:
     """Busy for longer than STUCK_BUSY_SECONDS: the metrics over that time, judged as the second signal is. Idle all
     along means a busy flag that never clears: WARNING and StuckBusy, and a stop with STOP_STUCK_BUSY."""
     try:
-        idle, evidence = metrics_idle(config.stuck_busy_seconds)
+        idle, evidence = metrics(config.stuck_busy_seconds)
     except (AwsError, OutOfTimeError) as error:
         return Judgement(
             verdict, activity, warnings=(f"The stuck-busy watch could not read CloudWatch: {error.message}",)
@@ -2045,7 +1909,7 @@ def _stop_unless_dry_run(run: Run, done: Done) -> Done:
     if run.config.dry_run:
         return _decided(done, Decision.WOULD_STOP)
     moved, warning = run.ec2.stop_instance(run.config.stop_hibernate)
-    done = done._replace(transition=moved, warnings=done.warnings + _warned(warning))
+    done = done._replace(transition=moved, warnings=done.warnings + _some(warning))
     return _decided(done, Decision.SKIP if moved.previous_state in STOPPED_STATES else Decision.STOP)
 
 
@@ -2065,11 +1929,8 @@ def stop(run: Run) -> Done:
     window = run.config.open_window(run.now())
     if window is None:
         return done
-    return _warn(
-        done,
-        f"The keep-warm window {window.text!r} is open: the next check_idle starts the instance again. "
-        f"To keep it stopped, remove the window from KEEP_WARM first.",
-    )
+    opened = f"The keep-warm window {window.text!r} is open: the next check_idle starts the instance again. "
+    return _warn(done, opened + "To keep it stopped, remove the window from KEEP_WARM first.")
 
 
 def hold(run: Run) -> Done:
@@ -2109,8 +1970,9 @@ def _warn(done: Done, warning: str) -> Done:
     return done._replace(warnings=(*done.warnings, warning))
 
 
-def _warned(warning: str | None) -> tuple[str, ...]:
-    return (warning,) if warning else ()
+def _some(item: T | None) -> tuple[T, ...]:
+    """Nothing, or the one item: for the optional warnings and problems that join a tuple."""
+    return (item,) if item else ()
 
 
 # --- The answer: one presenter, from what an action did to its body, metrics, log level and notices
@@ -2128,84 +1990,65 @@ class Answer(NamedTuple):
 
 
 CHANGES: Final = frozenset({Decision.START, Decision.STOP, Decision.WOULD_START, Decision.WOULD_STOP})
+STARTING: Final = "Instance is starting: poll the backend's health endpoint."
 
 
 def present(done: Done, config: Config, now: datetime) -> Answer:
     """The one place where what an action did becomes its answer: body, status, metrics, log level, notices."""
     info, verdict, moved, action = done.info, done.verdict, done.transition, done.action
-    fields: dict[str, Any] = {}
-    metrics: dict[str, float] = {}
-    if info is not None:
-        fields.update(state=info.state, launch_time=info.launch_time.isoformat())
+    started = moved is not None and moved.started
+    fields: dict[str, Any] = {"state": info.state, "launch_time": info.launch_time.isoformat()} if info else {}
     if done.hold is not None or action in (Action.STATUS, Action.HOLD, Action.RELEASE):
         fields["hold"] = done.hold.as_dict() if done.hold else None
     if done.ended is not None or action is Action.RELEASE:
         fields["released" if action is Action.RELEASE else "hold_ended"] = done.ended.as_dict() if done.ended else None
+    metrics: dict[str, float] = {"InstanceStarted": int(started)} if action is Action.START else {}
     if moved is not None:
         fields.update(previous_state=moved.previous_state, state=moved.state)
-        metrics.update({"InstanceStarted": 1} if moved.started else {"InstanceStopped": 1} if moved.stopped else {})
-    started = moved is not None and moved.started
+        metrics.update({"InstanceStarted": 1} if started else {"InstanceStopped": 1} if moved.stopped else {})
     if action is Action.START:
-        fields["message"] = (
-            "Instance is starting: poll the backend's health endpoint." if started else "Instance is already up."
-        )
-        metrics["InstanceStarted"] = int(started)
+        fields["message"] = STARTING if started else "Instance is already up."
     if action is Action.STATUS:
         fields["backend"] = done.health
     if verdict is not None:
-        fields.update(decision=verdict.decision.value, reason=verdict.reason, signal=verdict.signal)
-        fields["dry_run"] = config.dry_run
-    uptime_seconds = _check_idle_figures(done, config, now, fields, metrics) if action is Action.CHECK_IDLE else None
-    match action:
-        case Action.START:
-            changed = started
-        case Action.HOLD:
-            changed = True
-        case Action.RELEASE:
-            changed = bool(info and info.tags)
-        case _:
-            changed = verdict is not None and verdict.decision in CHANGES
-    own = (notification(done, config.instance_id, uptime_seconds),) if changed else ()
-    status_code = 202 if started and action is Action.START else 200
-    return Answer(fields, status_code, metrics, done.warnings, _level(done), notices=done.notices + own)
+        fields.update(decision=verdict.decision, reason=verdict.reason, signal=verdict.signal, dry_run=config.dry_run)
+    if action is Action.CHECK_IDLE:
+        figures, counted = _check_idle_figures(done, config, now)
+        fields, metrics = {**fields, **figures}, {**metrics, **counted}
+    # Notified: a start, a stop (or what dry run would have done), a hold set, a hold released.
+    changes = {Action.START: started, Action.HOLD: True, Action.RELEASE: bool(info and info.tags)}
+    if changes.get(action, verdict is not None and verdict.decision in CHANGES):
+        done = done._replace(
+            notices=(*done.notices, notification(done, config.instance_id, fields.get("uptime_seconds")))
+        )
+    # ERROR when the backend cannot say (BackendUnreachable), or check_idle could not decide or carry out; WARNING for
+    # a busy flag that may be stuck. Any warning lifts INFO to WARNING when the line is logged.
+    level = logging.ERROR if isinstance(done.activity, ActivityUnknown) or done.failure else logging.INFO
+    level = max(level, logging.WARNING) if done.stuck_busy else level
+    status_code = 202 if action is Action.START and started else 200
+    return Answer(fields, status_code, metrics, done.warnings, level, notices=done.notices)
 
 
-def _check_idle_figures(
-    done: Done, config: Config, now: datetime, fields: dict[str, Any], metrics: dict[str, float]
-) -> int | None:
-    """check_idle's own part of the answer (present's helper, filling present's two dicts); its uptime at a stop."""
+def _check_idle_figures(done: Done, config: Config, now: datetime) -> tuple[dict[str, Any], dict[str, float]]:
+    """check_idle's own fields and metrics: idle time, what the backend said, a stuck busy flag, a drain, a failure,
+    and the instance's uptime (alarmed on when nothing explains it; counted at a stop)."""
     info, verdict = done.info, done.verdict
     assert verdict is not None  # noqa: S101 - check_idle always ends in a verdict
     idle_seconds = None if verdict.idle_seconds is None else round(verdict.idle_seconds, 1)
-    fields.update(idle_seconds=idle_seconds, idle_timeout_seconds=config.idle_timeout_seconds)
-    metrics.update({"IdleSeconds": idle_seconds} if idle_seconds is not None else {})
-    if isinstance(done.activity, ActivityUnknown):
-        metrics["BackendUnreachable"] = 1
-    if done.stuck_busy:
-        fields["stuck_busy"], metrics["StuckBusy"] = True, 1
-    if done.drained:
-        fields["drained"] = True
-    if done.failure is not None:
-        metrics.update({"OutOfTime": 1} if isinstance(done.failure, OutOfTimeError) else {})
-        metrics.update({"Errors": 1} if done.drained else {})  # a drained backend left running: the Errors alarm
-    if info is None:
-        return None
-    uptime = (now - info.launch_time).total_seconds()
-    if info.state == "running" and verdict.signal not in ("hold", "keep_warm"):  # nothing explains it: alarmed on
+    fields: dict[str, Any] = {"idle_seconds": idle_seconds, "idle_timeout_seconds": config.idle_timeout_seconds}
+    metrics: dict[str, float] = {"IdleSeconds": idle_seconds} if idle_seconds is not None else {}
+    metrics.update({"BackendUnreachable": 1} if isinstance(done.activity, ActivityUnknown) else {})
+    fields.update({name: True for name, on in (("stuck_busy", done.stuck_busy), ("drained", done.drained)) if on})
+    metrics.update({"StuckBusy": 1} if done.stuck_busy else {})
+    metrics.update({"OutOfTime": 1} if isinstance(done.failure, OutOfTimeError) else {})
+    metrics.update({"Errors": 1} if done.failure and done.drained else {})  # a drained backend left running
+    uptime = round((now - info.launch_time).total_seconds()) if info else 0
+    if info is not None and info.state == "running" and verdict.signal not in ("hold", "keep_warm"):
         metrics["UptimeHours"] = round(max(uptime, 0) / 3600, 2)
-    if verdict.decision not in (Decision.STOP, Decision.WOULD_STOP):
-        return None
-    fields["uptime_seconds"] = round(uptime)
-    metrics.update({"UptimeSeconds": round(uptime)} if verdict.decision is Decision.STOP else {})
-    return round(uptime)
-
-
-def _level(done: Done) -> int:
-    """ERROR when the backend cannot say (BackendUnreachable) or check_idle could not decide or carry out; WARNING
-    for a busy flag that may be stuck. Any warning lifts INFO to WARNING when the line is logged."""
-    if isinstance(done.activity, ActivityUnknown) or done.failure is not None:
-        return logging.ERROR
-    return logging.WARNING if done.stuck_busy else logging.INFO
+    if info is not None and verdict.decision in (Decision.STOP, Decision.WOULD_STOP):
+        fields["uptime_seconds"] = uptime
+        metrics.update({"UptimeSeconds": uptime} if verdict.decision is Decision.STOP else {})
+    return fields, metrics
 
 
 def notification(done: Done, instance_id: str, uptime_seconds: int | None) -> Notice:
@@ -2270,7 +2113,7 @@ def preflight(settings: Settings, deadline: Deadline, fields: Mapping[str, Any])
     """Check the deployment without changing anything (no start, stop, tag or drain; SNS only with "notify": true).
     Each check runs within the deadline, and the failure of one never stops the others."""
     whole_seconds = deadline.left() + ANSWER_MARGIN_SECONDS
-    config, problems = settings.config, (*settings.problems, *_warned_error(settings.token.problem))
+    config, problems = settings.config, (*settings.problems, *_some(settings.token.problem))
     if problems:
         checks = [Check("config", "fail", " | ".join(p.message for p in problems), "fix each variable named above")]
     else:
@@ -2280,9 +2123,11 @@ def preflight(settings: Settings, deadline: Deadline, fields: Mapping[str, Any])
         checks += [Check(name, "skip", skipped) for name in PREFLIGHT_CHECKS[1:]]
     else:
         run = Run(config, deadline, Ec2(config.region, config.instance_id, deadline), fields)
-        found: list[InstanceInfo] = []
-        for name in PREFLIGHT_CHECKS[1:]:
-            checks.append(_run_check(name, run, found, whole=whole_seconds))
+        try:
+            info: InstanceInfo | None = run.ec2.describe()
+        except (OutOfTimeError, AwsError, InstanceNotFoundError) as error:
+            info, checks = None, [*checks, _failed("instance", error)]
+        checks += [_run_check(name, run, info, whole_seconds) for name in PREFLIGHT_CHECKS[1 if info else 2 :]]
     failed = [check.check for check in checks if check.status == "fail"]
     counts = ", ".join(f"{sum(c.status == s for c in checks)} {s}" for s in ("ok", "warn", "fail", "skip"))
     return Answer(
@@ -2291,29 +2136,34 @@ def preflight(settings: Settings, deadline: Deadline, fields: Mapping[str, Any])
     )
 
 
-WITHOUT_THE_INSTANCE: Final = frozenset({"instance", "notifications", "drain", "keep_warm", "timeout"})
 PREFLIGHT_CHECKS: Final = (
     "config", "instance", "start_permission", "stop_permission", "tag_permission", "metrics", "schedule",
     "notifications", "backend_health", "activity_contract", "drain", "keep_warm", "timeout",
 )  # fmt: skip
+NEED_THE_INSTANCE: Final = frozenset({"start_permission", "stop_permission", "tag_permission", "metrics", "schedule"})
+NEED_IT_RUNNING: Final = frozenset({"backend_health", "activity_contract"})
 
 
-def _run_check(name: str, run: Run, found: list[InstanceInfo], *, whole: float) -> Check:
-    """One check; an AWS or backend failure is that check's failure, and no time left is a skip."""
+def _run_check(name: str, run: Run, info: InstanceInfo | None, whole: float) -> Check:
+    """One check, given what DescribeInstances said (None: it failed); an AWS failure is that check's failure."""
+    if info is None and name in NEED_THE_INSTANCE | NEED_IT_RUNNING:
+        return Check(name, "skip", "the instance could not be described: see the instance check")
+    if info is not None and info.state != "running" and name in NEED_IT_RUNNING:
+        return Check(name, "skip", f"the instance is {info.state}: start it and run preflight again")
     try:
-        if name not in WITHOUT_THE_INSTANCE and not found:
-            return Check(name, "skip", "the instance could not be described: see the instance check")
-        return PREFLIGHT[name](run, found, whole)
-    except OutOfTimeError as error:
+        return PREFLIGHT[name](run, info, whole)
+    except (OutOfTimeError, AwsError, InstanceNotFoundError) as error:
+        return _failed(name, error)
+
+
+def _failed(name: str, error: OrchestratorError) -> Check:
+    if isinstance(error, OutOfTimeError):
         return Check(name, "skip", f"out of time ({error.brief})", "raise the function's timeout")
-    except (AwsError, InstanceNotFoundError) as error:
-        fix = f"allow {error.details['iam_action']} to the function's role" if "iam_action" in error.details else None
-        return Check(name, "fail", error.message, fix or "see the message")
+    fix = f"allow {error.details['iam_action']} to the function's role" if "iam_action" in error.details else None
+    return Check(name, "fail", error.message, fix or "see the message")
 
 
-def _instance_check(run: Run, found: list[InstanceInfo], *_: Any) -> Check:
-    info = run.ec2.describe()
-    found.append(info)
+def _instance_check(run: Run, info: InstanceInfo, _: float) -> Check:
     monitoring = "detailed" if info.detailed_monitoring else "basic (5-minute averages hide shorter bursts)"
     detail = f"{info.state}, {info.instance_type}, {info.vcpus or '?'} vCPUs, monitoring {monitoring}"
     if run.config.stop_hibernate and not info.hibernation_configured:
@@ -2322,25 +2172,17 @@ def _instance_check(run: Run, found: list[InstanceInfo], *_: Any) -> Check:
     return Check("instance", "ok", detail)
 
 
-def _permission(name: str, operations: tuple[str, ...], **kwargs: Any) -> Callable[..., Check]:
-    def check(run: Run, *_: Any) -> Check:
-        for operation in operations:
-            run.ec2.allowed(operation, **kwargs)
-        allowed = ", ".join(IAM_ACTIONS[o] for o in operations)
-        return Check(name, "ok", f"{allowed} allowed (DryRun) on {run.config.instance_id}")
-
-    return check
+def _allowed(name: str, run: Run, operations: tuple[str, ...], **kwargs: Any) -> Check:
+    for operation in operations:
+        run.ec2.allowed(operation, **kwargs)
+    allowed = ", ".join(IAM_ACTIONS[o] for o in operations)
+    return Check(name, "ok", f"{allowed} allowed (DryRun) on {run.config.instance_id}")
 
 
-def _stop_permission(run: Run, *_: Any) -> Check:
-    return _permission("stop_permission", ("StopInstances",), Hibernate=run.config.stop_hibernate)(run)
-
-
-def _metrics_check(run: Run, found: list[InstanceInfo], *_: Any) -> Check:
+def _metrics_check(run: Run, info: InstanceInfo, _: float) -> Check:
     if run.config.idle_cpu_percent == 0:
         return Check("metrics", "skip", "the CloudWatch fallback is off (IDLE_CPU_PERCENT=0)")
-    info, now = found[0], run.now()
-    since = now - timedelta(hours=1) if info.state == "running" else info.launch_time
+    since = run.now() - timedelta(hours=1) if info.state == "running" else info.launch_time
     points = len(instance_metrics(run, since, since + timedelta(hours=1)).cpu)
     span = f"{since:%Y-%m-%d %H:%M}-{since + timedelta(hours=1):%H:%M} UTC"
     if points:
@@ -2350,22 +2192,9 @@ def _metrics_check(run: Run, found: list[InstanceInfo], *_: Any) -> Check:
 
 
 def _schedule_check(run: Run, *_: Any) -> Check:
-    config, now = run.config, run.now()
-    query = {"Id": "checks", "MetricStat": {"Period": 60, "Stat": "Sum", "Metric": {
-        "Namespace": config.metrics_namespace, "MetricName": "CheckIdleRequested",
-        "Dimensions": [{"Name": "InstanceId", "Value": config.instance_id}]}}}  # fmt: skip
-    about = f'the metric {config.metrics_namespace}/CheckIdleRequested (GetMetricData needs Resource "*")'
-    result = aws_call(
-        "cloudwatch",
-        "GetMetricData",
-        config.region,
-        run.deadline,
-        about,
-        call=lambda client: client.get_metric_data(
-            MetricDataQueries=[query], StartTime=now - timedelta(days=1), EndTime=now
-        ),
-    )["MetricDataResults"][0]
-    points = list(zip(result["Timestamps"], result["Values"], strict=True))
+    now, wanted = run.now(), {"checks": ("CheckIdleRequested", "Sum")}
+    since = now - timedelta(days=1)
+    points = metric_data(run, run.config.metrics_namespace, wanted, 60, since=since, until=now)["checks"]
     recent = sum(value for when, value in points if when >= now - timedelta(minutes=15))
     if recent:
         return Check("schedule", "ok", f"the schedule ran {recent:.0f} times in 15 minutes")
@@ -2378,27 +2207,28 @@ def _schedule_check(run: Run, *_: Any) -> Check:
 
 
 def _notifications_check(run: Run, *_: Any) -> Check:
-    config = run.config
-    if not config.notify_topic_arn:
+    topic, instance_id = run.config.notify_topic_arn, run.config.instance_id
+    if not topic:
         return Check("notifications", "skip", "NOTIFY_TOPIC_ARN is not set: no start or stop notices")
     if run.fields.get("notify") is not True:
         return Check("notifications", "skip", 'send a test message with {"action": "preflight", "notify": true}')
-    text = f"A test message from the Backend Orchestrator's preflight for instance {config.instance_id}."
-    notice = Notice(f"Backend {config.instance_id} preflight", text, {"action": "preflight", "decision": "test"})
+    text = f"A test message from the Backend Orchestrator's preflight for instance {instance_id}."
+    notice = Notice(f"Backend {instance_id} preflight", text, {"action": "preflight", "decision": "test"})
     try:
-        publish(config.notify_topic_arn, notice, run.deadline)
+        publish(topic, notice, run.deadline)
     except AwsError as error:
-        fix = f"allow sns:Publish on {config.notify_topic_arn}"
-        return Check("notifications", "fail", f"The notification was not published: {error.message}", fix)
-    return Check("notifications", "ok", f"a test message was published to {config.notify_topic_arn}")
+        return Check(
+            "notifications",
+            "fail",
+            f"The notification was not published: {error.message}",
+            f"allow sns:Publish on {topic}",
+        )
+    return Check("notifications", "ok", f"a test message was published to {topic}")
 
 
-def _backend_check(run: Run, found: list[InstanceInfo], *_: Any) -> Check:
-    config = run.config
-    if found[0].state != "running":
-        return Check("backend_health", "skip", f"the instance is {found[0].state}: start it and run preflight again")
-    url = config.require_backend_url(Action.PREFLIGHT) + config.health_path
-    seconds = run.deadline.grant_backend(f"GET {url}", min(HEALTH_TIMEOUT_SECONDS, config.http_timeout_seconds))
+def _backend_check(run: Run, *_: Any) -> Check:
+    url = run.config.require_backend_url(Action.PREFLIGHT) + run.config.health_path
+    seconds = run.deadline.grant_backend(f"GET {url}", min(HEALTH_TIMEOUT_SECONDS, run.config.http_timeout_seconds))
     health = probe_health(url, seconds, run.deadline.clock)
     if health["healthy"]:
         return Check("backend_health", "ok", f"GET {url} answered HTTP {health['status_code']}")
@@ -2407,13 +2237,11 @@ def _backend_check(run: Run, found: list[InstanceInfo], *_: Any) -> Check:
     return Check("backend_health", "fail", f"GET {url} {what}", fix)
 
 
-def _activity_check(run: Run, found: list[InstanceInfo], *_: Any) -> Check:
-    config = run.config
-    if found[0].state != "running":
-        return Check("activity_contract", "skip", f"the instance is {found[0].state}: start it and run preflight again")
-    url = config.require_backend_url(Action.PREFLIGHT) + config.last_activity_path
-    seconds = run.deadline.grant_backend(f"GET {url}", config.http_timeout_seconds)
-    activity = fetch_activity(url, seconds, run.deadline.clock)
+def _activity_check(run: Run, *_: Any) -> Check:
+    url = run.config.require_backend_url(Action.PREFLIGHT) + run.config.last_activity_path
+    activity = fetch_activity(
+        url, run.deadline.grant_backend(f"GET {url}", run.config.http_timeout_seconds), run.deadline.clock
+    )
     if isinstance(activity, ActivityUnknown):
         fix = "answer the activity contract (docs/activity-contract.md); until then the backend is never stopped"
         return Check("activity_contract", "fail", activity.reason, fix)
@@ -2424,18 +2252,14 @@ def _activity_check(run: Run, found: list[InstanceInfo], *_: Any) -> Check:
 
 
 def _drain_check(run: Run, *_: Any) -> Check:
-    config = run.config
-    if not config.drain_path:
-        return Check("drain", "skip", "DRAIN_PATH is not set: no drain before a stop")
-    note = f"DRAIN_PATH={config.drain_path} is not called: a drain makes the backend refuse work for its lease"
-    return Check("drain", "skip", note)
+    said = f"DRAIN_PATH={run.config.drain_path} is not called: a drain makes the backend refuse work for its lease"
+    return Check("drain", "skip", said if run.config.drain_path else "DRAIN_PATH is not set: no drain before a stop")
 
 
 def _keep_warm_check(run: Run, *_: Any) -> Check:
-    config = run.config
+    config, now = run.config, run.now().replace(second=0, microsecond=0)
     if not config.keep_warm:
         return Check("keep_warm", "skip", "KEEP_WARM is not set: no keep-warm window")
-    now = run.now().replace(second=0, microsecond=0)
     window = config.open_window(now)
     for minute in range(1, 8 * 24 * 60):  # the next change within a week and a day, minute by minute
         moment = now + timedelta(minutes=minute)
@@ -2444,7 +2268,7 @@ def _keep_warm_check(run: Run, *_: Any) -> Check:
             assert changing is not None  # noqa: S101 - one side of the change is open
             when = f"{moment.astimezone(changing.zone):%a %Y-%m-%d %H:%M} {changing.zone}"
             said = (
-                f"open now ({window.text!r}), closes {when}"
+                f"open now ({changing.text!r}), closes {when}"
                 if window
                 else f"closed now; {changing.text!r} opens {when}"
             )
@@ -2460,20 +2284,22 @@ def _timeout_check(run: Run, _: Any, whole: float) -> Check:
         "call takes its whole first attempt"
     )
     if whole < shortest:
-        return Check(
-            "timeout", "fail", detail, f"raise the function's timeout to at least {typical:g} s (60 s fits retries)"
-        )
+        fix = f"raise the function's timeout to at least {typical:g} s (60 s fits retries)"
+        return Check("timeout", "fail", detail, fix)
     if whole < typical:
         return Check("timeout", "warn", detail, f"raise the function's timeout to {typical:g} s or more")
     return Check("timeout", "ok", detail)
 
 
-PREFLIGHT: Final[dict[str, Callable[..., Check]]] = {
+# Each check after config and instance: (run, what DescribeInstances said, the invocation's whole time) -> Check.
+PREFLIGHT: Final[dict[str, Callable[[Run, Any, float], Check]]] = {
     "instance": _instance_check,
-    "start_permission": _permission("start_permission", ("StartInstances",)),
-    "stop_permission": _stop_permission,
-    "tag_permission": _permission(
-        "tag_permission", ("CreateTags", "DeleteTags"), Tags=[{"Key": HOLD_TAG, "Value": "running"}]
+    "start_permission": lambda run, *_: _allowed("start_permission", run, ("StartInstances",)),
+    "stop_permission": lambda run, *_: _allowed(
+        "stop_permission", run, ("StopInstances",), Hibernate=run.config.stop_hibernate
+    ),
+    "tag_permission": lambda run, *_: _allowed(
+        "tag_permission", run, ("CreateTags", "DeleteTags"), Tags=[{"Key": HOLD_TAG, "Value": "running"}]
     ),
     "metrics": _metrics_check,
     "schedule": _schedule_check,
@@ -2557,33 +2383,31 @@ class Settings(NamedTuple):
     (AuthToken), which alone decides who may learn any of it."""
 
     token: AuthToken
-    config: Config | None
-    problems: tuple[ConfigError, ...]  # every bad variable, in VARIABLES' order; then a bad AUTH_TOKEN
+    config: Config | None  # of the good variables (None without a usable INSTANCE_ID): preflight checks on with it
+    problems: tuple[ConfigError, ...]  # every bad variable, in VARIABLES' order
     shown: tuple[str, ...]  # NAME='value' of each variable set (AUTH_TOKEN as "(set)"), for preflight
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         token = AuthToken.from_env(environ)
         config, problems = Config.read(environ)
-        shown = tuple(
-            f"{n}={'(set)' if n == 'AUTH_TOKEN' else environ[n]!r}"
-            for n in (*VARIABLES, "AUTH_TOKEN")
-            if environ.get(n, "").strip()
-        )
-        return cls(token, config, (*problems, *_warned_error(token.problem)), shown)
+        given = [name for name in (*VARIABLES, "AUTH_TOKEN") if environ.get(name, "").strip()]
+        shown = tuple(f"{name}={'(set)' if name == 'AUTH_TOKEN' else environ[name]!r}" for name in given)
+        return cls(token, config, tuple(problems), shown)
+
+    @property
+    def valid(self) -> Config | None:
+        """The configuration if every variable is valid (AUTH_TOKEN aside): the log names the instance even on a 401."""
+        return None if self.problems else self.config
 
     def required(self) -> Config:
-        """The configuration, or what is wrong with it: told only to a caller who may know (after authorize)."""
+        """The configuration, or what is wrong with it: told only to a caller the token admitted."""
         if self.token.problem is not None:
             raise self.token.problem
-        if self.config is None or self.problems:
+        if self.valid is None:
             raise self.problems[0]
-        LOG.setLevel(self.config.log_level)
-        return self.config
-
-
-def _warned_error(problem: ConfigError | None) -> tuple[ConfigError, ...]:
-    return (problem,) if problem else ()
+        LOG.setLevel(self.valid.log_level)
+        return self.valid
 
 
 @dataclass(frozen=True)
@@ -2594,7 +2418,7 @@ class Response:
     over_http: bool  # a Function URL or API Gateway event: answered as one
     source: Source | None = None
     action: Action | None = None
-    config: Config | None = None  # as read, if valid: the log names the instance even on a 401
+    config: Config | None = None  # Settings.valid
     authorized: bool = False  # may see the instance ID: an HTTP caller without the token may not
     bug: Exception | None = None
 
@@ -2611,24 +2435,18 @@ def respond(event: object, environ: Mapping[str, str], deadline: Deadline) -> Re
             settings.token.admit(request.authorization)
         authorized = True  # direct and scheduled invocations need no token
         if isinstance(request, EventRequest) and request.action is Action.PREFLIGHT:  # lists every bad variable
-            return Response(
-                preflight(settings, deadline, request.fields),
-                over_http,
-                source,
-                Action.PREFLIGHT,
-                settings.config,
-                True,
-            )
+            answer = preflight(settings, deadline, request.fields)
+            return Response(answer, over_http, source, Action.PREFLIGHT, settings.valid, authorized)
         config = settings.required()
         action = http_action(request) if isinstance(request, HttpRequest) else request.action
         answer = act(action, config, deadline, request.fields if isinstance(request, EventRequest) else {})
         if isinstance(request, EventRequest) and request.warning:
             answer = answer._replace(warnings=(request.warning, *answer.warnings))
     except OrchestratorError as error:
-        return Response(_failure(error), over_http, source, action, settings and settings.config, authorized)
+        return Response(_failure(error), over_http, source, action, settings and settings.valid, authorized)
     except Exception as bug:  # noqa: BLE001 - the one broad catch: a bug is logged with its traceback, answered 500
         failure = _failure(OrchestratorError("Unexpected error: the function's log has the traceback."))
-        return Response(failure, over_http, source, action, settings and settings.config, authorized, bug)
+        return Response(failure, over_http, source, action, settings and settings.valid, authorized, bug)
     return Response(answer, over_http, source, action, config, authorized)
 
 
@@ -2662,14 +2480,10 @@ def handle(event: object, context: object, environ: Mapping[str, str], clock: Cl
     deadline = Deadline.from_context(context, clock)
     response = respond(event, environ, deadline)
     answer, config = response.answer, response.config
-    warnings = (*answer.warnings, *_warned(deadline.warning))
+    warnings = (*answer.warnings, *_some(deadline.warning))
     instance_id = config.instance_id if config else None
-    body = {
-        "ok": answer.status_code < 400,
-        "action": response.action,
-        "instance_id": instance_id if response.authorized else None,
-        **answer.fields,
-    }
+    shown_id = instance_id if response.authorized else None  # an HTTP caller without the token learns nothing
+    body = {"ok": answer.status_code < 400, "action": response.action, "instance_id": shown_id, **answer.fields}
     duration_ms = round((clock.monotonic() - started) * 1000, 1)
     request_id = getattr(context, "aws_request_id", None)
     log_invocation(response, {**body, "instance_id": instance_id}, warnings, request_id, duration_ms)  # names it

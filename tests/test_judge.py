@@ -86,7 +86,7 @@ def test_judge_follows_the_rules_in_order(row: Row, decision: str, signal: str, 
             raise row.metrics
         return row.metrics
 
-    judged = bo.judge(bo.Config.from_env(environ), info, row.hold, NOW, backend=backend, metrics_idle=metrics_idle)
+    judged = bo.judge(bo.Config.from_env(environ), info, row.hold, NOW, backend=backend, metrics=metrics_idle)
     assert (judged.verdict.decision.value, judged.verdict.signal, judged.stuck_busy) == (decision, signal, stuck)
     assert made == reads
     assert judged.activity == (row.activity if "backend" in reads else None)
