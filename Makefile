@@ -26,8 +26,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The suite on PYTEST_WORKERS processes: most of its time is spent waiting on real sockets, servers and timeouts.
+PYTEST_WORKERS ?= 4
 unit: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest --numprocesses $(PYTEST_WORKERS) --dist loadgroup
 
 # The whole life cycle on 127.0.0.1, no AWS account: moto, a reference backend, a local Function URL.
 demo: $(STAMP)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import socket
 import socketserver
@@ -27,10 +28,10 @@ import botocore.session
 from botocore.awsrequest import AWSResponse, HTTPHeaders
 from hypothesis import strategies as st
 
-from tools.harness import REGION, FakeClock, FakeContext, MotoServer, RealContext, RealEc2, free_port
+from tools.harness import REGION, FakeClock, FakeContext, MotoServer, RealContext, RealEc2, refused_port
 from tools.harness import invoke as invoke_handler
 
-__all__ = ["REGION", "FakeClock", "FakeContext", "MotoServer", "RealContext", "free_port", "invoke_handler"]
+__all__ = ["REGION", "FakeClock", "FakeContext", "MotoServer", "RealContext", "invoke_handler", "refused_port"]
 
 EVENTS = Path(__file__).parent / "events"
 ACTIVITY_PATH = "/api/last-activity"
@@ -130,8 +131,11 @@ def fresh_session() -> boto3.session.Session:
     return boto3.session.Session(botocore_session=core)
 
 
+@functools.cache
 def setup_client(service: str, endpoint_url: str | None = None) -> Any:
-    """A client for a test's own setup, from a session of its own: the hooks on the function's calls miss it."""
+    """A client for a test's own setup, from a session of its own: the hooks on the function's calls miss it. One
+    per service and endpoint for the whole run (building one costs more than most tests): moto's mock intercepts a
+    client whenever it is on, and the fake credentials never change."""
     session = fresh_session()
     return session.client(service, region_name=REGION, endpoint_url=endpoint_url)  # type: ignore[call-overload]
 
@@ -147,7 +151,7 @@ def ec2_error(code: str, message: str) -> tuple[AWSResponse, dict[str, Any]]:
 # --- moto's server on 127.0.0.1 -------------------------------------------------------------------
 def stopped_instance(endpoint: str) -> str:
     """A stopped instance in moto's server, as the backend sits between uses."""
-    client = boto3.client("ec2", region_name=REGION, endpoint_url=endpoint)
+    client = setup_client("ec2", endpoint)
     instance_id: str = client.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1)["Instances"][0][
         "InstanceId"
     ]
@@ -156,7 +160,7 @@ def stopped_instance(endpoint: str) -> str:
 
 
 def instance_state(endpoint: str, instance_id: str) -> str:
-    client = boto3.client("ec2", region_name=REGION, endpoint_url=endpoint)
+    client = setup_client("ec2", endpoint)
     reservations = client.describe_instances(InstanceIds=[instance_id])["Reservations"]
     return str(reservations[0]["Instances"][0]["State"]["Name"])
 

@@ -10,7 +10,7 @@ import pytest
 
 import backend_orchestrator as bo
 from tests.helpers import ACTIVITY_PATH as ACTIVITY
-from tests.helpers import CHECK, Answer, Ec2World, FakeClock, Invoke, ScriptedBackend, ec2_error, free_port
+from tests.helpers import CHECK, Answer, Ec2World, FakeClock, Invoke, ScriptedBackend, ec2_error, refused_port
 
 HOUR = 3600
 
@@ -238,7 +238,7 @@ def test_backend_failure_keeps_with_a_reason_and_an_error_log(
 
 
 def test_a_backend_that_is_down_is_kept(invoke: Invoke, long_running: Ec2World) -> None:
-    body = invoke(CHECK, BACKEND_BASE_URL=f"http://127.0.0.1:{free_port()}")
+    body = invoke(CHECK, BACKEND_BASE_URL=f"http://127.0.0.1:{refused_port()}")
     assert body["decision"] == "keep"
     assert "ConnectionRefusedError" in body["reason"]
     assert long_running.mutations() == []

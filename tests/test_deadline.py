@@ -19,9 +19,9 @@ from tests.helpers import (
     ScriptedBackend,
     body_of,
     ec2_error,
-    free_port,
     http_event,
     invoke_handler,
+    refused_port,
 )
 
 ONE_CALL = bo.aws_call_seconds(1)
@@ -172,7 +172,7 @@ def test_the_longest_path_of_check_idle_counts_every_call_it_makes(
     long_running.on_function_calls("before-call.ec2.StopInstances", refuse_hibernation)
     tag_by_hand(long_running, "running", clock.now() - timedelta(minutes=1), "board demo")
     put_metrics(clock, long_running.instance_id, [0.5] * 3, [QUIET] * 3)
-    environ = {**env, "BACKEND_BASE_URL": f"http://127.0.0.1:{free_port()}", "NOTIFY_TOPIC_ARN": topic_arn}
+    environ = {**env, "BACKEND_BASE_URL": f"http://127.0.0.1:{refused_port()}", "NOTIFY_TOPIC_ARN": topic_arn}
     body = handle(CHECK, environ, clock, 60, STOP_HIBERNATE="true")
     assert (body["decision"], body["signal"]) == ("stop", "cloudwatch")
     assert len(received()) == 2  # the hold's end, the stop

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import REGION, free_port, setup_client, stopped_instance
+from tests.helpers import REGION, refused_port, setup_client, stopped_instance
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +65,7 @@ def test_no_invocation_builds_a_client_when_the_configuration_is_valid(moto_url:
     environ = {
         "INSTANCE_ID": instance_id,
         "AWS_REGION": REGION,
-        "BACKEND_BASE_URL": f"http://127.0.0.1:{free_port()}",  # down: check_idle asks CloudWatch
+        "BACKEND_BASE_URL": f"http://127.0.0.1:{refused_port()}",  # down: check_idle asks CloudWatch
         "IDLE_TIMEOUT_SECONDS": "1",
         "NOTIFY_TOPIC_ARN": topic_arn,
     }

@@ -26,6 +26,7 @@ HOST_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64":
 NETWORK_FAILURES = ("NewConnectionError", "Failed to establish", "Temporary failure in name resolution",
                     "Network is unreachable", "ConnectTimeoutError", "Max retries exceeded")  # fmt: skip
 RUNTIME_PACKAGES = ("boto3", "botocore", "s3transfer", "jmespath", "dateutil", "six.py", "urllib3")
+pytestmark = pytest.mark.xdist_group("zips")  # one worker builds each zip once (make test runs with --dist loadgroup)
 
 
 def build(python: str, arch: str, output: Path) -> Path:

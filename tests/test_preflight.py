@@ -25,8 +25,8 @@ from tests.helpers import (
     ScriptedBackend,
     body_of,
     ec2_error,
-    free_port,
     http_event,
+    refused_port,
     setup_client,
 )
 
@@ -143,7 +143,7 @@ def test_a_backend_that_fails_the_contract_is_named(
 ) -> None:
     environ = {}
     if health is None:
-        environ["BACKEND_BASE_URL"] = f"http://127.0.0.1:{free_port()}"
+        environ["BACKEND_BASE_URL"] = f"http://127.0.0.1:{refused_port()}"
     else:
         backend.answer("/health", health)
         backend.answer(ACTIVITY_PATH, activity or Answer.json({}))

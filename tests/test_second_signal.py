@@ -20,8 +20,8 @@ from tests.helpers import (
     Invoke,
     ScriptedBackend,
     ec2_error,
-    free_port,
     http_event,
+    refused_port,
     setup_client,
 )
 from tools.harness import published_periods
@@ -33,7 +33,7 @@ KB = 1024
 
 @pytest.fixture
 def backend_down(env: dict[str, str]) -> dict[str, str]:
-    env["BACKEND_BASE_URL"] = f"http://127.0.0.1:{free_port()}"  # refused: the backend process died
+    env["BACKEND_BASE_URL"] = f"http://127.0.0.1:{refused_port()}"  # refused: the backend process died
     return env
 
 

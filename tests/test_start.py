@@ -16,8 +16,8 @@ from tests.helpers import (
     RealContext,
     body_of,
     ec2_error,
-    free_port,
     http_event,
+    refused_port,
 )
 
 
@@ -177,7 +177,7 @@ def test_other_aws_errors_are_502_with_the_aws_code(invoke: Invoke, ec2: Ec2Worl
 def test_unreachable_ec2_endpoint_is_502(monkeypatch: pytest.MonkeyPatch) -> None:
     # No moto here: the client goes to a closed port on 127.0.0.1 and fails before AWS answers.
     env = {"INSTANCE_ID": "i-0123456789abcdef0", "AWS_REGION": "us-east-1"}
-    monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", f"http://127.0.0.1:{refused_port()}")
     bo.aws_client.cache_clear()
     body = bo.handle({"action": "start"}, RealContext(60), env)
     assert body["error"]["code"] == "aws_unreachable"

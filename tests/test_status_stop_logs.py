@@ -21,9 +21,9 @@ from tests.helpers import (
     Invoke,
     ScriptedBackend,
     body_of,
-    free_port,
     http_event,
     load_event,
+    refused_port,
 )
 
 
@@ -62,7 +62,9 @@ def test_status_of_a_running_instance_probes_health(
 
 
 def test_status_of_a_running_instance_whose_backend_is_down(invoke: Invoke, ec2: Ec2World) -> None:
-    body = body_of(invoke(http_event(body='{"action": "status"}'), BACKEND_BASE_URL=f"http://127.0.0.1:{free_port()}"))
+    body = body_of(
+        invoke(http_event(body='{"action": "status"}'), BACKEND_BASE_URL=f"http://127.0.0.1:{refused_port()}")
+    )
     assert body["backend"] == {"reachable": False, "healthy": False, "status_code": None}
 
 

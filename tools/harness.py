@@ -37,7 +37,7 @@ class MotoServer:
     def close(self) -> None:
         self._server.stop()
         # stop() shuts the server down but leaves its socket listening (moto 5): close it, so the port refuses.
-        self._server._server.server_close()  # type: ignore[union-attr]
+        self._server._server.server_close()
 
 
 # --- What real EC2 does that moto does not ------------------------------------------------------------------------
@@ -194,10 +194,22 @@ def invoke(
 
 # --- Ports and metrics ---------------------------------------------------------------------------------------------
 def free_port() -> int:
-    """A loopback port nobody listens on (for a backend that is down)."""
+    """A loopback port free now, for a server about to bind it (the sandbox's backend, each time it powers on)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+_HELD: list[socket.socket] = []
+
+
+def refused_port() -> int:
+    """A loopback port that refuses every connection (a backend or an endpoint that is down): bound by this process
+    and never listened on, so that no other test, worker or process can take it while the tests run."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    _HELD.append(held)
+    return int(held.getsockname()[1])
 
 
 def published_periods(now: datetime, idle_timeout_seconds: int) -> list[datetime]:
