@@ -1261,17 +1261,17 @@ def aws_call(
 ) -> T:
     """One API call, `call(client)`, with as many attempts as fit before the deadline; errors told apart by code."""
     name = SERVICE_NAMES[service]
-    left = deadline.left()
-    attempts = next((n for n in range(AWS_MAX_ATTEMPTS, 0, -1) if aws_call_seconds(n) <= left), 0)
-    if attempts == 0:
-        raise OutOfTimeError(f"{name} {operation}", left, aws_call_seconds(1))
-
-    def attempt() -> T:
-        _GRANT.attempts = attempts
-        return call(client)
-
     try:
-        client = aws_client(service, region)
+        client = aws_client(service, region)  # built at INIT; were it not, its build is counted before the grant
+        left = deadline.left()
+        attempts = next((n for n in range(AWS_MAX_ATTEMPTS, 0, -1) if aws_call_seconds(n) <= left), 0)
+        if attempts == 0:
+            raise OutOfTimeError(f"{name} {operation}", left, aws_call_seconds(1))
+
+        def attempt() -> T:
+            _GRANT.attempts = attempts
+            return call(client)
+
         return within(aws_call_seconds(attempts), attempt, f"{name} {operation}")
     except ClientError as error:
         code = str(error.response.get("Error", {}).get("Code"))

@@ -28,6 +28,7 @@ import botocore.session
 from botocore.awsrequest import AWSResponse, HTTPHeaders
 from hypothesis import strategies as st
 
+import backend_orchestrator as bo
 from tools.harness import REGION, FakeClock, FakeContext, MotoServer, RealContext, RealEc2, refused_port
 from tools.harness import invoke as invoke_handler
 
@@ -76,8 +77,10 @@ def body_of(response: dict[str, Any]) -> dict[str, Any]:
 def invoke_for_real(
     action: str, instance_id: str, backend_url: str, context_seconds: float = 60, **env: str
 ) -> dict[str, Any]:
-    """The handler against real servers (moto's, a backend), with a context that counts down for real."""
+    """The handler against real servers (moto's, a backend) as Lambda runs it: INIT builds the clients, then the
+    invocation runs with a context that counts down for real."""
     environ = {"INSTANCE_ID": instance_id, "AWS_REGION": REGION, "BACKEND_BASE_URL": backend_url, **env}
+    bo.warm_clients(environ)
     return invoke_handler({"action": action}, environ, timeout_seconds=context_seconds)
 
 

@@ -46,6 +46,7 @@ def test_no_action_outlives_its_context_when_ec2_never_answers(
     silent_ec2: SilentServer, backend: ScriptedBackend, capsys: pytest.CaptureFixture[str]
 ) -> None:
     environ = {"INSTANCE_ID": "i-0123456789abcdef0", "AWS_REGION": REGION, "BACKEND_BASE_URL": backend.url}
+    bo.warm_clients(environ)  # INIT, as Lambda runs it before the invocations
 
     def invoke(action: str) -> tuple[dict[str, Any], int]:
         context = RealContext(CONTEXT_SECONDS)
@@ -255,6 +256,7 @@ def test_no_action_outlives_its_context_when_the_aws_endpoint_name_resolves_slow
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.replace("127.0.0.1", "ec2.slow.test"))
     bo.aws_client.cache_clear()
     environ = {"INSTANCE_ID": "i-0123456789abcdef0", "AWS_REGION": REGION, "BACKEND_BASE_URL": backend.url}
+    bo.warm_clients(environ)  # INIT, as Lambda runs it before the invocations
 
     def invoke(action: str) -> tuple[dict[str, Any], int]:
         context = RealContext(CONTEXT_SECONDS)
