@@ -526,7 +526,7 @@ def keep_warm_error(value: str) -> str | None:
 GAP_MESSAGES = ("is not an IANA time zone", "ends when it starts")  # what no regular expression can check
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(value=st.from_regex(load_template()["Parameters"]["KeepWarm"]["AllowedPattern"], fullmatch=True))
 def test_what_the_keep_warm_pattern_admits_the_function_accepts_but_for_its_gaps(value: str) -> None:
     error = keep_warm_error(value)

@@ -50,10 +50,15 @@ class RealEc2:
     - an instance can be seen pending, stopping or shutting-down (moto changes state at once): `set_state`;
     - an instance can have run since any time (moto has no API to change LaunchTime): `set_launch_time`.
 
-    `describe_state(instance_id)` tells moto's own state, from a client these hooks do not reach."""
+    `describe_state(instance_id)` tells moto's own state; `on_change()` is called after each start or stop."""
 
-    def __init__(self, now: Callable[[], datetime], describe_state: Callable[[str], str]) -> None:
-        self.now, self.describe_state = now, describe_state
+    def __init__(
+        self,
+        now: Callable[[], datetime],
+        describe_state: Callable[[str], str],
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.now, self.describe_state, self.on_change = now, describe_state, on_change
         self.states: dict[str, str] = {}  # a transient state shown instead of moto's
         self.launch_times: dict[str, datetime] = {}
 
@@ -124,6 +129,7 @@ class RealEc2:
                 change["PreviousState"] = {"Name": shown, "Code": STATE_CODES[shown]}
             if model.name == "StartInstances":
                 self.launch_times[instance_id] = self.now().astimezone(UTC)
+        self.on_change()
 
 
 # --- Time and the Lambda context -----------------------------------------------------------------------------------

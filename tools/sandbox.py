@@ -129,16 +129,28 @@ class _FunctionUrlRequest(BaseHTTPRequestHandler):
 
 
 # --- The instance's stand-in ------------------------------------------------------------------------------
+WATCH_SECONDS = 0.5  # how often the host looks at the instance's state; a start or stop it is told of, at once
+
+
 class BackendHost:
     """Serves the reference backend on a fixed port while moto says the instance is running; with
-    `crashed` set, the instance runs but its backend process does not (nothing listens)."""
+    `crashed` set, the instance runs but its backend process does not (nothing listens). It looks at the state
+    every WATCH_SECONDS, and at once when `poked` is set (RealEc2 sets it after each start or stop it sees)."""
 
-    def __init__(self, ec2: Any, instance_id: str, boot_seconds: float, on_change: Callable[[str, str], None]) -> None:
+    def __init__(
+        self,
+        ec2: Any,
+        instance_id: str,
+        boot_seconds: float,
+        on_change: Callable[[str, str], None],
+        poked: threading.Event,
+    ) -> None:
         self.ec2, self.instance_id, self.boot_seconds, self.on_change = ec2, instance_id, boot_seconds, on_change
         self.port = free_port()
         self.backend: ReferenceBackend | None = None
         self.powered = False
         self.crashed = False
+        self._poked = poked
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="backend-host", daemon=True)
 
@@ -156,14 +168,18 @@ class BackendHost:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(5)
+        self._poked.set()
+        self._thread.join()  # a watcher still inside a Describe would power the backend on again after this
         self._power_off()
 
     def _watch(self) -> None:
-        while not self._stop.wait(0.1):
-            state = self.ec2.describe_instances(InstanceIds=[self.instance_id])["Reservations"][0]["Instances"][0][
-                "State"
-            ]["Name"]
+        while not self._stop.is_set():
+            self._poked.wait(WATCH_SECONDS)
+            self._poked.clear()
+            described = self.ec2.describe_instances(InstanceIds=[self.instance_id])["Reservations"][0]["Instances"][0]
+            state = described["State"]["Name"]
+            if self._stop.is_set():
+                return
             if state == "running" and not self.powered:
                 self._power_on()
             elif state != "running" and self.powered:
@@ -263,13 +279,14 @@ class Sandbox:
             described = self.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
             return str(described["State"]["Name"])
 
-        self.real_ec2 = RealEc2(lambda: datetime.now(UTC), moto_state)
+        changed = threading.Event()  # set after each start or stop the function's clients make: the host looks at once
+        self.real_ec2 = RealEc2(lambda: datetime.now(UTC), moto_state, on_change=changed.set)
         self._stack.callback(self.real_ec2.install(boto3.DEFAULT_SESSION.events))  # type: ignore[union-attr]
         launched = self.ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1, InstanceType="c6i.xlarge")
         self.instance_id = launched["Instances"][0]["InstanceId"]
         self.ec2.stop_instances(InstanceIds=[self.instance_id])
 
-        host_ = BackendHost(self.ec2, self.instance_id, self.boot_seconds, self.on_change)
+        host_ = BackendHost(self.ec2, self.instance_id, self.boot_seconds, self.on_change, changed)
         host_.start()
         self._stack.callback(host_.close)
         self.backend_host = host_
