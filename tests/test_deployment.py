@@ -543,7 +543,7 @@ WINDOW = st.builds(
 )
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(windows=st.lists(WINDOW, min_size=1, max_size=3))
 def test_every_window_of_the_parsers_grammar_that_it_accepts_the_template_admits(windows: list[str]) -> None:
     value = "; ".join(windows)

@@ -145,7 +145,10 @@ def lambda_task(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     python = lambda_python(version)
     if python is None or HOST_ARCH is None:
         pytest.skip(f"no python{version} for {platform.machine()} on this machine to run its zip with")
-    archive = build(version, HOST_ARCH, tmp_path_factory.mktemp("zip") / f"lambda-{version}.zip")
+    if version == HOST_PYTHON:
+        archive: Path = request.getfixturevalue("host_zip")  # the same build: made once
+    else:
+        archive = build(version, HOST_ARCH, tmp_path_factory.mktemp("zip") / f"lambda-{version}.zip")
     task = tmp_path_factory.mktemp("task")
     with zipfile.ZipFile(archive) as zipped:
         zipped.extractall(task)
