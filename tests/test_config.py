@@ -265,7 +265,7 @@ HOSTILE_TEXT = st.text(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(variable=st.sampled_from(sorted(bo.VARIABLES)), value=HOSTILE_TEXT)
 def test_no_value_of_any_variable_raises_anything_but_a_config_error(variable: str, value: str) -> None:
     with contextlib.suppress(bo.ConfigError):

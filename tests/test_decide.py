@@ -117,7 +117,7 @@ BODIES = st.one_of(
 )
 
 
-@settings(max_examples=500)
+@settings(max_examples=200)
 @given(body=BODIES)
 def test_any_body_is_read_without_raising(body: str | bytes) -> None:
     result = bo.parse_activity(body, NOW)
@@ -126,7 +126,7 @@ def test_any_body_is_read_without_raising(body: str | bytes) -> None:
         assert result.idle_seconds >= 0
 
 
-@settings(max_examples=500)
+@settings(max_examples=200)
 @given(
     pairs=PAIRS,
     busy=st.sampled_from([("busy", True), ("active_requests", 1), ("active_jobs", 2.5)]),

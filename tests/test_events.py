@@ -199,7 +199,7 @@ SHAPED = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(event=JSON | SHAPED)
 def test_no_exception_escapes_for_any_event(invoke: Invoke, ec2: Ec2World, event: object) -> None:
     response = invoke(event, DRY_RUN="true")
