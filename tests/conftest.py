@@ -19,18 +19,21 @@ from moto import mock_aws
 
 import backend_orchestrator as bo
 from tests.helpers import (
+    HOOKS,
     REGION,
     Ec2World,
     FakeClock,
     Invoke,
     MotoServer,
     ScriptedBackend,
-    fresh_session,
+    function_session,
     invoke_handler,
     setup_client,
     stopped_instance,
 )
 from tools.harness import RealEc2
+
+FUNCTION_SESSION = function_session()  # the default session for the whole run: the function's clients come from it
 
 
 # --- Hermetic: no real AWS, no network beyond loopback -------------------------------------------
@@ -72,9 +75,13 @@ def hermetic(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    bo.aws_client.cache_clear()
+    HOOKS.reset()
+    boto3.DEFAULT_SESSION = FUNCTION_SESSION
     yield
-    bo.aws_client.cache_clear()
+    # The function's clients outlive the test unless it pointed them elsewhere (an endpoint, other keys).
+    if boto3.DEFAULT_SESSION is not FUNCTION_SESSION or any(n.startswith("AWS_ENDPOINT_URL") for n in os.environ):
+        bo.aws_client.cache_clear()
+    HOOKS.reset()
 
 
 # --- Time -----------------------------------------------------------------------------------------
@@ -87,14 +94,14 @@ def clock() -> FakeClock:
 @pytest.fixture
 def aws() -> Iterator[None]:
     with mock_aws():
+        boto3.DEFAULT_SESSION = FUNCTION_SESSION  # mock_aws starts boto3 without a default session
         yield
 
 
 @pytest.fixture
 def ec2(aws: None, clock: FakeClock) -> Ec2World:
     """A running moto instance, real EC2's behaviour where moto's differs, and every call the function's own clients
-    make (hooks on the default session, from which the function builds them)."""
-    boto3.DEFAULT_SESSION = fresh_session()  # hooks registered on it reach only this test's clients
+    make (this test's hooks, HOOKS)."""
     setup = setup_client("ec2")  # a session of its own: the test's own calls are neither counted nor changed
     launched = setup.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1, InstanceType="t3.medium")
     instance_id = launched["Instances"][0]["InstanceId"]
@@ -103,9 +110,8 @@ def ec2(aws: None, clock: FakeClock) -> Ec2World:
         return str(setup.describe_instances(InstanceIds=[instance])["Reservations"][0]["Instances"][0]["State"]["Name"])
 
     real = RealEc2(clock.now, moto_state)
-    real.install(boto3.DEFAULT_SESSION.events)
+    real.install(HOOKS.events)
     world = Ec2World(setup, instance_id, real)
-    bo.aws_client.cache_clear()
 
     def count(model: Any, **_: Any) -> None:
         world.calls.append(model.name)

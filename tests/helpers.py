@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import boto3
+import botocore.hooks
 import botocore.loaders
 import botocore.session
 from botocore.awsrequest import AWSResponse, HTTPHeaders
@@ -95,9 +96,9 @@ class Ec2World:
     calls: list[str] = field(default_factory=list)
 
     @staticmethod
-    def on_function_calls(event_name: str, handler: Callable[..., Any]) -> None:
-        """Hook every client the function builds from now on."""
-        boto3.DEFAULT_SESSION.events.register(event_name, handler)  # type: ignore[union-attr]
+    def on_function_calls(event_name: str, handler: Callable[..., Any], *, first: bool = False) -> None:
+        """Hook the function's AWS calls, for this test only (see FunctionHooks)."""
+        (HOOKS.events.register_first if first else HOOKS.events.register)(event_name, handler)
 
     def set_state(self, name: str) -> None:
         """Put the instance in a state through moto's API; a transient one (pending, stopping, shutting-down),
@@ -125,6 +126,36 @@ class Ec2World:
 # One botocore loader for every session the tests make: a fresh session would parse each service's model again
 # (EC2's is large), which cost more than half of the suite's time.
 LOADER = botocore.loaders.create_loader()
+
+
+class FunctionHooks:
+    """The hooks a test puts on the function's AWS calls. The function's clients live for the whole run (one per
+    service and endpoint, built from function_session(), as Lambda keeps them for a container's life): building
+    them for every test cost more than most tests. Each test gets empty `events`; the session forwards the events
+    the tests hook to them, ahead of botocore's own handlers (and of moto's, for before-send)."""
+
+    FAMILIES = ("provide-client-params", "before-parameter-build", "before-call", "after-call", "before-send")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        # Aliased as a session's events are: a hook on "monitoring" reaches CloudWatch's calls.
+        self.events = botocore.hooks.EventAliaser(botocore.hooks.HierarchicalEmitter())
+
+    def forward(self, event_name: str, **kwargs: Any) -> Any:
+        return self.events.emit_until_response(event_name, **kwargs)[1]
+
+
+HOOKS = FunctionHooks()
+
+
+def function_session() -> boto3.session.Session:
+    """A session for the function's clients: this test's hooks (HOOKS) reach every client built from it."""
+    session = fresh_session()
+    for family in FunctionHooks.FAMILIES:
+        session.events.register_first(family, HOOKS.forward)
+    return session
 
 
 def fresh_session() -> boto3.session.Session:

@@ -73,6 +73,7 @@ def test_twenty_concurrent_starts_each_make_at_most_one_start_call() -> None:
     with Sandbox() as sandbox:
         events = boto3.DEFAULT_SESSION.events  # type: ignore[union-attr]
         events.register("before-parameter-build.ec2", record)  # reaches the clients the function builds next
+        bo.aws_client.cache_clear()
         try:
             with ThreadPoolExecutor(max_workers=20) as pool:
                 answers = list(

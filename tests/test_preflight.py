@@ -25,6 +25,7 @@ from tests.helpers import (
     ScriptedBackend,
     body_of,
     ec2_error,
+    function_session,
     http_event,
     refused_port,
     setup_client,
@@ -240,8 +241,10 @@ def as_principal(monkeypatch: pytest.MonkeyPatch, world: Ec2World, actions: list
     # The test's own client (which the fixture's hooks use, to mimic real EC2) needs an identity moto accepts.
     setup = boto3.session.Session(admin["AccessKeyId"], admin["SecretAccessKey"], region_name=REGION)
     monkeypatch.setattr(world, "client", setup.client("ec2"))
-    # The function's clients come from the default session, which has resolved the fake keys already.
-    boto3.DEFAULT_SESSION._session.set_credentials(key["AccessKeyId"], key["SecretAccessKey"])  # type: ignore[union-attr]
+    # The function's clients come from the default session: one of this test's own, with the user's keys.
+    session = function_session()
+    session._session.set_credentials(key["AccessKeyId"], key["SecretAccessKey"])
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", session)
     monkeypatch.setattr(moto_settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
     monkeypatch.setattr(ActionAuthenticatorMixin, "request_count", 0)
     bo.aws_client.cache_clear()

@@ -191,6 +191,7 @@ def clients_built(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         return real_client(*args, **kwargs)
 
     monkeypatch.setattr(boto3, "client", counting_client)
+    bo.aws_client.cache_clear()  # a new container: none built yet
     return built
 
 
@@ -244,7 +245,7 @@ def test_an_ec2_call_makes_only_the_attempts_that_fit_the_time_left(
         sent.append(request)
         return AWSResponse(request.url, 503, HTTPHeaders(), _Body(THROTTLED))
 
-    boto3.DEFAULT_SESSION.events.register_first("before-send.ec2.DescribeInstances", throttle)  # type: ignore[union-attr]
+    ec2.on_function_calls("before-send.ec2.DescribeInstances", throttle, first=True)
     monkeypatch.setattr(ExponentialBackoff, "delay_amount", lambda *_: 0.0)  # botocore's backoff, without the wait
     body = bo.handle({"action": "status"}, FakeContext(clock, timeout_seconds), env, clock=clock.as_clock())
     assert (body["error"]["code"], body["aws_error_code"]) == ("aws_error", "RequestLimitExceeded")
