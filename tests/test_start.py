@@ -43,7 +43,7 @@ def test_start_describes_then_starts_only_a_stopped_instance(
 
 @pytest.mark.parametrize("state", ["terminated", "shutting-down"])
 def test_start_on_a_gone_instance_names_it(invoke: Invoke, ec2: Ec2World, state: str) -> None:
-    # StartInstances answers IncorrectInstanceState here (injected: moto would start it).
+    # Describe says so first: no StartInstances (which real EC2 would refuse with IncorrectInstanceState).
     ec2.set_state(state)
     response = invoke(http_event())
     body = body_of(response)
@@ -107,6 +107,43 @@ def test_someone_else_starts_it_while_we_wait(ec2: Ec2World, env: dict[str, str]
     assert response["statusCode"] == 200
     assert body_of(response)["state"] == "pending"
     assert ec2.mutations() == []
+
+
+def test_a_start_refused_because_the_instance_began_stopping_waits_the_stop_out(
+    ec2: Ec2World, env: dict[str, str], clock: FakeClock
+) -> None:
+    # Describe says stopped; by the time StartInstances arrives, the instance is stopping (someone started and stopped
+    # it meanwhile): real EC2 answers IncorrectInstanceState (RealEc2 plays it), and the function waits for the stop.
+    ec2.set_state("stopped")
+    described: list[int] = []
+
+    def begin_stopping(**_: Any) -> None:
+        described.append(1)
+        if len(described) == 1:
+            ec2.set_state("stopping")
+
+    def sleep(seconds: float) -> None:
+        clock.sleep(seconds)
+        ec2.set_state("stopped")
+
+    ec2.on_function_calls("after-call.ec2.DescribeInstances", begin_stopping)
+    fast = bo.Clock(now=clock.now, monotonic=clock.monotonic, sleep=sleep)
+    response = bo.handle(http_event(), FakeContext(clock), env, clock=fast)
+    assert response["statusCode"] == 202, body_of(response)
+    assert ec2.calls == [
+        "DescribeInstances",
+        "StartInstances",
+        "DescribeInstances",
+        "DescribeInstances",
+        "StartInstances",
+    ]
+    assert clock.sleeps == [bo.STOPPING_POLL_SECONDS]
+
+
+def test_a_missing_instance_is_the_configurations_fault_a_500(invoke: Invoke, ec2: Ec2World) -> None:
+    response = invoke(http_event(), INSTANCE_ID="i-0123456789abcdef0")
+    assert response["statusCode"] == 500
+    assert body_of(response)["error"]["code"] == "instance_not_found"
 
 
 def test_missing_instance_says_check_instance_id_and_region(invoke: Invoke, ec2: Ec2World) -> None:
