@@ -1970,8 +1970,7 @@ def _warn(done: Done, warning: str) -> Done:
     return done._replace(warnings=(*done.warnings, warning))
 
 
-def _some(item: T | None) -> tuple[T, ...]:
-    """Nothing, or the one item: for the optional warnings and problems that join a tuple."""
+def _some(item: T | None) -> tuple[T, ...]:  # an optional warning or problem, as a tuple to join others
     return (item,) if item else ()
 
 
@@ -2348,6 +2347,12 @@ METRICS_LOG: Final = _stdout_logger("backend_orchestrator.metrics", logging.Form
 METRICS_LOG.setLevel(logging.INFO)
 for _noisy in ("boto3", "botocore", "urllib3"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
+
+
+# Every metric the function emits (the alarms and the dashboard watch some): <Action>Requested and these.
+METRICS: Final = frozenset({"InstanceStarted", "InstanceStopped", "IdleSeconds", "UptimeSeconds", "UptimeHours",
+    "BackendUnreachable", "StuckBusy", "OutOfTime", "Errors", "Rejected",
+    *(f"{action.title().replace('_', '')}Requested" for action in Action)})  # fmt: skip
 
 
 def emit_metrics(namespace: str, instance_id: str | None, metrics: Mapping[str, float], now: datetime) -> None:

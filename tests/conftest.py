@@ -177,7 +177,11 @@ def log_lines(capsys: pytest.CaptureFixture[str]) -> Callable[[], list[dict[str,
     """The JSON lines the function wrote to stdout, parsed (log lines and EMF lines)."""
 
     def read() -> list[dict[str, Any]]:
-        return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+        for line in lines:  # every metric emitted is one the function declares (the alarms rely on the names)
+            for directive in line.get("_aws", {}).get("CloudWatchMetrics", []):
+                assert {metric["Name"] for metric in directive["Metrics"]} <= bo.METRICS, line
+        return lines
 
     return read
 
