@@ -9,6 +9,7 @@ import os
 import socket
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 os.environ["MOTO_EC2_LOAD_DEFAULT_AMIS"] = "false"  # before moto loads: saves a second per test
@@ -31,7 +32,7 @@ from tests.helpers import (
     setup_client,
     stopped_instance,
 )
-from tools.harness import RealEc2
+from tools.harness import RealEc2, moto_state
 
 FUNCTION_SESSION = function_session()  # the default session for the whole run: the function's clients come from it
 
@@ -106,10 +107,7 @@ def ec2(aws: None, clock: FakeClock) -> Ec2World:
     launched = setup.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1, InstanceType="t3.medium")
     instance_id = launched["Instances"][0]["InstanceId"]
 
-    def moto_state(instance: str) -> str:
-        return str(setup.describe_instances(InstanceIds=[instance])["Reservations"][0]["Instances"][0]["State"]["Name"])
-
-    real = RealEc2(clock.now, moto_state)
+    real = RealEc2(clock.now, partial(moto_state, setup))
     real.install(HOOKS.events)
     world = Ec2World(setup, instance_id, real)
 

@@ -30,7 +30,7 @@ from botocore.awsrequest import AWSResponse, HTTPHeaders
 from hypothesis import strategies as st
 
 import backend_orchestrator as bo
-from tools.harness import REGION, FakeClock, FakeContext, MotoServer, RealContext, RealEc2, refused_port
+from tools.harness import REGION, FakeClock, FakeContext, MotoServer, RealContext, RealEc2, moto_state, refused_port
 from tools.harness import invoke as invoke_handler
 
 __all__ = ["REGION", "FakeClock", "FakeContext", "MotoServer", "RealContext", "invoke_handler", "refused_port"]
@@ -115,10 +115,6 @@ class Ec2World:
     def state(self) -> str:
         return self.real.state(self.instance_id)
 
-    def moto_state(self) -> str:
-        reservations = self.client.describe_instances(InstanceIds=[self.instance_id])["Reservations"]
-        return str(reservations[0]["Instances"][0]["State"]["Name"])
-
     def mutations(self) -> list[str]:
         return [c for c in self.calls if c in ("StartInstances", "StopInstances")]
 
@@ -194,9 +190,7 @@ def stopped_instance(endpoint: str) -> str:
 
 
 def instance_state(endpoint: str, instance_id: str) -> str:
-    client = setup_client("ec2", endpoint)
-    reservations = client.describe_instances(InstanceIds=[instance_id])["Reservations"]
-    return str(reservations[0]["Instances"][0]["State"]["Name"])
+    return moto_state(setup_client("ec2", endpoint), instance_id)
 
 
 # --- A backend that misbehaves on purpose, and one that never answers -----------------------------

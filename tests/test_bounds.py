@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -42,9 +42,12 @@ def silent_ec2(monkeypatch: pytest.MonkeyPatch) -> Iterator[SilentServer]:
     server.close()
 
 
-def test_no_action_outlives_its_context_when_ec2_never_answers(
-    silent_ec2: SilentServer, backend: ScriptedBackend, capsys: pytest.CaptureFixture[str]
+def assert_every_action_answers_unreachable_in_time(
+    backend: ScriptedBackend, capsys: pytest.CaptureFixture[str], finally_: Callable[[], None] = lambda: None
 ) -> None:
+    """start, status, check_idle and stop against an EC2 endpoint that cannot answer, each with a real context of
+    CONTEXT_SECONDS: each answers aws_unreachable with time to spare, and writes its log line and its metrics line.
+    `finally_` runs once they have answered (or failed)."""
     environ = {"INSTANCE_ID": "i-0123456789abcdef0", "AWS_REGION": REGION, "BACKEND_BASE_URL": backend.url}
     bo.warm_clients(environ)  # INIT, as Lambda runs it before the invocations
 
@@ -53,14 +56,23 @@ def test_no_action_outlives_its_context_when_ec2_never_answers(
         return bo.handle({"action": action}, context, environ), context.get_remaining_time_in_millis()
 
     actions = ["start", "status", "check_idle", "stop"]
-    with ThreadPoolExecutor(max_workers=len(actions)) as pool:  # concurrently, to keep the test short
-        results = dict(zip(actions, pool.map(invoke, actions), strict=True))
+    try:
+        with ThreadPoolExecutor(max_workers=len(actions)) as pool:  # concurrently, to keep the test short
+            results = dict(zip(actions, pool.map(invoke, actions), strict=True))
+    finally:
+        finally_()
     for action, (body, remaining_ms) in results.items():
         assert body["error"]["code"] == "aws_unreachable", (action, body)
         assert remaining_ms > 1000, action  # answered with time to spare: Lambda would not have killed it
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert sorted(line["action"] for line in lines if "level" in line) == sorted(actions)  # each wrote its log line
     assert sum(1 for line in lines if "_aws" in line) == len(actions)  # and its metrics line
+
+
+def test_no_action_outlives_its_context_when_ec2_never_answers(
+    silent_ec2: SilentServer, backend: ScriptedBackend, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert_every_action_answers_unreachable_in_time(backend, capsys)
 
 
 @pytest.mark.parametrize(
@@ -255,24 +267,7 @@ def test_no_action_outlives_its_context_when_the_aws_endpoint_name_resolves_slow
     monkeypatch.setattr(socket, "getaddrinfo", slow_lookup)
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.replace("127.0.0.1", "ec2.slow.test"))
     bo.aws_client.cache_clear()
-    environ = {"INSTANCE_ID": "i-0123456789abcdef0", "AWS_REGION": REGION, "BACKEND_BASE_URL": backend.url}
-    bo.warm_clients(environ)  # INIT, as Lambda runs it before the invocations
-
-    def invoke(action: str) -> tuple[dict[str, Any], int]:
-        context = RealContext(CONTEXT_SECONDS)
-        return bo.handle({"action": action}, context, environ), context.get_remaining_time_in_millis()
-
-    actions = ["start", "status", "check_idle", "stop"]
-    try:
-        with ThreadPoolExecutor(max_workers=len(actions)) as pool:
-            results = dict(zip(actions, pool.map(invoke, actions), strict=True))
-    finally:
-        released.set()
-    for action, (body, remaining_ms) in results.items():
-        assert body["error"]["code"] == "aws_unreachable", (action, body)
-        assert remaining_ms > 1000, action  # answered with time to spare: Lambda would not have killed it
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert sorted(line["action"] for line in lines if "level" in line) == sorted(actions)
+    assert_every_action_answers_unreachable_in_time(backend, capsys, finally_=released.set)
 
 
 def test_a_slow_drain_is_given_only_what_leaves_the_whole_stop_its_time(

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import backend_orchestrator as bo
-from tools.real_ec2 import add_cpu_options
+from tools.real_ec2 import add_cpu_options, described_instances
 
 REGION = "us-east-1"
 STATE_CODES = {"pending": 0, "running": 16, "shutting-down": 32, "terminated": 48, "stopping": 64, "stopped": 80}
@@ -38,6 +38,12 @@ class MotoServer:
         self._server.stop()
         # stop() shuts the server down but leaves its socket listening (moto 5): close it, so the port refuses.
         self._server._server.server_close()
+
+
+def moto_state(client: Any, instance_id: str) -> str:
+    """The instance's state as moto holds it (RealEc2 may show a transient one instead to the function)."""
+    reservations = client.describe_instances(InstanceIds=[instance_id])["Reservations"]
+    return str(reservations[0]["Instances"][0]["State"]["Name"])
 
 
 # --- What real EC2 does that moto does not ------------------------------------------------------------------------
@@ -95,14 +101,13 @@ class RealEc2:
 
     def _described(self, parsed: dict[str, Any], **kwargs: Any) -> None:
         add_cpu_options(parsed, **kwargs)
-        for reservation in parsed.get("Reservations", []):
-            for instance in reservation.get("Instances", []):
-                instance_id = instance["InstanceId"]
-                if instance_id in self.states:
-                    name = self.states[instance_id]
-                    instance["State"] = {"Name": name, "Code": STATE_CODES[name]}
-                if instance_id in self.launch_times:
-                    instance["LaunchTime"] = self.launch_times[instance_id]
+        for instance in described_instances(parsed):
+            instance_id = instance["InstanceId"]
+            if instance_id in self.states:
+                name = self.states[instance_id]
+                instance["State"] = {"Name": name, "Code": STATE_CODES[name]}
+            if instance_id in self.launch_times:
+                instance["LaunchTime"] = self.launch_times[instance_id]
 
     def _refuse_a_start(self, params: dict[str, Any], **_: Any) -> Any:
         # EC2 API reference, StartInstances: IncorrectInstanceState for stopping, shutting-down and terminated.

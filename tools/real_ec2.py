@@ -6,6 +6,7 @@ the function (tools.harness.RealEc2 plays the rest in the tests' and the sandbox
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,17 @@ from typing import Any
 CPU_OPTIONS = {"t3.medium": (1, 2), "c6i.xlarge": (2, 2), "m5.16xlarge": (32, 2), "m1.small": (1, 1)}
 
 
+def described_instances(parsed: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Each instance in a DescribeInstances answer, across its reservations."""
+    for reservation in parsed.get("Reservations", []):
+        yield from reservation.get("Instances", [])
+
+
 def add_cpu_options(parsed: dict[str, Any], **_: Any) -> None:
     """A botocore after-call hook for DescribeInstances: add CpuOptions as real EC2 sends them."""
-    for reservation in parsed.get("Reservations", []):
-        for instance in reservation.get("Instances", []):
-            cores, threads = CPU_OPTIONS[instance["InstanceType"]]
-            instance.setdefault("CpuOptions", {"CoreCount": cores, "ThreadsPerCore": threads})
+    for instance in described_instances(parsed):
+        cores, threads = CPU_OPTIONS[instance["InstanceType"]]
+        instance.setdefault("CpuOptions", {"CoreCount": cores, "ThreadsPerCore": threads})
 
 
 def launch_times_from(path: Path) -> Any:
@@ -28,9 +34,8 @@ def launch_times_from(path: Path) -> Any:
 
     def hook(parsed: dict[str, Any], **_: Any) -> None:
         launched = json.loads(path.read_text()) if path.exists() else {}
-        for reservation in parsed.get("Reservations", []):
-            for instance in reservation.get("Instances", []):
-                if instance["InstanceId"] in launched:
-                    instance["LaunchTime"] = datetime.fromisoformat(launched[instance["InstanceId"]])
+        for instance in described_instances(parsed):
+            if instance["InstanceId"] in launched:
+                instance["LaunchTime"] = datetime.fromisoformat(launched[instance["InstanceId"]])
 
     return hook

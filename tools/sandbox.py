@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import boto3
 
 import backend_orchestrator as bo
 from examples.reference_backend import ReferenceBackend
-from tools.harness import REGION, MotoServer, RealContext, RealEc2, free_port, invoke, published_periods
+from tools.harness import REGION, MotoServer, RealContext, RealEc2, free_port, invoke, moto_state, published_periods
 
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing"}
 TEXT_TYPES = ("text/", "application/json", "application/xml", "application/x-www-form-urlencoded")
@@ -275,12 +276,8 @@ class Sandbox:
         # The function's clients come from the default session: real EC2's behaviour is played on them (RealEc2).
         self.ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=self.moto_url)
 
-        def moto_state(instance_id: str) -> str:  # asked only when no transient state is shown instead
-            described = self.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
-            return str(described["State"]["Name"])
-
         changed = threading.Event()  # set after each start or stop the function's clients make: the host looks at once
-        self.real_ec2 = RealEc2(lambda: datetime.now(UTC), moto_state, on_change=changed.set)
+        self.real_ec2 = RealEc2(lambda: datetime.now(UTC), partial(moto_state, self.ec2), on_change=changed.set)
         self._stack.callback(self.real_ec2.install(boto3.DEFAULT_SESSION.events))  # type: ignore[union-attr]
         launched = self.ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1, InstanceType="c6i.xlarge")
         self.instance_id = launched["Instances"][0]["InstanceId"]
