@@ -66,7 +66,8 @@ MAX_ACTIVITY_BYTES: Final = 64 * 1024  # the whole activity answer: status line,
 MAX_STATUS_LINE_BYTES: Final = 1024  # all the health probe reads
 HEALTH_TIMEOUT_SECONDS: Final = 2.0  # status answers the app's wake loop: a slow probe is a slow wake
 STOPPING_POLL_SECONDS: Final = 3.0
-ANSWER_MARGIN_SECONDS: Final = 2.0  # kept back from the context's remaining time, to log and answer
+ANSWER_MARGIN_SECONDS: Final = 2.0  # kept back from the context's remaining time, to log and answer (at most)
+ANSWER_MARGIN_SHARE: Final = 0.2  # of a shorter invocation's time: 0.6 s of Lambda's default 3 s
 RETRY_AFTER_SECONDS: Final = 10
 CAPACITY_RETRY_AFTER_SECONDS: Final = 30  # EC2 capacity comes back in minutes, not seconds
 DEFAULT_REMAINING_MS: Final = 60_000  # invoked without a Lambda context (local use)
@@ -74,11 +75,16 @@ EPOCH_MILLISECONDS_ABOVE: Final = 1e11  # 1e11 s is the year 5138; 1e11 ms is 19
 AWS_CONNECT_TIMEOUT_SECONDS: Final = 2
 AWS_READ_TIMEOUT_SECONDS: Final = 5
 AWS_MAX_ATTEMPTS: Final = 3
+# The least time an AWS call is attempted with: an EC2 or CloudWatch call from Lambda takes about a tenth of a second
+# (178 ms for three at 128 MB, cold: docs/deploy.md), so a short timeout still gets one attempt of what is left.
+AWS_MIN_ATTEMPT_SECONDS: Final = 0.4
+RECOMMENDED_TIMEOUT_SECONDS: Final = 60  # the template's: every action with its retries and waits
 # botocore's standard retry mode sleeps rand(0, 1) * min(2**i, 20) s before retry i + 1 (1 s scale for
 # throttling), raised by an x-amz-retry-after header by at most 5 s more (botocore/retries/standard.py).
 AWS_BACKOFF_CAP_SECONDS: Final = 20
 AWS_RETRY_AFTER_EXTRA_SECONDS: Final = 5
 MIN_BACKEND_SECONDS: Final = 1.0  # a backend request given less than this is not worth making
+MIN_UNDRAIN_SECONDS: Final = 0.1  # but "resume work" is: a backend not told waits out its whole drain lease
 METRIC_PERIOD_SECONDS: Final = 300  # EC2's basic monitoring period; detailed monitoring's minutes add up to it
 METRICS_DELAY_SECONDS: Final = 600  # EC2 publishes a period's datapoint minutes after the period ends
 # CPUUtilization averages all vCPUs: one vCPU at full load reads 100 / vCPUs %. Half of that is the most an
@@ -266,7 +272,21 @@ class OutOfTimeError(OrchestratorError, status=503, code="out_of_time", headers=
         self.brief = f"{max(left_seconds, 0):.1f}s left, it may take {needed_seconds:.1f}s"
         super().__init__(
             f"Out of time before {step} ({self.brief}). Retry after {RETRY_AFTER_SECONDS} seconds; if this "
-            "repeats, raise the function's timeout (the README's worst-case table says what each action needs)."
+            "repeats, raise the function's timeout (docs/deploy.md's time bounds table says what each action needs)."
+        )
+
+
+class TimeoutTooShortError(ConfigError, code="timeout_too_short"):
+    """The invocation's whole time cannot hold one attempt of each call the action needs: a retry cannot succeed."""
+
+    def __init__(self, action: Action, whole_seconds: float, needed_seconds: float) -> None:
+        super().__init__(
+            f"The function's timeout ({whole_seconds:.1f} s) is too short for {action}: one attempt of each call it "
+            f"makes needs {needed_seconds:.1f} s. Raise the function's Timeout (Configuration > General "
+            f"configuration in the Lambda console, or Timeout in the template) to {RECOMMENDED_TIMEOUT_SECONDS} s, "
+            "which also fits retries and waits.",
+            timeout_seconds=round(whole_seconds, 1),
+            needed_seconds=round(needed_seconds, 1),
         )
 
 
@@ -325,7 +345,7 @@ class Config:
             except ConfigError as problem:
                 problems.append(problem)
             except (ValueError, OSError, OverflowError) as error:  # what a parser did not foresee: still the variable's
-                how = "set it as the README's configuration table describes"
+                how = "set it as docs/deploy.md's configuration table describes"
                 problems.append(ConfigError(f"{name} could not be read ({type(error).__name__}): {how}."))
         try:
             return cls(**values), problems
@@ -620,15 +640,33 @@ class Clock:
     sleep: Callable[[float], None] = time.sleep
 
 
+def answer_margin(seconds: float) -> float:
+    """What an invocation of `seconds` keeps back to log and answer: ANSWER_MARGIN_SECONDS, or a fifth of a shorter
+    one's time (Lambda's default 3 s keeps 0.6 s; the answer itself takes milliseconds: make bench)."""
+    return min(ANSWER_MARGIN_SECONDS, seconds * ANSWER_MARGIN_SHARE)
+
+
+class Reserve(NamedTuple):
+    """What the calls after a step need: `full`, a whole first attempt each (the timeouts of docs/deploy.md), and
+    `least`, one short attempt each (AWS_MIN_ATTEMPT_SECONDS, the shortest backend request)."""
+
+    full: float
+    least: float
+
+
+NOTHING_AFTER: Final = Reserve(0.0, 0.0)
+
+
 @dataclass(frozen=True)
 class Deadline:
-    """When the invocation must have answered: the context's remaining time less ANSWER_MARGIN_SECONDS.
+    """When the invocation must have answered: the context's remaining time less its answer_margin().
 
     Lambda kills a function at its timeout with no log line and no answer, so every wait (EC2 calls with
     their retries, backend requests, sleeps) is given only the time that fits before this deadline."""
 
     at: float
     clock: Clock
+    whole: float = DEFAULT_REMAINING_MS / 1000  # the context's remaining time when the invocation began
     warning: str | None = None  # the context could not say how much time is left
 
     @classmethod
@@ -642,24 +680,38 @@ class Deadline:
             remaining_ms = error
         is_number = isinstance(remaining_ms, int | float) and not isinstance(remaining_ms, bool)
         seconds = max(min(remaining_ms, 1e9), 0) / 1000 if is_number else math.nan  # type: ignore[call-overload]
+        warning = None
         if not math.isfinite(seconds):
             warning = (
                 f"The Lambda context's get_remaining_time_in_millis() gave {_short(remaining_ms)}, not a number: "
                 f"assumed {DEFAULT_REMAINING_MS // 1000} s. Invoke the handler with the runtime's context."
             )
-            return cls(clock.monotonic() + DEFAULT_REMAINING_MS / 1000 - ANSWER_MARGIN_SECONDS, clock, warning)
-        return cls(clock.monotonic() + seconds - ANSWER_MARGIN_SECONDS, clock)
+            seconds = DEFAULT_REMAINING_MS / 1000
+        return cls(clock.monotonic() + seconds - answer_margin(seconds), clock, seconds, warning)
+
+    @property
+    def budget(self) -> float:
+        """The whole time the invocation may spend before it answers."""
+        return self.whole - answer_margin(self.whole)
 
     def left(self) -> float:
         return self.at - self.clock.monotonic()
 
-    def grant_backend(self, step: str, wanted: float, keep: float = 0.0) -> float:
+    def keep(self, reserve: Reserve, needed: float = 0.0) -> float:
+        """What to set aside for the calls after a step that needs `needed` itself: a whole first attempt each when
+        that still fits, else one short attempt each (a short timeout: no retries, but every call is made)."""
+        return reserve.full if self.left() - reserve.full >= needed else reserve.least
+
+    def grant_backend(
+        self, step: str, wanted: float, keep: Reserve = NOTHING_AFTER, least: float = MIN_BACKEND_SECONDS
+    ) -> float:
         """The seconds a backend request may take: `wanted`, cut to what is left once `keep` is set aside for
-        the calls after it. OutOfTimeError if that is below MIN_BACKEND_SECONDS (or `wanted`, if smaller)."""
-        needed = min(MIN_BACKEND_SECONDS, wanted)
-        granted = min(wanted, self.left() - keep)
+        the calls after it. OutOfTimeError if that is below `least` (or `wanted`, if smaller)."""
+        needed = min(least, wanted)
+        kept = self.keep(keep, needed)
+        granted = min(wanted, self.left() - kept)
         if granted < needed:
-            raise OutOfTimeError(step, self.left() - keep, needed)
+            raise OutOfTimeError(step, self.left() - kept, needed)
         return granted
 
 
@@ -673,6 +725,7 @@ class HttpRequest:
     is_base64: bool
     query: Mapping[str, str]
     authorization: str | None = field(repr=False)
+    iam_caller: str | None = None  # the caller IAM verified (an AWS_IAM Function URL): no token is asked of it
 
 
 class EventRequest(NamedTuple):
@@ -703,6 +756,7 @@ def parse_event(event: object, over_http: bool) -> HttpRequest | EventRequest:
             is_base64=_member(event, "isBase64Encoded", bool, False),
             query=_member(event, "queryStringParameters", dict, {}),
             authorization=authorization,
+            iam_caller=None if fields is event else _iam_caller(event["requestContext"]),
         )
     if "requestContext" in event:
         raise UnsupportedEventError(
@@ -723,6 +777,18 @@ def parse_event(event: object, over_http: bool) -> HttpRequest | EventRequest:
             'set the target\'s input to a constant such as {"action": "check_idle"}.'
         )
     return EventRequest(Source.DIRECT, Action.START)
+
+
+def _iam_caller(request_context: Mapping[str, Any]) -> str | None:
+    """Who IAM verified, for a payload 2.0 event behind an AWS_IAM Function URL (or HTTP API): Lambda puts the caller
+    in requestContext.authorizer.iam after checking the SigV4 signature, and no caller can set it. None otherwise.
+    https://docs.aws.amazon.com/lambda/latest/dg/urls-invocation.html#urls-request-payload"""
+    authorizer = request_context.get("authorizer")
+    iam = authorizer.get("iam") if isinstance(authorizer, dict) else None
+    if not isinstance(iam, dict) or not iam:
+        return None
+    named = (iam.get(key) for key in ("userArn", "callerId", "accountId"))
+    return next((value for value in named if isinstance(value, str) and value), "an IAM principal")
 
 
 def _member(event: Mapping[str, Any], name: str, kind: type[T], default: T) -> T:
@@ -1150,23 +1216,28 @@ def aws_call_seconds(attempts: int) -> float:
     return attempts * (AWS_CONNECT_TIMEOUT_SECONDS + AWS_READ_TIMEOUT_SECONDS) + backoff
 
 
-def stop_seconds(config: Config) -> float:
-    """What a stop may take at the least: one StopInstances, and one more for a refused hibernation."""
-    return aws_call_seconds(1) * (2 if config.stop_hibernate else 1)
+def stop_seconds(config: Config, attempt: float | None = None) -> float:
+    """What a stop may take at the least: one StopInstances, and one more for a refused hibernation; each a whole
+    first attempt, or `attempt` seconds."""
+    return (aws_call_seconds(1) if attempt is None else attempt) * (2 if config.stop_hibernate else 1)
 
 
-def reserve(step: str, config: Config) -> float:
-    """The time budget's one owner: what must still be left after `step` for the calls that may follow it. A backend
-    request is granted only what leaves this (Deadline.grant_backend); an AWS call takes the attempts that fit."""
+def reserve(step: str, config: Config) -> Reserve:
+    """The time budget's one owner: what must still be left after `step` for the calls that may follow it, with a
+    whole first attempt each and with one short attempt each. A backend request is granted only what leaves this
+    (Deadline.grant_backend); an AWS call takes the attempts that fit (aws_call)."""
+    least_read = min(MIN_BACKEND_SECONDS, config.http_timeout_seconds)
     match step:
-        case "activity":  # GetMetricData (fallback on) and one StopInstances; or the shortest drain and the whole stop
-            fallback = aws_call_seconds(1) if config.idle_cpu_percent > 0 else 0.0
-            drain = min(MIN_BACKEND_SECONDS, config.http_timeout_seconds) + stop_seconds(config)
-            return max(fallback + aws_call_seconds(1), drain if config.drain_path else 0.0)
+        case "activity":  # GetMetricData (fallback on) and the stop; or the shortest drain and the whole stop
+            calls = (1 if config.idle_cpu_percent > 0 else 0) + (2 if config.stop_hibernate else 1)
+            drain = (least_read + stop_seconds(config), least_read + stop_seconds(config, AWS_MIN_ATTEMPT_SECONDS))
+            full, least = calls * aws_call_seconds(1), calls * AWS_MIN_ATTEMPT_SECONDS
+            return Reserve(max(full, drain[0]), max(least, drain[1])) if config.drain_path else Reserve(full, least)
         case "drain":  # the whole stop: a drained backend must not be left without it
-            return stop_seconds(config)
+            return Reserve(stop_seconds(config), stop_seconds(config, AWS_MIN_ATTEMPT_SECONDS))
         case "wait_for_stopped":  # the wait itself, then a Describe and a StartInstances
-            return STOPPING_POLL_SECONDS + 2 * aws_call_seconds(1)
+            poll = STOPPING_POLL_SECONDS
+            return Reserve(poll + 2 * aws_call_seconds(1), poll + 2 * AWS_MIN_ATTEMPT_SECONDS)
     raise ValueError(f"no reserve for {step}")
 
 
@@ -1202,10 +1273,47 @@ def longest_path(action: Action, config: Config, attempts: int = AWS_MAX_ATTEMPT
             return [("DescribeInstances", call), ("4 DryRuns", 4 * call), ("2 GetMetricData", 2 * call), *notice, *gets]
 
 
+def least_path(action: Action, config: Config) -> list[tuple[str, float]]:
+    """The steps `action` cannot do without, each at the least it is attempted with (one short attempt of an AWS call,
+    the shortest backend request). An invocation whose whole time cannot hold them answers timeout_too_short."""
+    call, read = AWS_MIN_ATTEMPT_SECONDS, min(MIN_BACKEND_SECONDS, config.http_timeout_seconds)
+    stop = [("StopInstances", call)] + ([("StopInstances without hibernation", call)] if config.stop_hibernate else [])
+    match action:
+        case Action.START:
+            return [("DescribeInstances", call), ("StartInstances", call)]
+        case Action.CHECK_IDLE:  # then CloudWatch and the stop, or the drain and the stop
+            then = ("GetMetricData or the drain, and StopInstances", reserve("activity", config).least)
+            return [("DescribeInstances", call), ("GET the activity path", read), then]
+        case Action.STOP:
+            return [("DescribeInstances", call)] if config.dry_run else stop
+        case Action.HOLD:
+            return [("DescribeInstances", call), ("CreateTags", call), *stop]
+        case Action.RELEASE:
+            return [("DescribeInstances", call), ("DeleteTags", call)]
+    return [("DescribeInstances", call)]  # status and preflight answer what they could not learn
+
+
+def shortest_timeout(action: Action, config: Config) -> float:
+    """The shortest function timeout, to a tenth of a second up, whose time less its answer_margin() holds
+    least_path(action): below it the action answers timeout_too_short."""
+    return _timeout_for(sum(seconds for _, seconds in least_path(action, config)))
+
+
+def _timeout_for(needed: float) -> float:
+    """The shortest timeout, to a tenth of a second up, whose time less its answer_margin() is `needed`."""
+    whole = min(needed / (1 - ANSWER_MARGIN_SHARE), needed + ANSWER_MARGIN_SECONDS)
+    return math.ceil(whole * 10 - 1e-9) / 10
+
+
+def whole_attempts_timeout(action: Action, config: Config) -> float:
+    """The shortest function timeout at which each call of `action`'s longest path gets a whole first attempt."""
+    needed = sum(seconds for _, seconds in longest_path(action, config, 1) if math.isfinite(seconds))
+    return _timeout_for(needed)
+
+
 def shortest_check_seconds(config: Config) -> float:
     """The shortest function timeout at which check_idle reaches a decision when AWS and the backend answer at once."""
-    activity = min(MIN_BACKEND_SECONDS, config.http_timeout_seconds)
-    return ANSWER_MARGIN_SECONDS + max(aws_call_seconds(1), activity + reserve("activity", config))
+    return shortest_timeout(Action.CHECK_IDLE, config)
 
 
 @cache
@@ -1265,14 +1373,15 @@ def aws_call(
         client = aws_client(service, region)  # built at INIT; were it not, its build is counted before the grant
         left = deadline.left()
         attempts = next((n for n in range(AWS_MAX_ATTEMPTS, 0, -1) if aws_call_seconds(n) <= left), 0)
-        if attempts == 0:
-            raise OutOfTimeError(f"{name} {operation}", left, aws_call_seconds(1))
+        if attempts == 0 and left < AWS_MIN_ATTEMPT_SECONDS:
+            raise OutOfTimeError(f"{name} {operation}", left, AWS_MIN_ATTEMPT_SECONDS)
 
         def attempt() -> T:
-            _GRANT.attempts = attempts
+            _GRANT.attempts = max(attempts, 1)
             return call(client)
 
-        return within(aws_call_seconds(attempts), attempt, f"{name} {operation}")
+        # Too little time for a whole attempt (a short timeout): one attempt of what is left, no retry.
+        return within(aws_call_seconds(attempts) if attempts else left, attempt, f"{name} {operation}")
     except ClientError as error:
         code = str(error.response.get("Error", {}).get("Code"))
         if code in ACCESS_DENIED_CODES:
@@ -1283,7 +1392,7 @@ def aws_call(
                 iam_action=iam_action,
             ) from error
         raise AwsError(
-            f"{name} {operation} on {about} failed with {code}. See the README's troubleshooting table; "
+            f"{name} {operation} on {about} failed with {code}. See docs/deploy.md's troubleshooting table; "
             "throttling and server errors were already retried.",
             aws_error_code=code,
         ) from error
@@ -1486,8 +1595,8 @@ class NotDrainedError(Exception):
     """The backend did not drain (the message says why): it is not stopped this time."""
 
 
-def drain(url: str, http_timeout_seconds: float, deadline: Deadline, keep: float) -> None:
-    """POST the backend's drain endpoint right before a stop, keeping `keep` seconds for the stop. Returns once it
+def drain(url: str, http_timeout_seconds: float, deadline: Deadline, keep: Reserve) -> None:
+    """POST the backend's drain endpoint right before a stop, keeping `keep` for the stop. Returns once it
     drained (it then refuses new work); anything but a 2xx {"drained": true} is a NotDrainedError."""
     seconds = deadline.grant_backend(f"POST {url}", http_timeout_seconds, keep=keep)
     try:
@@ -1509,7 +1618,7 @@ def undrain(url: str, http_timeout_seconds: float, deadline: Deadline) -> str:
     """DELETE the drain ("resume work now") after a stop that did not happen, within what is left; says how it went.
     A backend that cannot be told resumes when its drain lease ends."""
     try:
-        seconds = deadline.grant_backend(f"DELETE {url}", http_timeout_seconds)
+        seconds = deadline.grant_backend(f"DELETE {url}", http_timeout_seconds, least=MIN_UNDRAIN_SECONDS)
         status_code, _ = http_exchange("DELETE", url, seconds, MAX_ACTIVITY_BYTES, deadline.clock.monotonic)
     except (OutOfTimeError, OSError, http.client.HTTPException, ResponseTooLargeError) as error:
         answer = "out of time" if isinstance(error, OutOfTimeError) else type(error).__name__
@@ -1719,9 +1828,10 @@ def start(run: Run) -> Done:
 
 def _start_once_stopped(run: Run, state: str) -> Transition:
     # StartInstances on a stopping instance fails with IncorrectInstanceState (so do shutting-down
-    # and terminated): wait out a stop in progress.
+    # and terminated): wait out a stop in progress, keeping room for the Describe and the StartInstances after it.
+    keep = run.deadline.keep(reserve("wait_for_stopped", run.config))
     while state == "stopping":
-        if run.deadline.left() < reserve("wait_for_stopped", run.config):
+        if run.deadline.left() < keep:
             raise StillStoppingError(
                 f"Instance {run.config.instance_id} is still stopping. Retry start after {RETRY_AFTER_SECONDS} "
                 "seconds.",
@@ -1890,13 +2000,25 @@ def carry_out(run: Run, done: Done) -> Done:
             try:
                 return _stop_unless_dry_run(run, done._replace(drained=True))
             except (AwsError, OutOfTimeError) as error:  # the backend refuses all work now: tell it to resume
-                resumed = undrain(url, config.http_timeout_seconds, run.deadline)
+                resumed = undrain(url, config.http_timeout_seconds, run.deadline) if _not_sent(error) else LEFT_DRAINED
                 reason = f"{verdict.reason}; drained, but StopInstances failed: {error.message} {resumed}"
                 kept = verdict._replace(decision=Decision.KEEP, reason=reason)
                 return done._replace(verdict=kept, drained=True, failure=error)
         case Decision.STOP:
             return _stop_unless_dry_run(run, done)
     return done
+
+
+LEFT_DRAINED: Final = (
+    "StopInstances got no answer and may still stop the instance, so the backend is left drained: it refuses work "
+    "until its lease ends rather than take work the stop would kill."
+)
+
+
+def _not_sent(error: OrchestratorError) -> bool:
+    """Whether a failed call certainly changed nothing: AWS refused it, or it was never made. A call that got no
+    answer (aws_unreachable: cut off, timed out) may still have reached AWS."""
+    return not isinstance(error, AwsUnreachableError)
 
 
 def _start_unless_dry_run(run: Run, done: Done) -> Done:
@@ -2073,6 +2195,9 @@ def notification(done: Done, instance_id: str, uptime_seconds: int | None) -> No
 
 def act(action: Action, config: Config, deadline: Deadline, fields: Mapping[str, Any]) -> Answer:
     """Run the action on the instance, present what it did, and publish its notices to NOTIFY_TOPIC_ARN."""
+    shortest = shortest_timeout(action, config)
+    if deadline.whole < shortest:  # not one attempt of each call would fit: no retry can succeed
+        raise TimeoutTooShortError(action, deadline.whole, shortest)
     run = Run(config, deadline, Ec2(config.region, config.instance_id, deadline), fields)
     match action:
         case Action.START:
@@ -2111,7 +2236,7 @@ class Check(NamedTuple):
 def preflight(settings: Settings, deadline: Deadline, fields: Mapping[str, Any]) -> Answer:
     """Check the deployment without changing anything (no start, stop, tag or drain; SNS only with "notify": true).
     Each check runs within the deadline, and the failure of one never stops the others."""
-    whole_seconds = deadline.left() + ANSWER_MARGIN_SECONDS
+    whole_seconds = deadline.whole
     config, problems = settings.config, (*settings.problems, *_some(settings.token.problem))
     if problems:
         checks = [Check("config", "fail", " | ".join(p.message for p in problems), "fix each variable named above")]
@@ -2276,18 +2401,21 @@ def _keep_warm_check(run: Run, *_: Any) -> Check:
 
 
 def _timeout_check(run: Run, _: Any, whole: float) -> Check:
-    shortest = shortest_check_seconds(run.config)
-    typical = ANSWER_MARGIN_SECONDS + sum(seconds for _, seconds in longest_path(Action.CHECK_IDLE, run.config, 1))
-    detail = (
-        f"the invocation had {whole:.0f} s; a check decides from {shortest:g} s, and needs {typical:g} s when every "
-        "call takes its whole first attempt"
-    )
-    if whole < shortest:
-        fix = f"raise the function's timeout to at least {typical:g} s (60 s fits retries)"
-        return Check("timeout", "fail", detail, fix)
-    if whole < typical:
-        return Check("timeout", "warn", detail, f"raise the function's timeout to {typical:g} s or more")
-    return Check("timeout", "ok", detail)
+    """What start and check_idle can do in the invocation's whole time: nothing, one attempt of each call, or whole
+    first attempts and retries (the recommended 60 s)."""
+    said, worst = [], "ok"
+    for action in (Action.START, Action.CHECK_IDLE):
+        shortest, retried = shortest_timeout(action, run.config), whole_attempts_timeout(action, run.config)
+        if whole < shortest:
+            said.append(f"{action} cannot run (it needs {shortest:g} s)")
+            worst = "fail"
+        elif whole < retried:
+            said.append(f"{action} makes one attempt of each call, no retries (whole attempts need {retried:g} s)")
+            worst = "warn" if worst == "ok" else worst
+        else:
+            said.append(f"{action} has whole first attempts, and retries where they fit")
+    fix = f"raise the function's Timeout to {RECOMMENDED_TIMEOUT_SECONDS} s" if worst != "ok" else None
+    return Check("timeout", worst, f"the invocation had {whole:.1f} s: {'; '.join(said)}", fix)
 
 
 # Each check after config and instance: (run, what DescribeInstances said, the invocation's whole time) -> Check.
@@ -2371,7 +2499,7 @@ def log_invocation(
 ) -> None:
     """The invocation's one log line: what was asked, what happened, why, and how long it took."""
     answer = response.answer
-    fields = {"source": response.source, **body, "status_code": answer.status_code}
+    fields = {"source": response.source, "caller": response.caller, **body, "status_code": answer.status_code}
     fields.update(warnings=list(warnings) or None, aws_request_id=request_id, duration_ms=duration_ms)
     if "error" in body:
         message = body["error"]["message"]
@@ -2426,33 +2554,36 @@ class Response:
     config: Config | None = None  # Settings.valid
     authorized: bool = False  # may see the instance ID: an HTTP caller without the token may not
     bug: Exception | None = None
+    caller: str | None = None  # who IAM verified, behind an AWS_IAM Function URL
 
 
 def respond(event: object, environ: Mapping[str, str], deadline: Deadline) -> Response:
     """Classify, authorise, configure and act; every failure becomes a Response that says what to fix."""
     over_http = _is_http(event)  # the one look at the event's shape: it also decides how the answer is rendered
-    source, action, settings, authorized = None, None, None, False
+    source, action, settings, authorized, caller = None, None, None, False, None
     try:
         request = parse_event(event, over_http)
         source = Source.HTTP if isinstance(request, HttpRequest) else request.source
+        caller = request.iam_caller if isinstance(request, HttpRequest) else None
         settings = Settings.from_env(environ)
-        if isinstance(request, HttpRequest):
+        if isinstance(request, HttpRequest) and request.iam_caller is None:  # IAM checked its signature instead
             settings.token.admit(request.authorization)
         authorized = True  # direct and scheduled invocations need no token
         if isinstance(request, EventRequest) and request.action is Action.PREFLIGHT:  # lists every bad variable
             answer = preflight(settings, deadline, request.fields)
-            return Response(answer, over_http, source, Action.PREFLIGHT, settings.valid, authorized)
+            return Response(answer, over_http, source, Action.PREFLIGHT, settings.valid, authorized, caller=caller)
         config = settings.required()
         action = http_action(request) if isinstance(request, HttpRequest) else request.action
         answer = act(action, config, deadline, request.fields if isinstance(request, EventRequest) else {})
         if isinstance(request, EventRequest) and request.warning:
             answer = answer._replace(warnings=(request.warning, *answer.warnings))
     except OrchestratorError as error:
-        return Response(_failure(error), over_http, source, action, settings and settings.valid, authorized)
+        valid = settings and settings.valid
+        return Response(_failure(error), over_http, source, action, valid, authorized, caller=caller)
     except Exception as bug:  # noqa: BLE001 - the one broad catch: a bug is logged with its traceback, answered 500
         failure = _failure(OrchestratorError("Unexpected error: the function's log has the traceback."))
-        return Response(failure, over_http, source, action, settings and settings.valid, authorized, bug)
-    return Response(answer, over_http, source, action, config, authorized)
+        return Response(failure, over_http, source, action, settings and settings.valid, authorized, bug, caller)
+    return Response(answer, over_http, source, action, config, authorized, caller=caller)
 
 
 def _failure(error: OrchestratorError) -> Answer:

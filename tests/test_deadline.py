@@ -31,16 +31,40 @@ def handle(event: Any, env: dict[str, str], clock: FakeClock, timeout_seconds: f
     return invoke_handler(event, {**env, **overrides}, clock=clock, timeout_seconds=timeout_seconds)
 
 
-def test_start_without_time_for_one_call_is_503_and_calls_nothing(
-    ec2: Ec2World, env: dict[str, str], clock: FakeClock, log_lines: Any
+@pytest.mark.parametrize("action", ["start", "check_idle"])
+def test_a_timeout_too_short_for_one_attempt_of_each_call_says_to_raise_it_and_calls_nothing(
+    ec2: Ec2World, env: dict[str, str], clock: FakeClock, log_lines: Any, action: str
 ) -> None:
     ec2.set_state("stopped")
-    response = handle(http_event(), env, clock, bo.ANSWER_MARGIN_SECONDS + ONE_CALL - 0.1)
+    shortest = bo.shortest_timeout(bo.Action(action), bo.Config.from_env(env))
+    event = http_event() if action == "start" else {"action": action}
+    response = handle(event, env, clock, shortest - 0.1)
+    body = body_of(response)
+    assert (body["error"]["code"], response.get("statusCode", 500)) == ("timeout_too_short", 500)
+    assert "Retry-After" not in response.get("headers", {})  # a retry cannot succeed
+    message = body["error"]["message"]
+    assert "Raise the function's Timeout" in message
+    assert f"to {bo.RECOMMENDED_TIMEOUT_SECONDS} s" in message
+    assert (body["timeout_seconds"], body["needed_seconds"]) == (round(shortest - 0.1, 1), shortest)
+    assert ec2.calls == []
+    assert ec2.state() == "stopped"
+    line, emf = log_lines()
+    assert (line["level"], emf["Errors"]) == ("ERROR", 1)
+
+
+def test_start_out_of_time_after_a_slow_describe_is_503_with_retry_after(
+    ec2: Ec2World, env: dict[str, str], clock: FakeClock, log_lines: Any
+) -> None:
+    # The timeout holds one attempt of each call, but EC2 took its time over the Describe: the StartInstances that
+    # would follow has less than its shortest attempt left. Nothing was half done, and a retry may well succeed.
+    ec2.set_state("stopped")
+    ec2.on_function_calls("after-call.ec2.DescribeInstances", lambda **_: clock.advance(2.0))
+    response = handle(http_event(), env, clock, 3.0)  # 2.4 s to spend, 2 s of it on the Describe
     assert response["statusCode"] == 503
     assert response["headers"]["Retry-After"] == str(bo.RETRY_AFTER_SECONDS)
     assert body_of(response)["error"]["code"] == "out_of_time"
-    assert "EC2 DescribeInstances" in body_of(response)["error"]["message"]
-    assert ec2.calls == []
+    assert "Out of time before EC2 StartInstances" in body_of(response)["error"]["message"]
+    assert ec2.calls == ["DescribeInstances"]
     assert ec2.state() == "stopped"
     assert log_lines()[0]["level"] == "ERROR"
 
@@ -49,8 +73,9 @@ def test_check_idle_without_time_for_the_calls_after_the_read_keeps_and_reads_no
     long_running: Ec2World, env: dict[str, str], clock: FakeClock, backend: ScriptedBackend, log_lines: Any
 ) -> None:
     backend.answer(ACTIVITY_PATH, Answer.json({"idle_seconds": 5000}))
-    # Describe fits; the read does not, since GetMetricData and StopInstances must fit after it.
-    body = handle(CHECK, env, clock, bo.ANSWER_MARGIN_SECONDS + 2 * ONE_CALL)
+    # A slow Describe leaves less than the shortest read and one short attempt of GetMetricData and StopInstances.
+    long_running.on_function_calls("after-call.ec2.DescribeInstances", lambda **_: clock.advance(1.0))
+    body = handle(CHECK, env, clock, 3.0)  # 2.4 s to spend: 1.4 s after the Describe, 1.8 s needed
     assert (body["decision"], body["signal"]) == ("keep", "deadline")
     assert body["reason"].startswith(f"out of time before GET {backend.url}{ACTIVITY_PATH}")
     assert long_running.calls == ["DescribeInstances"]
@@ -64,16 +89,16 @@ def test_check_idle_without_time_for_the_hibernation_fallback_keeps_and_says_so(
     long_running: Ec2World, env: dict[str, str], clock: FakeClock, backend: ScriptedBackend
 ) -> None:
     # The read leaves the stop its time by construction; a refused hibernation that was slow to come back
-    # (injected: moto hibernates anything) leaves none for the plain stop that should follow.
+    # (injected: moto hibernates anything) leaves less than one short attempt for the plain stop that should follow.
     def refuse_slowly(params: dict[str, Any], **_: Any) -> Any:
         if params["body"].get("Hibernate") == "true":
-            clock.advance(ONE_CALL)
+            clock.advance(8.3)
             return ec2_error("UnsupportedHibernationConfiguration", "The instance is not configured for hibernation.")
         return None
 
     long_running.on_function_calls("before-call.ec2.StopInstances", refuse_slowly)
     backend.answer(ACTIVITY_PATH, Answer.json({"idle_seconds": 5000}))
-    context_seconds = bo.ANSWER_MARGIN_SECONDS + ONE_CALL + 1.5  # Describe, a 1.5 s read, one StopInstances
+    context_seconds = bo.ANSWER_MARGIN_SECONDS + ONE_CALL + 1.5  # 8.5 s to spend; the refusal takes 8.3 s of it
     body = handle(CHECK, env, clock, context_seconds, IDLE_CPU_PERCENT="0", STOP_HIBERNATE="true")
     assert (body["decision"], body["signal"]) == ("keep", "deadline")
     assert "over the 900s timeout, but out of time before EC2 StopInstances" in body["reason"]
@@ -125,7 +150,7 @@ def test_a_context_that_cannot_say_its_time_gets_the_default_with_a_warning(
 
 
 @pytest.mark.parametrize(
-    ("fallback", "shortest"), [pytest.param("5", 17, id="fallback-on"), pytest.param("0", 10, id="fallback-off")]
+    ("fallback", "shortest"), [pytest.param("5", 2.8, id="fallback-on"), pytest.param("0", 2.3, id="fallback-off")]
 )
 def test_check_idle_decides_at_the_shortest_timeout_and_not_below(
     long_running: Ec2World,
@@ -139,11 +164,11 @@ def test_check_idle_decides_at_the_shortest_timeout_and_not_below(
     backend.answer(ACTIVITY_PATH, Answer.json({"idle_seconds": 5000}))
     assert bo.shortest_check_seconds(bo.Config.from_env({**env, "IDLE_CPU_PERCENT": fallback})) == shortest
     below = handle(CHECK, env, clock, shortest - 0.1, IDLE_CPU_PERCENT=fallback)
-    assert (below["decision"], below["signal"]) == ("keep", "deadline")
+    assert below["error"]["code"] == "timeout_too_short"
     assert long_running.state() == "running"
     at = handle(CHECK, env, clock, shortest, IDLE_CPU_PERCENT=fallback)
     assert (at["decision"], at["signal"]) == ("stop", "activity")
-    assert [line.get("OutOfTime") for line in log_lines() if "_aws" in line] == [1, None]
+    assert [line.get("Errors") for line in log_lines() if "_aws" in line] == [1, None]
 
 
 def test_the_deploy_doc_states_the_shortest_deciding_timeouts() -> None:

@@ -189,6 +189,10 @@ def test_the_deploy_doc_carries_the_worst_case_table_for_the_templates_timeout()
     assert max(answered_within) == timeout - bo.ANSWER_MARGIN_SECONDS < timeout
 
 
+def test_the_deploy_doc_carries_each_actions_shortest_timeout() -> None:
+    assert bench.timeouts_table() in (ROOT / "docs" / "deploy.md").read_text()
+
+
 def template_accepts(parameter: str, value: str) -> bool:
     return re.fullmatch(load_template()["Parameters"][parameter]["AllowedPattern"], value) is not None
 

@@ -160,6 +160,55 @@ def test_right_token_in_any_header_case_is_accepted(invoke: Invoke, ec2: Ec2Worl
     assert "s3cret-token-1234" not in str(response) + str(log_lines())
 
 
+def test_a_caller_iam_verified_needs_no_token_and_its_signature_is_neither_read_nor_logged(
+    invoke: Invoke, ec2: Ec2World, log_lines
+) -> None:
+    # Behind an AWS_IAM Function URL, Lambda checks the SigV4 signature and puts the caller in
+    # requestContext.authorizer.iam; the Authorization header then holds the signature, not a bearer token.
+    ec2.set_state("stopped")
+    event = load_event("function_url_start_iam")
+    response = invoke(event, AUTH_TOKEN="s3cret-token-1234")
+    assert response["statusCode"] == 202, body_of(response)
+    assert ec2.state() in ("pending", "running")
+    [line, _] = log_lines()
+    assert line["caller"] == "arn:aws:sts::123456789012:assumed-role/pyelli-app-task/1f3c"  # who woke it
+    signature = event["headers"]["authorization"]
+    assert signature.split("Signature=")[1] not in str(response) + str(line)
+    assert "AWS4-HMAC-SHA256" not in str(line)
+
+
+@pytest.mark.parametrize(
+    "authorizer",
+    [
+        pytest.param(None, id="no-authorizer"),
+        pytest.param({}, id="empty-authorizer"),
+        pytest.param({"iam": {}}, id="empty-iam"),
+        pytest.param({"iam": "arn:aws:iam::123456789012:root"}, id="iam-not-an-object"),
+        pytest.param({"jwt": {"claims": {"sub": "x"}}}, id="another-authorizer"),
+    ],
+)
+def test_the_same_signed_event_without_an_iam_caller_still_needs_the_token(
+    invoke: Invoke, ec2: Ec2World, log_lines, authorizer: object
+) -> None:
+    ec2.set_state("stopped")
+    event = load_event("function_url_start_iam")
+    if authorizer is None:
+        del event["requestContext"]["authorizer"]
+    else:
+        event["requestContext"]["authorizer"] = authorizer
+    response = invoke(event, AUTH_TOKEN="s3cret-token-1234")
+    assert (response["statusCode"], body_of(response)["error"]["code"]) == (401, "unauthorized")
+    assert ec2.calls == []
+    assert "AWS4-HMAC-SHA256" not in str(response) + str(log_lines())
+
+
+def test_a_rest_api_event_cannot_claim_an_iam_caller(invoke: Invoke, ec2: Ec2World) -> None:
+    # Only payload 2.0 carries requestContext.authorizer.iam; a REST API (1.0) event that holds one still needs the token.
+    event = load_event("apigateway_rest_start")
+    event["requestContext"]["authorizer"] = {"iam": {"userArn": "arn:aws:iam::123456789012:user/mallory"}}
+    assert invoke(event, AUTH_TOKEN="s3cret-token-1234")["statusCode"] == 401
+
+
 def test_direct_invocation_needs_no_token(invoke: Invoke, ec2: Ec2World) -> None:
     ec2.set_state("stopped")
     assert invoke({"action": "start"}, AUTH_TOKEN="s3cret-token-1234")["ok"] is True

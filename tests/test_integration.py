@@ -19,7 +19,18 @@ import requests
 
 import backend_orchestrator as bo
 from examples.wake_backend import Progress, WakeAuthError, WakeServerError, WakeTimeout, wake_backend
-from tests.helpers import Answer, ScriptedBackend, instance_state, invoke_for_real
+from tests.helpers import (
+    HOOKS,
+    REGION,
+    Answer,
+    ScriptedBackend,
+    body_of,
+    http_event,
+    instance_state,
+    invoke_for_real,
+    invoke_handler,
+    stopped_instance,
+)
 from tools.demo import Timeline, run_demo
 from tools.sandbox import Sandbox
 
@@ -39,6 +50,48 @@ def test_the_whole_life_cycle() -> None:
     assert "CPU max 0.8% < 5%" in checks[-1]
     assert [row[2] for row in timeline.rows if row[1] == "done"] == ["stopped", "stopped"]
     assert [row[1] for row in timeline.rows if row[0] == "app"][-2:] == ["healthy", "POST /api/jobs"]
+
+
+# --- The original console recipe: Lambda's default timeout of 3 s, no token, the schedule ------------------------
+LAMBDAS_DEFAULT_TIMEOUT = 3.0
+
+
+@pytest.fixture
+def attempts() -> dict[str, int]:
+    """How many attempts of each AWS operation the function's clients sent (a before-send per attempt)."""
+    sent: dict[str, int] = {}
+
+    def count(model: Any, **_: Any) -> None:
+        sent[model.name] = sent.get(model.name, 0) + 1
+
+    HOOKS.events.register("before-call", count)
+    HOOKS.events.register("before-send", lambda request, **_: sent.__setitem__("sends", sent.get("sends", 0) + 1))
+    return sent
+
+
+def test_with_lambdas_default_3_seconds_start_starts_a_stopped_instance(
+    moto_url: str, backend: ScriptedBackend, attempts: dict[str, int]
+) -> None:
+    instance_id = stopped_instance(moto_url)
+    environ = {"INSTANCE_ID": instance_id, "AWS_REGION": REGION, "BACKEND_BASE_URL": backend.url}
+    bo.warm_clients(environ)  # INIT, as Lambda runs it
+    response = invoke_handler(http_event(), environ, timeout_seconds=LAMBDAS_DEFAULT_TIMEOUT)  # the real context
+    assert response["statusCode"] == 202, response
+    assert body_of(response)["previous_state"] == "stopped"
+    assert instance_state(moto_url, instance_id) == "running"
+    assert attempts == {"DescribeInstances": 1, "StartInstances": 1, "sends": 2}  # one attempt of each call
+
+
+def test_with_lambdas_default_3_seconds_check_idle_stops_an_idle_instance(
+    running: str, moto_url: str, backend: ScriptedBackend, attempts: dict[str, int]
+) -> None:
+    backend.answer("/api/last-activity", Answer.json({"idle_seconds": 5000}))
+    time.sleep(1.2)  # moto launched the instance just now: let it be idle past a 1 s timeout
+    body = invoke_for_real("check_idle", running, backend.url, LAMBDAS_DEFAULT_TIMEOUT, IDLE_TIMEOUT_SECONDS="1")
+    assert (body["decision"], body["signal"]) == ("stop", "activity"), body
+    assert instance_state(moto_url, running) == "stopped"
+    assert attempts == {"DescribeInstances": 1, "StopInstances": 1, "sends": 2}
+    assert [call.path for call in backend.calls] == ["/api/last-activity"]
 
 
 # --- A running instance in moto's server, and backends that misbehave -----------------------------------

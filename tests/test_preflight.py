@@ -206,15 +206,30 @@ def test_preflight_is_refused_over_http(invoke: Invoke, healthy: Ec2World) -> No
     assert (response["statusCode"], body_of(response)["error"]["code"]) == (403, "action_not_allowed")
 
 
-@pytest.mark.parametrize(("seconds", "status"), [(60, "ok"), (20, "warn"), (8, "fail")])
-def test_the_timeout_is_judged_against_what_one_check_needs(
-    healthy: Ec2World, env: dict[str, str], clock: FakeClock, seconds: float, status: str
+@pytest.mark.parametrize(
+    ("seconds", "status", "said"),
+    [
+        pytest.param(60, "ok", "check_idle has whole first attempts", id="recommended"),
+        pytest.param(20, "warn", "check_idle makes one attempt of each call, no retries", id="no-retries"),
+        pytest.param(3, "warn", "start makes one attempt of each call", id="lambdas-default"),
+        pytest.param(2, "fail", "check_idle cannot run (it needs 2.8 s)", id="too-short-to-decide"),
+        pytest.param(0.4, "fail", "start cannot run (it needs 1 s)", id="too-short-for-anything"),
+    ],
+)
+def test_the_timeout_says_what_each_action_can_do(
+    healthy: Ec2World, env: dict[str, str], clock: FakeClock, seconds: float, status: str, said: str
 ) -> None:
     body = bo.handle(PREFLIGHT, FakeContext(clock, seconds), env, clock=clock.as_clock())
-    assert check(body, "timeout")["status"] == status
-    if seconds < 9:  # too short for one AWS call too: those checks answer skip, out of time, and the answer comes
+    timeout = check(body, "timeout")
+    assert timeout["status"] == status
+    assert said in timeout["detail"]
+    if status != "ok":
+        assert timeout["fix"] == f"raise the function's Timeout to {bo.RECOMMENDED_TIMEOUT_SECONDS} s"
+    if seconds < 0.5:  # too short for one AWS call too: those checks answer skip, out of time, and the answer comes
         assert check(body, "instance")["status"] == "skip"
         assert "out of time" in check(body, "instance")["detail"]
+    else:
+        assert check(body, "instance")["status"] == "ok"
 
 
 # --- As an IAM principal that holds iam-policy-example.json's actions (moto's IAM) -----------------------------

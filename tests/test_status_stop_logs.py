@@ -226,6 +226,7 @@ class _Body:
         pytest.param(60, 3, id="plenty-of-time"),
         pytest.param(bo.aws_call_seconds(2) + bo.ANSWER_MARGIN_SECONDS, 2, id="two-attempts-fit"),
         pytest.param(bo.aws_call_seconds(2) + bo.ANSWER_MARGIN_SECONDS - 0.1, 1, id="one-attempt-fits"),
+        pytest.param(3, 1, id="lambdas-default-3s-one-short-attempt"),
     ],
 )
 def test_an_ec2_call_makes_only_the_attempts_that_fit_the_time_left(

@@ -40,7 +40,7 @@ def worst_case_table(timeout_seconds: float = TEMPLATE_TIMEOUT_SECONDS) -> str:
     import backend_orchestrator as bo
 
     config = bo.Config.from_env(LONGEST_ENVIRONMENT)
-    budget = timeout_seconds - bo.ANSWER_MARGIN_SECONDS
+    budget = timeout_seconds - bo.answer_margin(timeout_seconds)
     call = bo.aws_call_seconds(bo.AWS_MAX_ATTEMPTS)
     backoff = call - bo.AWS_MAX_ATTEMPTS * (bo.AWS_CONNECT_TIMEOUT_SECONDS + bo.AWS_READ_TIMEOUT_SECONDS)
     lines = [
@@ -56,6 +56,20 @@ def worst_case_table(timeout_seconds: float = TEMPLATE_TIMEOUT_SECONDS) -> str:
         shown = ", ".join(step if math.isinf(seconds) else f"{step} {seconds:g} s" for step, seconds in steps)
         sum_text = "no bound" if math.isinf(total) else f"{total:g} s"
         lines.append(f"| `{action}` | {shown} | {sum_text} | {min(total, budget):g} s |")
+    return "\n".join(lines)
+
+
+def timeouts_table() -> str:
+    """Each action's shortest timeout and the one from which its calls get whole first attempts (docs/deploy.md)."""
+    sys.path.insert(0, str(ROOT / "lambda"))
+    import backend_orchestrator as bo
+
+    config = bo.Config.from_env({"INSTANCE_ID": "i-0abc123def4567890"})
+    lines = ["| action | `timeout_too_short` below | whole first attempts from |", "|---|---|---|"]
+    for action in bo.Action:
+        if action is not bo.Action.PREFLIGHT:  # it answers what it could check, whatever the time
+            shortest, whole = bo.shortest_timeout(action, config), bo.whole_attempts_timeout(action, config)
+            lines.append(f"| `{action}` | {shortest:g} s | {whole:g} s |")
     return "\n".join(lines)
 
 
@@ -169,6 +183,9 @@ def wake_overshoot(boot_delays: tuple[float, ...] = (2.0, 3.3, 4.7), runs: int =
 if __name__ == "__main__":
     print("worst-case wall time per action (docs/deploy.md, 'Time bounds'):")
     print(worst_case_table())
+    print()
+    print("each action's shortest timeout (docs/deploy.md, 'Time bounds'):")
+    print(timeouts_table())
     print()
     wake_overshoot()
     print()
