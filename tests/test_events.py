@@ -203,7 +203,7 @@ def test_the_same_signed_event_without_an_iam_caller_still_needs_the_token(
 
 
 def test_a_rest_api_event_cannot_claim_an_iam_caller(invoke: Invoke, ec2: Ec2World) -> None:
-    # Only payload 2.0 carries requestContext.authorizer.iam; a REST API (1.0) event that holds one still needs the token.
+    # Only payload 2.0 carries requestContext.authorizer.iam: a REST API (1.0) event that holds one needs the token.
     event = load_event("apigateway_rest_start")
     event["requestContext"]["authorizer"] = {"iam": {"userArn": "arn:aws:iam::123456789012:user/mallory"}}
     assert invoke(event, AUTH_TOKEN="s3cret-token-1234")["statusCode"] == 401
