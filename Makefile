@@ -57,14 +57,21 @@ validate: $(STAMP)
 	$(BIN)/cfn-lint template.yaml
 	$(BIN)/python -m tools.lint_policy
 
-# Build, check, and deploy with AWS SAM: guided the first time (it writes samconfig.toml).
-deploy: package validate $(DEPLOY_VENV)/.installed
-	@if [ -f samconfig.toml ]; then $(DEPLOY_VENV)/bin/sam deploy; \
-	else $(DEPLOY_VENV)/bin/sam deploy --guided --capabilities CAPABILITY_IAM; fi
+# Deploy with AWS SAM (docs/deploy.md, "Deploy in ten minutes"). Before anything is installed: AWS credentials and a
+# region, then a first deploy's four questions (or INSTANCE_ID, BACKEND_BASE_URL, AUTH_TYPE, ALARM_EMAIL), saved in
+# samconfig.toml. Then the zip for LAMBDA_PYTHON and LAMBDA_ARCH, the linters, sam deploy with that runtime, and
+# make preflight. STACK=<name> for another stack than backend-orchestrator.
+deploy:
+	$(PYTHON) -m tools.deploy prepare --python $(LAMBDA_PYTHON) --arch $(LAMBDA_ARCH)
+	$(MAKE) package validate $(DEPLOY_VENV)/.installed
+	$(PYTHON) -m tools.deploy run --sam $(DEPLOY_VENV)/bin/sam --python $(LAMBDA_PYTHON) --arch $(LAMBDA_ARCH)
 	$(MAKE) preflight
 
-# The deployed function checks itself: permissions (DryRun), paths, settings, the backend. FUNCTION=<name> NOTIFY=true
-preflight: $(STAMP)
+# The deployed function checks itself: permissions (DryRun), paths, settings, the backend. FUNCTION=<name> NOTIFY=true;
+# the stack and region of the last make deploy. Credentials and a region are checked before anything is installed.
+preflight:
+	$(PYTHON) -m tools.deploy check
+	$(MAKE) $(STAMP)
 	$(BIN)/python -m tools.preflight
 
 $(DEPLOY_VENV)/.installed: requirements-deploy.txt

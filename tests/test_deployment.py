@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 import re
 import subprocess
@@ -178,6 +179,79 @@ def test_a_public_url_gets_both_permissions_and_needs_a_token() -> None:
     assert rule["RuleCondition"] == {"Fn::Equals": [{"Ref": "FunctionUrlAuthType"}, "NONE"]}
     assert template["Parameters"]["FunctionUrlAuthType"]["Default"] == "AWS_IAM"
     assert template["Parameters"]["AuthToken"]["NoEcho"] is True
+
+
+NO_VALUE = object()  # AWS::NoValue: the property is left out
+
+
+def render(node: Any, template: dict[str, Any], parameters: dict[str, str]) -> Any:
+    """`node` as CloudFormation renders it for these parameter values (the defaults for the others): Ref, the
+    condition functions and Fn::If resolved; other intrinsics (a resource's Ref, !Sub) left as they are. The template
+    is the one cfn-lint decodes, so YAML's short forms read as CloudFormation reads them."""
+    values = {name: spec.get("Default") for name, spec in template["Parameters"].items()} | parameters
+    conditions = template["Conditions"]
+
+    def resolve(item: Any) -> Any:
+        if isinstance(item, list):
+            return [value for value in map(resolve, item) if value is not NO_VALUE]
+        if not isinstance(item, dict):
+            return item
+        if len(item) != 1:
+            return {key: value for key, value in ((k, resolve(v)) for k, v in item.items()) if value is not NO_VALUE}
+        [(function, argument)] = item.items()
+        match function:
+            case "Ref" if argument == "AWS::NoValue":
+                return NO_VALUE
+            case "Ref" if argument in values:
+                return values[argument]
+            case "Condition":
+                return resolve(conditions[argument])
+            case "Fn::Equals":
+                return resolve(argument[0]) == resolve(argument[1])
+            case "Fn::Not":
+                return not resolve(argument[0])
+            case "Fn::And" | "Fn::Or":
+                found = [resolve(part) for part in argument]
+                return all(found) if function == "Fn::And" else any(found)
+            case "Fn::If":
+                name, then, otherwise = argument
+                return resolve(then if resolve(conditions[name]) else otherwise)
+        return {function: resolve(argument)}
+
+    return resolve(node)
+
+
+@pytest.mark.parametrize(
+    ("auth_type", "token", "auth_token"),
+    [
+        pytest.param("AWS_IAM", "", None, id="iam-no-token"),
+        pytest.param("AWS_IAM", "x" * 32, None, id="iam-token-ignored"),
+        pytest.param("NONE", "y" * 32, "y" * 32, id="public-with-token"),
+    ],
+)
+def test_the_template_sets_auth_token_only_for_a_public_url(auth_type: str, token: str, auth_token: str | None) -> None:
+    template = load_template()
+    parameters = {"FunctionUrlAuthType": auth_type, "AuthToken": token, "InstanceId": "i-0abc123def4567890"}
+    variables = render(template["Resources"]["Function"]["Properties"]["Environment"]["Variables"], template, parameters)
+    assert variables.get("AUTH_TOKEN") == auth_token
+    assert variables["INSTANCE_ID"] == "i-0abc123def4567890"  # the renderer resolved the rest
+
+
+@pytest.mark.parametrize(
+    ("auth_type", "token", "refused"),
+    [("NONE", "", True), ("NONE", "y" * 32, False), ("AWS_IAM", "", False)],
+    ids=["public-without-token", "public-with-token", "iam-without-token"],
+)
+def test_a_public_url_without_a_token_is_refused_by_a_rule(auth_type: str, token: str, refused: bool) -> None:
+    template = load_template()
+    parameters = {"FunctionUrlAuthType": auth_type, "AuthToken": token}
+    failed = [
+        name
+        for name, rule in template["Rules"].items()
+        if render(rule.get("RuleCondition", True), template, parameters)
+        and not all(render(check["Assert"], template, parameters) for check in rule["Assertions"])
+    ]
+    assert failed == (["PublicUrlNeedsToken"] if refused else [])
 
 
 def test_the_deploy_doc_carries_the_worst_case_table_for_the_templates_timeout() -> None:
@@ -464,6 +538,29 @@ def test_hold_tags_are_allowed_on_the_instance_only_and_for_the_orchestrators_ke
         keys = tagging["Condition"]["ForAllValues:StringLike"]["aws:TagKeys"]
         assert keys == ["backend-orchestrator:*"], name
         assert all(tag.startswith(keys[0].rstrip("*")) for tag in bo.HOLD_TAGS)
+        condition = tagging["Condition"]
+        assert allows_tag_keys(condition, list(bo.HOLD_TAGS)), name
+        assert not allows_tag_keys(condition, []), f"{name}: DeleteTags with no keys deletes every tag"
+        assert not allows_tag_keys(condition, ["Name"]), name
+        assert not allows_tag_keys(condition, [bo.HOLD_TAG, "cost-center"]), name
+
+
+def allows_tag_keys(condition: dict[str, Any], keys: list[str]) -> bool:
+    """Whether an IAM Condition block allows a request whose aws:TagKeys are `keys` (empty: the request names none),
+    by IAM's rules for the two operators the policies use. Any other operator fails the test: teach it here first.
+    https://docs.aws.amazon.com/IAM/latest/UserGuide/reference_policies_condition-single-vs-multi-valued-context-keys.html
+    """
+    verdicts = []
+    for operator, tests in condition.items():
+        [(key, wanted)] = tests.items()
+        assert key == "aws:TagKeys", key
+        if operator == "ForAllValues:StringLike":  # true for every value matching a pattern, and for no value at all
+            verdicts.append(all(any(fnmatch.fnmatchcase(k, pattern) for pattern in wanted) for k in keys))
+        elif operator == "Null":  # "false": the key is present in the request
+            verdicts.append((not keys) == (wanted == "true"))
+        else:
+            raise AssertionError(f"the test does not know the IAM operator {operator}")
+    return all(verdicts)
 
 
 def test_the_uptime_alarm_watches_the_max_uptime_parameter() -> None:

@@ -1,19 +1,21 @@
 """`make preflight`: invoke the deployed function's preflight and print its checks as a table.
 
 The function is FUNCTION=<name>, or the FunctionName output of the stack (STACK=<name>, default the
-stack_name in samconfig.toml, else backend-orchestrator). NOTIFY=true also sends a test notification.
-Exits 1 when any check failed, 2 when the function could not be invoked.
+stack_name in samconfig.toml, else backend-orchestrator), in AWS_REGION or the region samconfig.toml saved.
+NOTIFY=true also sends a test notification. Exits 1 when any check failed, 2 when the function could not be
+invoked (the message says what to set).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import textwrap
 from pathlib import Path
 from typing import Any
+
+from tools import deploy
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKS = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL", "skip": "skip"}
@@ -36,15 +38,15 @@ def render(body: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def function_name() -> str:
+def function_name(region: str, stack: str | None) -> str:
+    """FUNCTION, or the FunctionName output of the stack (STACK, the last deploy's, or backend-orchestrator)."""
     if os.environ.get("FUNCTION"):
         return os.environ["FUNCTION"]
     import boto3
 
-    config = ROOT / "samconfig.toml"
-    found = re.search(r'stack_name\s*=\s*"([^"]+)"', config.read_text()) if config.exists() else None
-    stack = os.environ.get("STACK") or (found[1] if found else "backend-orchestrator")
-    outputs = boto3.client("cloudformation").describe_stacks(StackName=stack)["Stacks"][0].get("Outputs", [])
+    stack = os.environ.get("STACK") or stack or deploy.DEFAULT_STACK
+    cloudformation = boto3.client("cloudformation", region_name=region)
+    outputs = cloudformation.describe_stacks(StackName=stack)["Stacks"][0].get("Outputs", [])
     return str(next(output["OutputValue"] for output in outputs if output["OutputKey"] == "FunctionName"))
 
 
@@ -54,10 +56,17 @@ def main() -> int:
 
     event = {"action": "preflight", "notify": os.environ.get("NOTIFY", "").lower() == "true"}
     try:
-        name = function_name()
-        answer = boto3.client("lambda").invoke(FunctionName=name, Payload=json.dumps(event).encode())
+        saved = deploy.Saved.read(ROOT)
+        _, region = deploy.check(os.environ, Path.home(), saved.region)  # what to set, before any call
+        name = function_name(region, saved.stack)
+        client = boto3.client("lambda", region_name=region)
+        answer = client.invoke(FunctionName=name, Payload=json.dumps(event).encode())
+    except deploy.DeployError as error:
+        print(f"make preflight: {error}", file=sys.stderr)
+        return 2
     except (BotoCoreError, ClientError, StopIteration) as error:
-        print(f"could not invoke the function's preflight: {error}", file=sys.stderr)
+        hint = "set FUNCTION=<name>, or STACK=<stack> and the stack's region in AWS_REGION"
+        print(f"make preflight: could not invoke the function's preflight ({error}): {hint}.", file=sys.stderr)
         return 2
     body = json.loads(answer["Payload"].read())
     print(render(body))
