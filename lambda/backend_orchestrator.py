@@ -1244,7 +1244,7 @@ def reserve(step: str, config: Config) -> Reserve:
 def longest_path(action: Action, config: Config, attempts: int = AWS_MAX_ATTEMPTS) -> list[tuple[str, float]]:
     """The steps of `action`'s longest path, each with the most it may take when every AWS call makes `attempts`
     attempts and every backend request takes its whole time; the deadline then cuts the sum to the function's
-    timeout. For the worst-case table (make bench, docs/deploy.md) and preflight's timeout check."""
+    timeout. For docs/deploy.md's time bounds table (make bench prints it) and preflight's timeout check."""
     call, backend = aws_call_seconds(attempts), config.http_timeout_seconds
     stop = [("StopInstances", call)] + ([("StopInstances without hibernation", call)] if config.stop_hibernate else [])
     notice = [("Publish (SNS)", call)] if config.notify_topic_arn else []

@@ -232,7 +232,9 @@ def render(node: Any, template: dict[str, Any], parameters: dict[str, str]) -> A
 def test_the_template_sets_auth_token_only_for_a_public_url(auth_type: str, token: str, auth_token: str | None) -> None:
     template = load_template()
     parameters = {"FunctionUrlAuthType": auth_type, "AuthToken": token, "InstanceId": "i-0abc123def4567890"}
-    variables = render(template["Resources"]["Function"]["Properties"]["Environment"]["Variables"], template, parameters)
+    variables = render(
+        template["Resources"]["Function"]["Properties"]["Environment"]["Variables"], template, parameters
+    )
     assert variables.get("AUTH_TOKEN") == auth_token
     assert variables["INSTANCE_ID"] == "i-0abc123def4567890"  # the renderer resolved the rest
 
@@ -644,3 +646,76 @@ def test_every_window_of_the_parsers_grammar_that_it_accepts_the_template_admits
     value = "; ".join(windows)
     if keep_warm_error(value) is None:
         assert template_accepts("KeepWarm", value), value
+
+
+# --- The docs name what exists where they say it is --------------------------------------------------------------
+NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9}
+TABLE_REFERENCES = (  # "docs/deploy.md's troubleshooting table", "the configuration table in docs/deploy.md"
+    re.compile(r"(?P<file>README|[\w/.-]+\.md)'s (?P<name>[\w -]+?) table"),
+    re.compile(r"the (?P<name>[\w-]+(?: [\w-]+)?) table in (?P<file>the README|[\w/.-]+\.md)"),
+)
+
+
+def said_anywhere() -> dict[str, str]:
+    """Every file a person reads a message, an alarm's text or a doc in: {its path from the root: its text}."""
+    paths = [*ROOT.glob("*.md"), *ROOT.glob("docs/*.md"), TEMPLATE, *ROOT.glob("lambda/**/*.py")]
+    paths += [*ROOT.glob("examples/*.py"), *ROOT.glob("tools/*.py")]
+    return {str(path.relative_to(ROOT)): path.read_text() for path in paths}
+
+
+def tables_of(markdown: str) -> set[str]:
+    """The headings (lower-cased) of the sections that hold a table before the next heading."""
+    found, heading = set(), None
+    for line in markdown.splitlines():
+        if line.startswith("#"):
+            heading = line.lstrip("#").strip().lower()
+        elif line.startswith("|") and heading is not None:
+            found.add(heading)
+    return found
+
+
+def misplaced_tables(texts: dict[str, str]) -> list[str]:
+    """Each "X's NAME table" that names a file without a section NAME holding a table."""
+    wrong = []
+    for where, text in texts.items():
+        for pattern in TABLE_REFERENCES:
+            for match in pattern.finditer(text):
+                named = match["file"].removeprefix("the ")
+                target = (
+                    "README.md"
+                    if named == "README"
+                    else next((path for path in texts if path == named or path.endswith("/" + named)), named)
+                )
+                name = match["name"].lower().replace("-", " ")
+                if not any(name in heading.replace("-", " ") for heading in tables_of(texts.get(target, ""))):
+                    wrong.append(f"{where}: {match[0]!r}: {target} has no {name} table")
+    return wrong
+
+
+def test_every_table_a_message_or_doc_names_is_in_the_file_it_names() -> None:
+    texts = said_anywhere()
+    references = [m[0] for text in texts.values() for pattern in TABLE_REFERENCES for m in pattern.finditer(text)]
+    assert len(references) >= 5  # the messages and alarm texts that send DevOps to a table
+    assert misplaced_tables(texts) == []
+
+
+def test_a_table_named_in_the_wrong_file_is_caught() -> None:
+    texts = said_anywhere()
+    texts["lambda/example.py"] = "See the README's troubleshooting table. And docs/app.md's configuration table."
+    assert len(misplaced_tables(texts)) == 2
+
+
+def test_every_count_of_alarms_the_docs_give_is_the_templates() -> None:
+    alarms = [r for r in load_template()["Resources"].values() if r["Type"] == "AWS::CloudWatch::Alarm"]
+    counts = [
+        (path, match[1])
+        for path, text in said_anywhere().items()
+        for match in re.finditer(r"\b(\w+) alarms\b", text)
+        if match[1].lower() in NUMBERS or match[1].isdigit()
+    ]
+    assert counts  # the docs do say how many
+    assert [
+        (path, word)
+        for path, word in counts
+        if NUMBERS.get(word.lower(), 0) != len(alarms) and word != str(len(alarms))
+    ] == []

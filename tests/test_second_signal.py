@@ -345,16 +345,23 @@ def test_a_drained_backend_whose_plain_stop_no_longer_fits_is_told_to_resume(
 def test_a_drain_is_not_begun_without_room_for_the_whole_stop(
     long_running: Ec2World, idle_backend: ScriptedBackend, env: dict[str, str], clock: FakeClock
 ) -> None:
-    # The read took longer than it was granted (a fake clock moved past it): no room is left for the shortest drain
-    # and one short attempt of the stop and of the plain stop a refused hibernation needs. The drain would be left
-    # dangling, so the backend is not drained at all.
+    # The read took longer than it was granted (the fake clock moves past it once the backend has answered): no room
+    # is left for the shortest drain and one short attempt of the stop and of the plain stop a refused hibernation
+    # needs. The drain would be left dangling, so the backend is not drained at all.
     idle_backend.answer(DRAIN, Answer.json({"drained": True}))
-    config = bo.Config.from_env({**env, "DRAIN_PATH": DRAIN, "STOP_HIBERNATE": "true", "IDLE_CPU_PERCENT": "0"})
-    after_read = bo.MIN_BACKEND_SECONDS + bo.stop_seconds(config, bo.AWS_MIN_ATTEMPT_SECONDS) - 0.1
-    idle_backend.on_request = lambda call: clock.advance(10 - after_read) if call.method == "GET" else None
-    context = FakeContext(clock, 12)  # 10 s to spend
     environ = {**env, "DRAIN_PATH": DRAIN, "STOP_HIBERNATE": "true", "IDLE_CPU_PERCENT": "0"}
-    body = bo.handle(CHECK, context, environ, clock=clock.as_clock())
+    after_read = bo.MIN_BACKEND_SECONDS + bo.stop_seconds(bo.Config.from_env(environ), bo.AWS_MIN_ATTEMPT_SECONDS)
+
+    late: list[float] = []
+
+    def now() -> datetime:  # read right after the activity's answer (to judge it): the read is over by then
+        if idle_backend.calls and not late:
+            late.append(10 - after_read + 0.1)
+            clock.advance(late[0])
+        return clock.now()
+
+    timed = bo.Clock(now=now, monotonic=clock.monotonic, sleep=clock.sleep)
+    body = bo.handle(CHECK, FakeContext(clock, 12), environ, clock=timed)  # 10 s to spend
     assert (body["decision"], body["signal"]) == ("keep", "deadline")
     assert "out of time before POST" in body["reason"]
     assert [call.method for call in idle_backend.calls] == ["GET"]
