@@ -1,7 +1,8 @@
 """The app's side: wake the backend through the orchestrator's Function URL, then wait until healthy.
 
-Copy this file into the Streamlit app or import it. It needs `requests`, and `botocore` for
-Function URLs with auth type AWS_IAM (the ECS task role then needs lambda:InvokeFunctionUrl).
+Copy this file into the Streamlit app or import it. It needs only the standard library, and botocore for
+Function URLs with auth type AWS_IAM (the ECS task role then needs lambda:InvokeFunctionUrl and
+lambda:InvokeFunction).
 
     import streamlit as st
     from wake_backend import WakeError, request_start, wake_backend
@@ -9,7 +10,7 @@ Function URLs with auth type AWS_IAM (the ECS task role then needs lambda:Invoke
     if "prewarmed" not in st.session_state:  # once per browser session: boot while the user chooses
         st.session_state.prewarmed = True
         try:
-            request_start(os.environ["BACKEND_START_LAMBDA_URL"], auth="aws_iam")
+            request_start(os.environ["BACKEND_START_LAMBDA_URL"], auth="aws_iam", deadline_seconds=10)
         except WakeError:
             pass  # wake_backend() tries again when the work is submitted
 
@@ -18,26 +19,40 @@ Function URLs with auth type AWS_IAM (the ECS task role then needs lambda:Invoke
             os.environ["BACKEND_START_LAMBDA_URL"], BACKEND_URL, auth="aws_iam",
             on_progress=lambda p: box.update(label=p.message),
         )
+
+Each call keeps its deadline as a total: the name lookup, connect, TLS, the request and every read of the answer
+share the time left, so an orchestrator or a backend that hangs, or sends a byte a second, cannot hold the app past
+it (requests cannot promise this: its timeouts apply to each socket operation, and a trickle never trips one).
+Answers are read up to 64 KiB; redirects are not followed, so /health is healthy only when it answers 2xx itself;
+proxies are not used (the Function URL and the backend are reached directly, as from an ECS task). Every failure is
+a WakeError, whose message says what was waited for and what to do; no other exception leaves these functions.
 """
 
 from __future__ import annotations
 
+import http.client
+import io
 import json
+import socket
+import ssl
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from functools import cache
 from typing import Any, Literal
 from urllib.parse import urlsplit
-
-import requests
 
 Auth = Literal["none", "aws_iam"]
 Phase = Literal["checking", "starting", "booting", "healthy"]
 POLL_SECONDS = 1.0  # /health while the instance boots: a steady second, so the wait ends within one of healthy
 STATUS_EVERY_SECONDS = 10.0  # ask the orchestrator whether the instance is still up, while /health fails
-HEALTH_TIMEOUT = (1.0, 2.0)  # (connect, read): a stopped instance's address drops packets, so connect is short
+HEALTH_SECONDS = 2.0  # one /health probe at most: a stopped instance's address drops packets
+START_SECONDS = 70.0  # one start at most: the orchestrator answers within its own timeout (60 s, the template's)
+STATUS_SECONDS = 10.0  # one status call at most, during a wake (the health polls go on meanwhile)
+MAX_ANSWER_BYTES = 64 * 1024
 RETRY_AFTER_DEFAULT_SECONDS = 10.0
 RETRY_AFTER_BOUNDS = (1.0, 60.0)
 STOPPED_STATES = ("stopping", "stopped")
@@ -52,11 +67,11 @@ class WakeAuthError(WakeError):
 
 
 class WakeServerError(WakeError):
-    """The orchestrator failed or could not be reached; its error code and message are included. Safe to retry later."""
+    """The orchestrator failed, could not be reached, or answered what it never sends. Safe to retry later."""
 
 
 class WakeTimeout(WakeError):
-    """The backend was not healthy by the deadline."""
+    """The deadline came first: the backend was not healthy by then, or the orchestrator did not answer in time."""
 
 
 class WakeHeldError(WakeError):
@@ -95,17 +110,14 @@ def request_start(
     auth: Auth = "none",
     token: str | None = None,
     region: str | None = None,
-    session: requests.Session | None = None,
+    deadline_seconds: float = START_SECONDS,
 ) -> StartAnswer:
-    """POST start once and return the orchestrator's answer at once, without waiting for the backend.
-
-    For pre-warming: call it when a user opens the page, so that the instance boots while they choose
-    what to run; wake_backend() later finds it healthy or booting. A page view then starts the instance,
-    which runs (and costs) until check_idle stops it. Raises a WakeError subclass if the orchestrator
-    cannot be reached or refuses (401/403, or an error other than a 503 that says when to retry).
-    """
-    orchestrator = _Orchestrator(function_url, auth, token, region, requests.Session() if session is None else session)
-    return orchestrator.start()
+    """POST start once and return the orchestrator's answer, within `deadline_seconds`, without waiting for the
+    backend. For pre-warming: call it when a user opens the page, so that the instance boots while they choose what
+    to run; wake_backend() later finds it healthy or booting. A page view then starts the instance, which runs (and
+    costs) until check_idle stops it. Raises WakeTimeout if the orchestrator does not answer in time, and another
+    WakeError if it cannot be reached or refuses (401/403, or an error other than a 503 that says when to retry)."""
+    return _Orchestrator(function_url, auth, token, region).start(deadline_seconds)
 
 
 def backend_status(
@@ -114,12 +126,11 @@ def backend_status(
     auth: Auth = "none",
     token: str | None = None,
     region: str | None = None,
-    session: requests.Session | None = None,
+    deadline_seconds: float = STATUS_SECONDS,
 ) -> dict[str, Any] | None:
-    """The orchestrator's status answer (state, backend health, hold), or None when it cannot say right now.
-    Raises WakeAuthError when the call is refused (401/403)."""
-    orchestrator = _Orchestrator(function_url, auth, token, region, requests.Session() if session is None else session)
-    return orchestrator.status()
+    """The orchestrator's status answer (state, backend health, hold) within `deadline_seconds`, or None when it
+    cannot say by then. Raises WakeAuthError when the call is refused (401/403)."""
+    return _Orchestrator(function_url, auth, token, region).status(deadline_seconds)
 
 
 def wake_backend(
@@ -132,31 +143,30 @@ def wake_backend(
     health_path: str = "/health",
     deadline_seconds: float = 300.0,
     on_progress: Callable[[Progress], None] | None = None,
-    session: requests.Session | None = None,
     sleep: Callable[[float], None] = time.sleep,
     monotonic: Callable[[], float] = time.monotonic,
     poll_seconds: float = POLL_SECONDS,
     status_every_seconds: float = STATUS_EVERY_SECONDS,
 ) -> float:
-    """Make sure the backend is up; return the seconds it took. Raises a WakeError subclass, and nothing else.
+    """Make sure the backend is up within `deadline_seconds`; return the seconds it took. Raises a WakeError
+    subclass, and nothing else.
 
     A healthy backend costs one GET and no call to the orchestrator. Otherwise: POST start (again after
-    Retry-After while the instance is still stopping or AWS has no capacity), then GET the health
-    endpoint every `poll_seconds` until it answers 2xx. Every `status_every_seconds` while it does not,
-    ask the orchestrator for the instance's state, and start it again if it was stopped meanwhile.
+    Retry-After while the instance is still stopping or AWS has no capacity), then GET the health endpoint every
+    `poll_seconds` until it answers 2xx. Every `status_every_seconds` while it does not, ask the orchestrator for
+    the instance's state, and start it again if it was stopped meanwhile. Every call gets only what is left.
     """
-    http = requests.Session() if session is None else session
     health_url = backend_url.rstrip("/") + health_path
     if urlsplit(health_url).scheme not in ("http", "https"):
         raise WakeError(f"backend_url={backend_url!r} is not an http(s) URL, e.g. http://10.0.1.50:8000.")
     wait = _Wait(sleep, monotonic, on_progress, monotonic() + deadline_seconds, deadline_seconds)
-    orchestrator = _Orchestrator(function_url, auth, token, region, http)
+    orchestrator = _Orchestrator(function_url, auth, token, region)
     wait.report("checking", "Checking whether the backend is up")
-    if not _healthy(http, health_url):
+    if not _healthy(health_url, wait.left()):
         wait.start(orchestrator, "Asking the orchestrator to start the backend")
         next_poll = monotonic()
         next_status = next_poll + status_every_seconds
-        while not _healthy(http, health_url):
+        while not _healthy(health_url, wait.left()):
             if wait.left() <= 0:
                 raise WakeTimeout(
                     f"The backend at {health_url} was not healthy after {deadline_seconds:g}s. It may still be "
@@ -164,7 +174,8 @@ def wake_backend(
                 )
             if monotonic() >= next_status:
                 next_status = monotonic() + status_every_seconds
-                if orchestrator.state() in STOPPED_STATES:
+                status = orchestrator.status(min(STATUS_SECONDS, wait.left()))
+                if status is not None and status.get("state") in STOPPED_STATES:
                     wait.start(orchestrator, "The backend was stopped while waking; starting it again")
             wait.report("booting", f"Waiting for the backend to answer {health_path}")
             next_poll += poll_seconds  # a steady cadence: a slow poll shortens the next sleep
@@ -193,14 +204,21 @@ class _Wait:
     def start(self, orchestrator: _Orchestrator, message: str) -> None:
         """POST start; after a 503 (still stopping, no capacity) wait Retry-After and POST again, until the deadline."""
         self.report("starting", message)
-        while (answer := orchestrator.start()).retry_after is not None:
+        while (answer := orchestrator.start(min(START_SECONDS, self.left()))).retry_after is not None:
             if self.left() <= answer.retry_after:
                 raise WakeServerError(f"{_why_not_yet(answer)} The deadline came first: call again in a while.")
             self.report("starting", f"{_why_not_yet(answer)} Trying again in {answer.retry_after:g}s")
             self.sleep(answer.retry_after)
 
 
-@dataclass
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+
+@dataclass(frozen=True)
 class _Orchestrator:
     """The orchestrator's Function URL: start and status, signed or with a token."""
 
@@ -208,63 +226,65 @@ class _Orchestrator:
     auth: Auth
     token: str | None
     region: str | None
-    http: requests.Session
 
-    def start(self) -> StartAnswer:
-        response = self._post({"action": "start"})
-        body = _json_object(response)
-        error = _error(body)
-        if response.status_code in (200, 202, 503):
+    def start(self, seconds: float) -> StartAnswer:
+        answer = self._post("start", seconds)
+        if answer.status in (200, 202, 503):
+            body = _json_object(answer, strict=answer.status != 503)
             return StartAnswer(
-                response.status_code,
+                answer.status,
                 _text(body.get("state")),
                 _text(body.get("previous_state")),
-                _text(error.get("code")),
-                _retry_after(response) if response.status_code == 503 else None,
+                _text(_error(body).get("code")),
+                _retry_after(answer) if answer.status == 503 else None,
             )
-        raise self._failure(response, error)
+        raise self._failure(answer)
 
-    def status(self) -> dict[str, Any] | None:
-        """The status answer; None if the orchestrator cannot tell right now. A refusal (401/403) raises."""
+    def status(self, seconds: float) -> dict[str, Any] | None:
+        """The status answer; None if the orchestrator cannot tell by then. A refusal (401/403) raises."""
         try:
-            response = self._post({"action": "status"})
-        except WakeServerError:
+            answer = self._post("status", seconds)
+            if answer.status in (401, 403):
+                raise self._failure(answer)
+            return _json_object(answer, strict=True) if answer.status == 200 else None
+        except (WakeServerError, WakeTimeout):
             return None  # the health polls go on; the next status call may get through
-        if response.status_code in (401, 403):
-            raise self._failure(response, _error(_json_object(response)))
-        return _json_object(response) if response.status_code == 200 else None
 
-    def state(self) -> str | None:
-        """The instance's state as the orchestrator sees it; None if it cannot tell right now."""
-        status = self.status()
-        return None if status is None else _text(status.get("state"))
-
-    def _post(self, payload: dict[str, str]) -> requests.Response:
-        body = json.dumps(payload).encode()
+    def _post(self, action: str, seconds: float) -> _Answer:
+        body = json.dumps({"action": action}).encode()
         headers = {"Content-Type": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         if self.auth == "aws_iam":  # signed afresh for each call: a SigV4 signature is valid for five minutes
             headers.update(_sigv4_headers(self.function_url, body, headers, self.region))
         try:
-            return self.http.post(self.function_url, data=body, headers=headers, timeout=(5, 70))
-        except requests.RequestException as error:
-            raise WakeServerError(f"The orchestrator at {self.function_url} could not be reached: {error}") from error
+            return _exchange("POST", self.function_url, seconds, body, headers)
+        except TimeoutError:
+            raise WakeTimeout(
+                f"The orchestrator at {self.function_url} did not answer {action} within {seconds:.1f}s "
+                "(the time the call had left): call again, or check the function's log."
+            ) from None
+        except (OSError, http.client.HTTPException, _TooLargeError) as error:
+            raise WakeServerError(
+                f"The orchestrator at {self.function_url} could not be reached or read ({_named(error)})."
+            ) from None
 
-    def _failure(self, response: requests.Response, error: dict[str, Any]) -> WakeError:
+    def _failure(self, answer: _Answer) -> WakeError:
+        body = _json_object(answer, strict=False)
+        error = _error(body)
         detail = f", {error.get('code')}: {error.get('message')}" if error else ""
-        hold = _json_object(response).get("hold")
-        if response.status_code == 409 and error.get("code") == "held_stopped" and isinstance(hold, dict):
+        hold = body.get("hold")
+        if answer.status == 409 and error.get("code") == "held_stopped" and isinstance(hold, dict):
             reason = f": {hold.get('reason')}" if hold.get("reason") else ""
             return WakeHeldError(f"The backend is held stopped until {hold.get('until')}{reason}.", hold)
-        if response.status_code in (401, 403):
+        if answer.status in (401, 403):
             return WakeAuthError(
-                f"The orchestrator refused the call ({response.status_code}{detail}). Check the token, "
+                f"The orchestrator refused the call ({answer.status}{detail}). Check the token, "
                 "or the task role's lambda:InvokeFunctionUrl and lambda:InvokeFunction permissions."
             )
-        if response.status_code >= 500:
-            return WakeServerError(f"The orchestrator failed ({response.status_code}{detail}).")
-        return WakeError(f"The orchestrator answered {response.status_code}{detail}.")
+        if answer.status >= 500:
+            return WakeServerError(f"The orchestrator failed ({answer.status}{detail}).")
+        return WakeError(f"The orchestrator answered {answer.status}{detail}.")
 
 
 def _why_not_yet(answer: StartAnswer) -> str:
@@ -275,9 +295,9 @@ def _why_not_yet(answer: StartAnswer) -> str:
     return f"The orchestrator cannot start the instance yet ({answer.error_code or 'HTTP 503'})."
 
 
-def _retry_after(response: requests.Response) -> float:
+def _retry_after(answer: _Answer) -> float:
     """Retry-After as seconds, whatever the header holds: seconds, an HTTP date, junk or nothing."""
-    value = response.headers.get("Retry-After", "").strip()
+    value = (answer.headers.get("Retry-After") or "").strip()
     try:
         seconds = (
             float(value) if value.isdigit() else (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds()
@@ -288,12 +308,22 @@ def _retry_after(response: requests.Response) -> float:
     return min(max(seconds, low), high)
 
 
-def _json_object(response: requests.Response) -> dict[str, Any]:
+def _json_object(answer: _Answer, *, strict: bool) -> dict[str, Any]:
+    """The answer's JSON object. What is not one (not JSON, nested too deep, not an object) is a WakeServerError
+    where the body must say what happened (`strict`), and an empty object where the status says enough."""
     try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
+        body = json.loads(answer.body)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        body = None
+    if isinstance(body, dict):
+        return body
+    if strict:
+        shown = answer.body[:60].decode("utf-8", "replace")
+        raise WakeServerError(
+            f"The orchestrator answered HTTP {answer.status} with a body that is not its JSON (a proxy's page?): "
+            f"{shown!r}. Check what stands between the app and the Function URL."
+        )
+    return {}
 
 
 def _error(body: dict[str, Any]) -> dict[str, Any]:
@@ -303,6 +333,10 @@ def _error(body: dict[str, Any]) -> dict[str, Any]:
 
 def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
+
+
+def _named(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 def _sigv4_headers(function_url: str, body: bytes, headers: dict[str, str], region: str | None) -> dict[str, str]:
@@ -324,10 +358,129 @@ def _sigv4_headers(function_url: str, body: bytes, headers: dict[str, str], regi
     return dict(request.headers.items())
 
 
-def _healthy(http: requests.Session, url: str) -> bool:
+def _healthy(url: str, seconds: float) -> bool:
+    """Whether GET `url` answers 2xx itself (a redirect is not healthy) within HEALTH_SECONDS and `seconds`."""
     try:
-        response = http.get(url, timeout=HEALTH_TIMEOUT)
-    except requests.RequestException:
+        return 200 <= _exchange("GET", url, min(HEALTH_SECONDS, seconds), status_only=True).status < 300
+    except (OSError, http.client.HTTPException, _TooLargeError):  # TimeoutError is an OSError
         return False
-    response.close()
-    return response.ok
+
+
+# --- One HTTP exchange that ends by its deadline, whatever the server does ---------------------------------------
+class _TooLargeError(Exception):
+    """The server sent more than MAX_ANSWER_BYTES."""
+
+    def __init__(self) -> None:
+        super().__init__(f"the answer is longer than {MAX_ANSWER_BYTES // 1024} KiB")
+
+
+def _exchange(
+    method: str,
+    url: str,
+    seconds: float,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+    *,
+    status_only: bool = False,
+) -> _Answer:
+    """One HTTP/1.1 request that ends within `seconds`: DNS, connect, TLS, the send and every read share them,
+    and at most MAX_ANSWER_BYTES are read. TimeoutError when the time is up."""
+    ends_at = time.monotonic() + seconds
+    parts = urlsplit(url)
+    https = parts.scheme == "https"
+    sock = _connect(parts.hostname or "", parts.port or (443 if https else 80), https, ends_at)
+    try:
+        stream = _DeadlineStream(sock, ends_at, MAX_ANSWER_BYTES + 8192)  # the answer and its headers
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {parts.netloc}", "Connection: close"]
+        lines += [f"{name}: {value}" for name, value in (headers or {}).items() if name.lower() != "host"]
+        lines += [f"Content-Length: {len(body)}"] if method != "GET" else []
+        stream.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        response = http.client.HTTPResponse(stream, method=method)  # type: ignore[arg-type]
+        response.begin()
+        if status_only:
+            return _Answer(response.status, response.msg, b"")
+        if response.length is not None and response.length > MAX_ANSWER_BYTES:
+            raise _TooLargeError
+        data = response.read(MAX_ANSWER_BYTES + 1)
+        if len(data) > MAX_ANSWER_BYTES:
+            raise _TooLargeError
+        return _Answer(response.status, response.msg, data)
+    finally:
+        sock.close()
+
+
+class _DeadlineStream(io.RawIOBase):
+    """A socket whose every send and receive ends by one deadline, and that yields at most `limit` bytes."""
+
+    def __init__(self, sock: socket.socket, ends_at: float, limit: int) -> None:
+        super().__init__()
+        self._sock, self._ends_at, self._left = sock, ends_at, limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._left <= 0:
+            raise _TooLargeError
+        self._sock.settimeout(_seconds_left(self._ends_at))
+        received = self._sock.recv_into(buffer, min(len(buffer), self._left))
+        self._left -= received
+        return received
+
+    def sendall(self, data: bytes) -> None:
+        self._sock.settimeout(_seconds_left(self._ends_at))  # sendall's timeout is its total since Python 3.5
+        self._sock.sendall(data)
+
+    def makefile(self, mode: str = "rb") -> io.BufferedReader:
+        return io.BufferedReader(self)
+
+
+def _connect(host: str, port: int, https: bool, ends_at: float) -> socket.socket:
+    """DNS (on a worker thread: getaddrinfo takes no timeout), TCP and TLS, all before `ends_at`."""
+    found: list[Any] = []
+    lookup = threading.Thread(target=lambda: found.append(_addresses(host, port)), daemon=True)
+    lookup.start()
+    lookup.join(_seconds_left(ends_at))
+    if not found:
+        raise TimeoutError(f"looking up {host} took all the time left")
+    if isinstance(found[0], OSError):
+        raise found[0]
+    failure: OSError = ConnectionError(f"no address found for {host}")
+    for family, kind, protocol, _, address in found[0]:
+        sock = socket.socket(family, kind, protocol)
+        try:
+            sock.settimeout(_seconds_left(ends_at))
+            sock.connect(address)
+            if https:  # the socket's timeout bounds the whole handshake: give it only what is left
+                sock.settimeout(_seconds_left(ends_at))
+                sock = _tls().wrap_socket(sock, server_hostname=host)
+            return sock
+        except OSError as error:
+            sock.close()
+            failure = error
+    raise failure
+
+
+def _addresses(host: str, port: int) -> list[Any] | OSError:
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as error:  # UnicodeError: a name the IDNA codec refuses
+        return error if isinstance(error, OSError) else socket.gaierror(f"{host!r} is not a valid host name")
+
+
+@cache
+def _tls() -> ssl.SSLContext:
+    """The system's certificate authorities, or certifi's where it is installed (as requests would use)."""
+    try:
+        import certifi
+    except ImportError:
+        return ssl.create_default_context()
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+def _seconds_left(ends_at: float) -> float:
+    left = ends_at - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the deadline passed")
+    return left

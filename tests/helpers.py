@@ -195,7 +195,7 @@ def instance_state(endpoint: str, instance_id: str) -> str:
 
 # --- A backend that misbehaves on purpose, and one that never answers -----------------------------
 Mode = Literal[
-    "normal", "raw", "silent", "trickle-status", "trickle-headers", "trickle-length", "trickle-close", "endless"
+    "normal", "raw", "silent", "drop", "trickle-status", "trickle-headers", "trickle-length", "trickle-close", "endless"
 ]
 TRICKLE_FOR_SECONDS = 30.0  # a trickle stops by itself, so that a broken bound shows as a slow test, not a hang
 
@@ -211,8 +211,8 @@ class Answer:
     interval: float = 0.2  # seconds between trickled bytes
 
     @classmethod
-    def json(cls, payload: object, status: int = 200) -> Answer:
-        return cls(status, json.dumps(payload).encode())
+    def json(cls, payload: object, status: int = 200, headers: dict[str, str] | None = None) -> Answer:
+        return cls(status, json.dumps(payload).encode(), {"Content-Type": "application/json", **(headers or {})})
 
 
 @dataclass(frozen=True)
@@ -224,14 +224,16 @@ class Call:
 
 
 class ScriptedBackend(socketserver.ThreadingTCPServer):
-    """A backend on 127.0.0.1 whose answers the test sets per path; it records every request."""
+    """A server on 127.0.0.1 whose answers the test sets per path, one or a sequence (the last one then repeats);
+    it records every request."""
 
     daemon_threads = True
     allow_reuse_address = True
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.routes: dict[str, Answer] = {}
+        self.routes: dict[str, list[Answer]] = {}
+        self._routes_lock = threading.Lock()
         self.calls: list[Call] = []
         self.on_request: Callable[[Call], None] = lambda _call: None  # e.g. to move a test's fake clock
         self.stopping = threading.Event()
@@ -242,8 +244,14 @@ class ScriptedBackend(socketserver.ThreadingTCPServer):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
-    def answer(self, path: str, answer: Answer) -> None:
-        self.routes[path] = answer
+    def answer(self, path: str, *answers: Answer) -> None:
+        """Answer `path` with these, in turn; the last one for every request after."""
+        self.routes[path] = list(answers)
+
+    def next_answer(self, path: str) -> Answer:
+        with self._routes_lock:
+            queued = self.routes.get(path) or [Answer(404, b'{"error": "no route"}')]
+            return queued.pop(0) if len(queued) > 1 else queued[0]
 
     def reset(self) -> None:
         self.routes.clear()
@@ -266,7 +274,7 @@ class _Handler(socketserver.BaseRequestHandler):
             return
         self.server.calls.append(call)
         self.server.on_request(call)
-        answer = self.server.routes.get(call.path, Answer(404, b'{"error": "no route"}'))
+        answer = self.server.next_answer(call.path.split("?")[0])
         with contextlib.suppress(OSError):  # the client hung up, as it should when it gives up
             self._play(answer)
 
@@ -296,6 +304,8 @@ class _Handler(socketserver.BaseRequestHandler):
             self.request.sendall(answer.body)
         elif answer.mode == "silent":
             self.server.stopping.wait(TRICKLE_FOR_SECONDS)
+        elif answer.mode == "drop":  # the connection closes without an answer: refused, reset, a proxy gone
+            self.request.shutdown(socket.SHUT_RDWR)
         elif answer.mode == "trickle-status":
             self._trickle(status_line + headers + b"\r\n" + answer.body, answer.interval)
         elif answer.mode == "trickle-headers":

@@ -4,6 +4,8 @@ serves while its instance runs, and the local Function URL."""
 from __future__ import annotations
 
 import json
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,8 +13,10 @@ from typing import Any
 import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
+from streamlit.testing.v1.element_tree import Progress as ProgressBar
 
 from examples.wake_backend import wake_backend
+from tests.helpers import Answer, ScriptedBackend
 from tools.sandbox import Sandbox
 
 pytestmark = pytest.mark.integration
@@ -51,12 +55,33 @@ def test_a_cold_wake_shows_its_progress_and_the_jobs_answer(page: Any) -> None:
         app = submit(app)
         assert not app.exception
         [box] = app.status
-        assert (box.state, box.label) == ("complete", "Submitted")
-        lines = [element.value for element in box.markdown]
-        assert lines[0] == "0 s: Checking whether the backend is up"
-        assert any(line.endswith("Waiting for the backend to answer /health") for line in lines)
+        assert box.state == "complete"
+        assert re.fullmatch(r"Backend is up \(\d+ s\)", box.label)
+        [bar] = box.get("progress")  # the wake is one bar that moves: the seconds, and how long a wake usually takes
+        assert isinstance(bar, ProgressBar)
+        assert bar.value == 100
+        assert re.fullmatch(r"up, \d+ s of about 45 s", bar.text)
+        [lines] = box.markdown  # the last few messages, in one element
+        assert lines.value.splitlines() == [
+            "- Asking the orchestrator to start the backend",
+            "- Waiting for the backend to answer /health",
+            "- Backend is up",
+        ]
+        assert app.caption[0].value == "Backend: running and healthy"  # the state, refreshed after the wake
         assert "The backend accepted the grid search: {'accepted': True, 'seconds': 2.0}" in app.success[0].value
         assert starts(sandbox) == 1
+
+
+def test_the_next_wake_expects_as_long_as_the_last_one_took(page: Any) -> None:
+    with Sandbox() as sandbox:
+        app = submit(page(sandbox))
+        took = int(re.findall(r"\d+", app.status[0].label)[0])
+        sandbox.invoke({"action": "stop"})
+        sandbox.backend_host.wait_until_off(time.monotonic() + 10)
+        app = submit(app)  # the same server process: it remembers
+        [bar] = app.status[0].get("progress")
+        assert isinstance(bar, ProgressBar)
+        assert re.fullmatch(rf"up, \d+ s (of about {took} s|\(it usually takes {took} s\))", bar.text)
 
 
 def test_a_warm_backend_is_used_without_a_start(page: Any) -> None:
@@ -114,6 +139,7 @@ def test_a_backend_that_never_turns_healthy_ends_in_the_timeout_message(page: An
         app = submit(page(sandbox, BACKEND_WAKE_DEADLINE_SECONDS="2"))
         assert app.status[0].state == "error"
         assert "did not come up in time" in app.error[0].value
+        assert "not healthy after 2s" in app.error[0].value
 
 
 def test_a_held_backend_says_until_when_and_why(page: Any) -> None:
@@ -124,3 +150,59 @@ def test_a_held_backend_says_until_when_and_why(page: Any) -> None:
         app = submit(app)
         assert "under maintenance until" in app.error[0].value
         assert "(patching the OS)" in app.error[0].value
+
+
+# --- One sentence, never a traceback ------------------------------------------------------------------------------
+@pytest.mark.parametrize("deadline", ["abc", "0", "-5", "nan", "inf", " "])
+def test_a_bad_wake_deadline_is_one_sentence_that_names_it(page: Any, deadline: str) -> None:
+    with Sandbox() as sandbox:
+        app = page(sandbox, BACKEND_WAKE_DEADLINE_SECONDS=deadline)
+        if deadline.strip():
+            assert not app.exception
+            assert app.error[0].value.startswith(f"BACKEND_WAKE_DEADLINE_SECONDS={deadline!r} is not a number")
+            assert not app.button  # the page stops there: nothing to submit
+        else:  # blank is unset: the default
+            assert not app.error
+        assert starts(sandbox) == 0
+
+
+def test_a_job_answer_that_is_not_json_is_one_sentence(page: Any, backend: ScriptedBackend) -> None:
+    backend.answer("/health", Answer.json({"status": "ok"}))
+    backend.answer(
+        "/api/jobs", Answer(200, b"<html><body>Welcome to the proxy</body></html>", {"Content-Type": "text/html"})
+    )
+    with Sandbox() as sandbox:
+        app = submit(page(sandbox, BACKEND_URL=backend.url))
+        assert not app.exception
+        assert app.error[0].value == "The backend's answer to the job (HTTP 200) is not JSON: tell the backend team."
+
+
+def test_a_job_the_backend_refuses_is_one_sentence(page: Any, backend: ScriptedBackend) -> None:
+    backend.answer("/health", Answer.json({"status": "ok"}))
+    backend.answer("/api/jobs", Answer(mode="drop"))
+    with Sandbox() as sandbox:
+        app = submit(page(sandbox, BACKEND_URL=backend.url))
+        assert not app.exception
+        assert app.error[0].value.startswith("The backend is up but did not take the job (ConnectionError)")
+
+
+def test_a_hold_without_a_reason_is_shown_without_one(page: Any) -> None:
+    with Sandbox() as sandbox:
+        sandbox.invoke({"action": "hold", "state": "stopped", "hours": 2})
+        server, real = sandbox.function_url_server, sandbox.function_url_server.handler
+
+        def no_reason_key(event: Any, context: Any) -> Any:  # an older function, say, that sends no reason at all
+            answer = real(event, context)
+            body = json.loads(answer["body"])
+            if isinstance(body.get("hold"), dict):
+                body["hold"].pop("reason")
+            return {**answer, "body": json.dumps(body)}
+
+        server.handler = no_reason_key
+        app = page(sandbox)
+        assert not app.exception
+        assert re.fullmatch(r"Backend: held stopped until \S+", app.caption[0].value)
+        app = submit(app)
+        assert not app.exception
+        assert app.error[0].value.startswith("The backend is under maintenance until ")
+        assert app.error[0].value.endswith(". Try again after that.")
