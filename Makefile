@@ -36,15 +36,18 @@ unit: $(STAMP)
 demo: $(STAMP)
 	PYTHONPATH=lambda:. $(BIN)/python -m tools.demo
 
-# The same pieces left running, to develop the app against (BACKEND_START_LAMBDA_URL=<printed URL>).
+# The same pieces left running, to develop the app against (BACKEND_START_LAMBDA_URL=<printed URL>); VERBOSE=1 prints
+# the function's own log lines. Ctrl-C, or a SIGTERM to make, stops them all.
 serve: $(STAMP)
-	PYTHONPATH=lambda:. $(BIN)/python -m tools.demo --serve
+	exec env PYTHONPATH=lambda:. $(BIN)/python -m tools.demo --serve $(if $(VERBOSE),--verbose)
 
 # The Streamlit page (examples/streamlit_app.py) on 127.0.0.1 against the same sandbox; Ctrl-C stops it all.
 app: $(STAMP)
-	PYTHONPATH=lambda:. $(BIN)/python -m tools.demo --app --check-every 10 --idle-timeout 120
+	exec env PYTHONPATH=lambda:. $(BIN)/python -m tools.demo --app --check-every 10 --idle-timeout 120 \
+		$(if $(VERBOSE),--verbose)
 
-# PNGs of the page before, during and after a cold wake, in docs/images/ (headless Chromium; not part of test).
+# PNGs of the page before, during and after a cold wake, in build/screenshots/ (UPDATE_DOCS=1: docs/images/). Needs
+# Debian's chromium and chromium-driver, which it installs with apt-get when run as root; not part of make test.
 screenshots: $(STAMP)
 	PYTHONPATH=lambda:. $(BIN)/python -m tools.screenshots
 

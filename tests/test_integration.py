@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -306,3 +307,64 @@ def test_a_drained_backend_whose_stop_is_denied_serves_again_at_once() -> None:
         assert "told to resume work" in kept["reason"]
         job = requests.post(f"{sandbox.backend_url}/api/jobs?seconds=0", timeout=5)
         assert job.status_code == 202  # not 503 for the rest of a 120 s lease
+
+
+# --- make serve and make app, as a developer runs them ------------------------------------------------------------
+def make_in_the_background(target: str, output: Path) -> subprocess.Popen[bytes]:
+    """`make <target> > output &`, as a newcomer's shell runs it: no terminal, no PYTHONUNBUFFERED, no make above."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONUNBUFFERED", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    with output.open("wb") as sink:
+        command = [shutil.which("make") or "make", "--no-print-directory", target]
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=sink)
+
+
+def printed(output: Path, label: str, within: float) -> str:
+    """The URL printed after `label`, once it is there (within `within` seconds)."""
+    give_up = time.monotonic() + within
+    while time.monotonic() < give_up:
+        for line in output.read_text().splitlines():
+            if line.strip().startswith(label):
+                return line.split()[len(label.split())]
+        time.sleep(0.1)
+    raise AssertionError(f"{label!r} was not printed within {within} s: {output.read_text()!r}")
+
+
+def port_of(url: str) -> int:
+    return int(url.rstrip("/").rsplit(":", 1)[1])
+
+
+def refuses(port: int, within: float) -> bool:
+    give_up = time.monotonic() + within
+    while time.monotonic() < give_up:
+        with socket.socket() as probe:
+            try:
+                probe.connect(("127.0.0.1", port))
+            except ConnectionRefusedError:
+                return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.parametrize("target", ["serve", "app"])
+def test_make_serve_and_app_print_their_urls_at_once_and_stop_every_child_on_sigterm(
+    target: str, tmp_path: Path
+) -> None:
+    output = tmp_path / f"{target}.log"
+    make = make_in_the_background(target, output)
+    try:
+        urls = [
+            printed(output, label, within=60 if target == "app" else 15)
+            for label in ("Function URL", "backend", "moto EC2")
+        ]
+        if target == "app":
+            urls.append(printed(output, "Streamlit page", within=5))
+            assert requests.get(urls[-1] + "_stcore/health", timeout=5).status_code == 200
+        assert '"level":' not in output.read_text()  # the function's own log lines only with VERBOSE=1
+        make.send_signal(signal.SIGTERM)  # to make, which does not pass it on to its recipe
+        make.wait(timeout=15)
+    finally:
+        if make.poll() is None:
+            make.kill()
+    for url in urls:
+        assert refuses(port_of(url), within=15), f"{url} still listens after make got SIGTERM"
+    assert "stopped: moto, the backend and the Function URL are down" in output.read_text()

@@ -159,10 +159,15 @@ def crashed_backend(sandbox: Sandbox, timeline: Timeline, idle_timeout_seconds: 
     timeline.row("demo", "done", sandbox.state(), "the instance is stopped: its backend died, its metrics said idle")
 
 
-def serve(check_every: float, idle_timeout_seconds: int, *, page: bool = False) -> None:
-    """The sandbox left running, check_idle on a period; with `page`, the Streamlit page too (make app)."""
+def serve(check_every: float, idle_timeout_seconds: int, *, page: bool = False, verbose: bool = False) -> None:
+    """The sandbox left running, check_idle on a period; with `page`, the Streamlit page too (make app). The
+    function's own log lines go to a file unless `verbose`."""
     stop = threading.Event()
-    with Sandbox(idle_timeout_seconds=idle_timeout_seconds, boot_seconds=3.0) as sandbox, ExitStack() as stack:
+    log = None if verbose else Path(tempfile.gettempdir()) / "backend-orchestrator-serve.jsonl"
+    with (
+        Sandbox(idle_timeout_seconds=idle_timeout_seconds, boot_seconds=3.0, function_log=log) as sandbox,
+        ExitStack() as stack,
+    ):
         if page:
             print(f"Streamlit page   {stack.enter_context(streamlit_page(sandbox))}   (open it in a browser)")
         print(f"""Local stand-in of the whole system (Ctrl-C to stop):
@@ -170,6 +175,7 @@ def serve(check_every: float, idle_timeout_seconds: int, *, page: bool = False) 
   backend        {sandbox.backend_url}   (serves only while the instance runs)
   moto EC2       {sandbox.moto_url}   instance {sandbox.instance_id} (stopped)
   check_idle     every {check_every:g}s, idle timeout {idle_timeout_seconds}s
+  function log   {log or "here (VERBOSE=1)"}
 Try: curl -s -X POST {sandbox.function_url} -d '{{"action": "start"}}'""")
         try:
             while not stop.wait(check_every):
@@ -178,6 +184,24 @@ Try: curl -s -X POST {sandbox.function_url} -d '{{"action": "start"}}'""")
         except KeyboardInterrupt:
             pass
     print("stopped: moto, the backend and the Function URL are down")
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_with_the_parent() -> None:
+    """Stop as on Ctrl-C on SIGTERM, and when the process that started this one goes away: `make` does not pass
+    a SIGTERM on to its recipe (kill <make's pid> leaves it running), but the recipe's process is then orphaned."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 @contextmanager
@@ -218,11 +242,14 @@ def main() -> int:
     parser.add_argument("--app", action="store_true", help="and the Streamlit page (make app)")
     parser.add_argument("--check-every", type=float, default=30.0, help="seconds between check_idle (serve)")
     parser.add_argument("--idle-timeout", type=int, default=120, help="IDLE_TIMEOUT_SECONDS (serve)")
+    parser.add_argument("--verbose", action="store_true", help="print the function's own log lines (serve)")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # each line as it comes, into a pipe too
     # Ctrl-C stops it even when it was started with SIGINT ignored, as a shell's background job is (`make demo &`).
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    stop_with_the_parent()
     if args.serve or args.app:
-        serve(args.check_every, args.idle_timeout, page=args.app)
+        serve(args.check_every, args.idle_timeout, page=args.app, verbose=args.verbose)
         return 0
     timeline = Timeline()
     log = Path(tempfile.gettempdir()) / "backend-orchestrator-demo.jsonl"

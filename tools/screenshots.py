@@ -1,6 +1,7 @@
 """`make screenshots`: the Streamlit page in headless Chromium through a cold wake of the sandbox's backend, as PNGs
-in docs/images/ (before, during, after). Drives Debian's chromium through chromedriver's W3C WebDriver API, with
-requests alone; installs both with apt-get when they are missing and that is possible. Not part of make test.
+(before, during, after) in build/screenshots/, or in docs/images/ with UPDATE_DOCS=1 (then look at them before
+committing). Drives Debian's chromium through chromedriver's W3C WebDriver API, with requests alone; installs both
+with apt-get when they are missing and it runs as root. Not part of make test.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import requests
 from tools.demo import ROOT, streamlit_page
 from tools.sandbox import Sandbox
 
-IMAGES = ROOT / "docs" / "images"
+DOCS_IMAGES = ROOT / "docs" / "images"
+BUILD_IMAGES = ROOT / "build" / "screenshots"  # ignored by git
 CHROME_FLAGS = [  # as the workplace's probe runs it: root, no GPU, and no background traffic to the outside
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1000,760",
@@ -74,8 +76,8 @@ class Browser:
             time.sleep(0.25)
         return None
 
-    def shot(self, name: str) -> Path:
-        path = IMAGES / name
+    def shot(self, folder: Path, name: str) -> Path:
+        path = folder / name
         path.write_bytes(base64.b64decode(self.call("GET", "/screenshot")))
         print(f"wrote {path.relative_to(ROOT)}")
         return path
@@ -91,27 +93,34 @@ class Browser:
 
 def main() -> int:
     ensure_chromium()
-    IMAGES.mkdir(parents=True, exist_ok=True)
-    with Sandbox(boot_seconds=4.0) as sandbox, streamlit_page(sandbox, BACKEND_PREWARM="false") as url:
+    folder = DOCS_IMAGES if os.environ.get("UPDATE_DOCS") else BUILD_IMAGES
+    folder.mkdir(parents=True, exist_ok=True)
+    log = Path(tempfile.gettempdir()) / "backend-orchestrator-screenshots.jsonl"  # the function's own lines
+    with (
+        Sandbox(boot_seconds=12.0, function_log=log) as sandbox,
+        streamlit_page(sandbox, BACKEND_PREWARM="false") as url,
+    ):
         browser = Browser()
         try:
             browser.call("POST", "/url", {"url": url})
             if browser.find("//*[contains(text(), 'Backend: stopped')]") is None:
                 sys.exit("the page did not show the backend's state")
-            browser.shot("app-before.png")
+            browser.shot(folder, "app-before.png")
             button = browser.find("//button[.//p[text()='Run grid search']]")
             assert button is not None
             browser.call("POST", f"/element/{button}/click", {})
-            if browser.find("//*[contains(text(), 'Waiting for the backend to answer /health')]") is None:
+            if browser.find("//*[contains(text(), 'booting, ')]") is None:
                 sys.exit("the wake's progress never showed")
-            time.sleep(1.5)
-            browser.shot("app-during.png")
+            time.sleep(5)  # well into the boot: the bar and the seconds have moved
+            browser.shot(folder, "app-during.png")
             if browser.find("//*[contains(text(), 'The backend accepted the grid search')]", timeout=60) is None:
                 sys.exit("the job's answer never showed")
             time.sleep(0.5)
-            browser.shot("app-after.png")
+            browser.shot(folder, "app-after.png")
         finally:
             browser.close()
+    if folder == BUILD_IMAGES:
+        print("UPDATE_DOCS=1 writes them to docs/images/ instead")
     return 0
 
 
