@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = 9
@@ -180,6 +181,41 @@ def wake_overshoot(boot_delays: tuple[float, ...] = (2.0, 3.3, 4.7), runs: int =
     print(f"  overshoot median {statistics.median(overshoots):5.2f} s, max {max(overshoots):5.2f} s")
 
 
+def client_deadline(deadline_seconds: float = 5.0) -> None:
+    """wake_backend(deadline_seconds=5) against an orchestrator that hangs, and one that sends a byte a second."""
+    import socket
+
+    from examples.wake_backend import WakeError, wake_backend
+
+    def hang(connection: socket.socket) -> None:
+        connection.recv(65536)
+        time.sleep(30)
+
+    def trickle(connection: socket.socket) -> None:
+        connection.recv(65536)
+        for byte in b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\n\r\n" + b"{}" * 100:
+            connection.sendall(bytes([byte]))
+            time.sleep(1.0)
+
+    print(f"wake_backend(deadline_seconds={deadline_seconds:g}) against an orchestrator that misbehaves:")
+    for name, behave in (("never answers", hang), ("sends a byte a second", trickle)):
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            url = f"http://127.0.0.1:{listener.getsockname()[1]}/"
+
+            def serve(listener: socket.socket = listener, behave: Any = behave) -> None:
+                connection, _ = listener.accept()
+                with connection:
+                    behave(connection)
+
+            threading.Thread(target=serve, daemon=True).start()
+            started, said = time.monotonic(), "woken (it should not be)"
+            try:
+                wake_backend(url, "http://127.0.0.1:9/", deadline_seconds=deadline_seconds)  # port 9: nothing listens
+            except WakeError as error:
+                said = f"{type(error).__name__}: {str(error)[:70]}..."
+            print(f"  {name:24s} returned after {time.monotonic() - started:5.2f} s   {said}")
+
+
 if __name__ == "__main__":
     print("worst-case wall time per action (docs/deploy.md, 'Time bounds'):")
     print(worst_case_table())
@@ -188,6 +224,8 @@ if __name__ == "__main__":
     print(timeouts_table())
     print()
     wake_overshoot()
+    print()
+    client_deadline()
     print()
     import_cost()
     action_latency()

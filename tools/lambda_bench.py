@@ -36,6 +36,7 @@ CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 CGROUP_CPUACCT = Path("/sys/fs/cgroup/cpuacct")
 CFS_PERIOD_US = 20_000  # short, so that a few ms of CPU cannot slip through one period unthrottled (quota >= 1 ms)
 CONTAINERS = 5  # cold containers per memory size: the figures are medians
+SHORT_TIMEOUT_SECONDS = 3.0  # Lambda's default timeout
 TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 
 # moto's DescribeInstances has no CpuOptions, which real EC2 always sends and the fallback needs, and keeps the first
@@ -54,6 +55,7 @@ boto3.DEFAULT_SESSION.events.register("after-call.ec2.DescribeInstances", launch
 @dataclass
 class Invocation:
     event: dict[str, Any]
+    timeout_seconds: float = 60.0  # the function's Timeout: the deadline the runtime is given
     request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     sent_at: float = 0.0
     answered_at: float = 0.0
@@ -93,7 +95,7 @@ class _RuntimeApiRequest(BaseHTTPRequestHandler):
         self.server.waiting.set()
         invocation = self.server.pending.get()
         self.server.by_id[invocation.request_id] = invocation
-        deadline_ms = int((time.time() + 60) * 1000)
+        deadline_ms = int((time.time() + invocation.timeout_seconds) * 1000)
         invocation.sent_at = time.monotonic()
         self._answer(
             200,
@@ -223,9 +225,12 @@ class Container:
     invocations: list[Measured]
 
 
-def run_container(work: Path, memory_mb: int, environ: dict[str, str], steps: list[tuple[str, Any]]) -> Container:
-    """Start the runtime (INIT at full speed), hold it to its CPU share, run each step's event in turn.
-    A step is (name, event) or (name, callable that prepares the sandbox and returns the event)."""
+def run_container(
+    work: Path, memory_mb: int, environ: dict[str, str], steps: list[tuple[str, Any]], timeout_seconds: float = 60.0
+) -> Container:
+    """Start the runtime (INIT at full speed), hold it to its CPU share, run each step's event in turn, each with a
+    deadline of `timeout_seconds`. A step is (name, event) or (name, callable that prepares the sandbox and returns
+    the event)."""
     api = RuntimeApi()
     threading.Thread(target=api.serve_forever, name="runtime-api", daemon=True).start()
     share = CpuShare(memory_mb)
@@ -253,7 +258,7 @@ def run_container(work: Path, memory_mb: int, environ: dict[str, str], steps: li
         share.hold(runtime.pid)
         measured = []
         for name, step in steps:
-            invocation = Invocation(step() if callable(step) else step)
+            invocation = Invocation(step() if callable(step) else step, timeout_seconds)
             before = share.cpu_seconds(runtime.pid)
             api.pending.put(invocation)
             if not invocation.done.wait(120):
@@ -294,14 +299,65 @@ def template_memory_mb() -> int:
     return int(found[1]) if found else 128
 
 
+@dataclass
+class Lab:
+    """The sandbox the runtime works against, and the scenes each benchmark step sets up before its event."""
+
+    sandbox: Any
+    launch_times: Path  # what the runtime's DescribeInstances answers as LaunchTime
+
+    def power(self, state: str, crashed: bool = False) -> None:
+        sandbox, host = self.sandbox, self.sandbox.backend_host
+        if state == "stopped":
+            sandbox.ec2.stop_instances(InstanceIds=[sandbox.instance_id])
+            host.wait_until_off(time.monotonic() + 10)
+        else:
+            host.crashed = crashed
+            sandbox.ec2.start_instances(InstanceIds=[sandbox.instance_id])
+            give_up = time.monotonic() + 10
+            while not host.powered and time.monotonic() < give_up:
+                time.sleep(0.05)
+
+    def stopped(self) -> dict[str, str]:
+        self.power("stopped")
+        return {"action": "start"}
+
+    def running(self) -> dict[str, str]:
+        give_up = time.monotonic() + 10
+        while self.sandbox.backend_host.backend is None and time.monotonic() < give_up:
+            time.sleep(0.05)  # the host serves the reference backend once moto says running
+        return {"action": "status"}
+
+    def crashed(self) -> dict[str, str]:
+        from tools.harness import published_periods
+
+        self.power("stopped")
+        self.power("running", crashed=True)
+        launched = published_periods(datetime.now(UTC), self.sandbox.idle_timeout_seconds)[0] - timedelta(minutes=1)
+        self.launch_times.write_text(json.dumps({self.sandbox.instance_id: launched.isoformat()}))  # CloudWatch decides
+        return {"action": "check_idle"}
+
+    def crashed_and_idle(self) -> dict[str, str]:
+        self.sandbox.publish_instance_metrics(cpu_percent=0.8, network_bytes=30 * 1024)
+        return {"action": "check_idle"}
+
+    def idle_past_a_second(self) -> dict[str, str]:
+        self.running()  # started by the step before: the backend serves, and has had nothing to do
+        time.sleep(1.5)  # past IDLE_TIMEOUT_SECONDS=1
+        return {"action": "check_idle"}
+
+    def up(self) -> dict[str, str]:
+        self.power("stopped")
+        self.power("running")
+        return {"action": "check_idle"}
+
+
 def main() -> None:
-    from tools.harness import REGION, published_periods
+    from tools.harness import REGION
     from tools.sandbox import FAKE_CREDENTIALS, Sandbox
 
-    memories = sorted({128, template_memory_mb()})
     with function_zip() as work, Sandbox(idle_timeout_seconds=900, boot_seconds=0) as sandbox:
-        launch_times = work / "launch-times.json"  # what the runtime's DescribeInstances answers as LaunchTime
-        setup = sandbox.ec2
+        lab = Lab(sandbox, work / "launch-times.json")
         topic_arn = _sns(sandbox.moto_url).create_topic(Name="backend-orchestrator")["TopicArn"]
         environ = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PYTHON"))},
@@ -313,58 +369,72 @@ def main() -> None:
             "INSTANCE_ID": sandbox.instance_id,
             "BACKEND_BASE_URL": sandbox.backend_url,
             "NOTIFY_TOPIC_ARN": topic_arn,  # as the template sets it
-            "BENCH_LAUNCH_TIMES": str(launch_times),
+            "BENCH_LAUNCH_TIMES": str(lab.launch_times),
         }
+        by_memory(lab, work, environ)
+        at_lambdas_default_timeout(lab, work, environ)
 
-        def power(state: str, crashed: bool = False) -> None:
-            host = sandbox.backend_host
-            if state == "stopped":
-                setup.stop_instances(InstanceIds=[sandbox.instance_id])
-                host.wait_until_off(time.monotonic() + 10)
-            else:
-                host.crashed = crashed
-                setup.start_instances(InstanceIds=[sandbox.instance_id])
-                give_up = time.monotonic() + 10
-                while not host.powered and time.monotonic() < give_up:
-                    time.sleep(0.05)
 
-        def stopped() -> dict[str, str]:
-            power("stopped")
-            return {"action": "start"}
+def by_memory(lab: Lab, work: Path, environ: dict[str, str]) -> None:
+    """Each action, cold and warm, at 128 MB and at the template's memory."""
+    steps: list[tuple[str, Any]] = [
+        ("start, cold (the container's first)", lab.stopped),
+        ("start, warm", lab.stopped),
+        ("status (running, /health)", lab.running),
+        ("check_idle, backend idle (keep)", {"action": "check_idle"}),
+        ("check_idle, backend down, fallback (keep)", lab.crashed),
+        ("check_idle, fallback stops, SNS notice", lab.crashed_and_idle),
+    ]
+    print("the built zip under awslambdaric, against moto's server and the reference backend:")
+    for memory_mb in sorted({128, template_memory_mb()}):
+        containers = []
+        for _ in range(CONTAINERS):
+            lab.power("stopped")
+            lab.sandbox.backend_host.crashed = False
+            containers.append(run_container(work, memory_mb, environ, steps))
+        report(memory_mb, containers)
 
-        def running() -> dict[str, str]:
-            give_up = time.monotonic() + 10
-            while sandbox.backend_host.backend is None and time.monotonic() < give_up:
-                time.sleep(0.05)  # the host serves the reference backend once moto says running
-            return {"action": "status"}
 
-        def crashed() -> dict[str, str]:
-            power("stopped")
-            power("running", crashed=True)
-            launched = published_periods(datetime.now(UTC), sandbox.idle_timeout_seconds)[0] - timedelta(minutes=1)
-            launch_times.write_text(json.dumps({sandbox.instance_id: launched.isoformat()}))  # CloudWatch decides
-            return {"action": "check_idle"}
-
-        def crashed_and_idle() -> dict[str, str]:
-            sandbox.publish_instance_metrics(cpu_percent=0.8, network_bytes=30 * 1024)
-            return {"action": "check_idle"}
-
-        steps: list[tuple[str, Any]] = [
-            ("start, cold (the container's first)", stopped),
-            ("start, warm", stopped),
-            ("status (running, /health)", running),
-            ("check_idle, backend idle (keep)", {"action": "check_idle"}),
-            ("check_idle, backend down, fallback (keep)", crashed),
-            ("check_idle, fallback stops, SNS notice", crashed_and_idle),
-        ]
-        print("the built zip under awslambdaric, against moto's server and the reference backend:")
-        for memory_mb in memories:
+def at_lambdas_default_timeout(lab: Lab, work: Path, environ: dict[str, str]) -> None:
+    """The original console setup: 128 MB and Lambda's default timeout of 3 s, one attempt of each call. How long
+    each action takes, and the least time any of them had left when it answered (what the answer margin kept)."""
+    lambdas_default = {**environ, "IDLE_TIMEOUT_SECONDS": "1", "IDLE_CPU_PERCENT": "0", "HTTP_TIMEOUT_SECONDS": "5"}
+    with SilentServer() as silent:
+        hangs = {**lambdas_default, "BACKEND_BASE_URL": silent.url}
+        cases = [
+            (lambdas_default, [("start, a stopped instance", lab.stopped),
+                               ("check_idle, backend idle past the timeout", lab.idle_past_a_second)]),
+            (hangs, [("check_idle, a backend that never answers", lab.up)]),
+        ]  # fmt: skip
+        print(f"128 MB with a {SHORT_TIMEOUT_SECONDS:g} s timeout (Lambda's default); medians of {CONTAINERS}:")
+        print(f"  {'invocation':44s} {'CPU ms':>8s} {'wall ms':>9s} {'left ms':>8s}   answer")
+        for env, case in cases:
             containers = []
             for _ in range(CONTAINERS):
-                power("stopped")
-                sandbox.backend_host.crashed = False
-                containers.append(run_container(work, memory_mb, environ, steps))
-            report(memory_mb, containers)
+                lab.power("stopped")
+                containers.append(run_container(work, 128, env, case, SHORT_TIMEOUT_SECONDS))
+            for index, (name, _) in enumerate(case):
+                rows = [container.invocations[index] for container in containers]
+                cpu, wall = statistics.median(r.cpu_ms for r in rows), statistics.median(r.wall_ms for r in rows)
+                least_left = SHORT_TIMEOUT_SECONDS * 1000 - max(r.wall_ms for r in rows)
+                answer = rows[0].answer
+                said = answer.get("decision") or answer.get("state") or answer.get("error", {}).get("code")
+                print(f"  {name:44s} {cpu:8.0f} {wall:9.0f} {least_left:8.0f}   {said}")
+    print(f"  (left ms: the least time any of the {CONTAINERS} had left when it answered, of the 3,000)")
+
+
+class SilentServer:
+    """A backend that accepts connections on 127.0.0.1 and never answers."""
+
+    def __enter__(self) -> SilentServer:
+        import socket
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.listener.close()
 
 
 def _sns(endpoint: str) -> Any:
