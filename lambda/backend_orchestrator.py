@@ -93,12 +93,17 @@ ONE_BUSY_VCPU_PERCENT: Final = 50.0
 
 INTERIM_STATUS: Final = re.compile(rb"HTTP/1\.[01] 1(?!01)[0-9]{2}[ \r]")  # 1xx but 101 Switching Protocols
 MIN_TOKEN_CHARS: Final = 16
-# A hold, kept on the instance where the console shows it: set by the hold action or by hand (create-tags).
-HOLD_TAG: Final = "backend-orchestrator:hold"  # running | stopped
+# What the function keeps on the instance, as tags with this prefix where the console shows them: a hold (set by the
+# hold action or by hand with create-tags), and when its backend began to be busy (when the backend does not say).
+TAG_PREFIX: Final = "backend-orchestrator:"
+HOLD_TAG: Final = "backend-orchestrator:hold"  # running | stopped, or ended: the record of the last hold's end
 HOLD_UNTIL_TAG: Final = "backend-orchestrator:hold-until"  # ISO-8601 with its offset: every hold ends
 HOLD_REASON_TAG: Final = "backend-orchestrator:hold-reason"  # optional free text
+BUSY_SINCE_TAG: Final = "backend-orchestrator:busy-since"  # ISO-8601: when check_idle first saw the backend busy
 HOLD_TAGS: Final = (HOLD_TAG, HOLD_UNTIL_TAG, HOLD_REASON_TAG)
+KNOWN_TAGS: Final = (*HOLD_TAGS, BUSY_SINCE_TAG)
 HOLD_STATES: Final = ("running", "stopped")
+ENDED: Final = "ended"  # a hold that is over: kept so that the uptime alarm counts from its end
 MAX_TAG_VALUE_CHARS: Final = 256  # EC2's limit on a tag value
 MAX_HOLD_HOURS_LIMIT: Final = 9999  # what MAX_HOLD_HOURS may be (the template's pattern): keeps dates in range
 TOPIC_ARN_PATTERN: Final = re.compile(r"arn:aws[a-z-]*:sns:[a-z0-9-]+:[0-9]{12}:[A-Za-z0-9_-]{1,256}")
@@ -115,6 +120,7 @@ LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 IDLE_SECONDS_FIELDS: Final = ("idle_seconds", "idleSeconds", "seconds_since_last_activity")
 LAST_ACTIVITY_FIELDS: Final = ("last_activity", "last_activity_at", "lastActivity", "last_request_at")
 IN_FLIGHT_FIELDS: Final = ("active_requests", "active_jobs")
+BUSY_SINCE_FIELD: Final = "busy_since"  # optional: when the oldest request or job still in flight began
 
 # The IAM action each AWS call needs, named when AWS refuses it.
 IAM_ACTIONS: Final = {
@@ -362,6 +368,10 @@ class Config:
         """The first keep-warm window open at `now`, if any."""
         return next((window for window in self.keep_warm if window.holds(now)), None)
 
+    def last_window_end(self, after: datetime, before: datetime) -> datetime | None:
+        """When a keep-warm window last closed in (after, before], if one did."""
+        return max((end for window in self.keep_warm if (end := window.last_end(after, before))), default=None)
+
     def require_backend_url(self, action: Action) -> str:
         if self.backend_base_url is None:
             raise ConfigError(
@@ -419,6 +429,18 @@ class Window:
         if self.start < self.end:
             return day in self.days and self.start <= minute < self.end
         return (day in self.days and minute >= self.start) or ((day - 1) % 7 in self.days and minute < self.end)
+
+    def last_end(self, after: datetime, before: datetime) -> datetime | None:
+        """The latest time in (after, before] at which the window closed, if it closed in that span (within a week and
+        a day of `before`), on the zone's wall clock: the end of the last opening that covered part of the span."""
+        today = before.astimezone(self.zone).date()
+        ends = []
+        for back in range(9):
+            day = today - timedelta(days=back)
+            if day.weekday() in self.days:  # an opening that starts that day, and ends then or the next day
+                closing = datetime.combine(day, datetime.min.time(), self.zone) + timedelta(minutes=self.end)
+                ends.append(closing + timedelta(days=1) if self.end <= self.start else closing)
+        return max((end for end in ends if after < end <= before), default=None)
 
 
 def _parse_region(name: str, raw: str) -> str:
@@ -902,10 +924,12 @@ def _json_type(value: object) -> str:
 
 # --- The decision: pure, plain values in, a verdict and its reason out ----------------------------
 class Activity(NamedTuple):
-    """What the backend reported: seconds idle (None if only busy was reported) and busy."""
+    """What the backend reported: seconds idle (None if only busy was reported), busy, and since when (optional)."""
 
     idle_seconds: float | None
     busy_reason: str | None = None
+    busy_since: datetime | None = None  # when the oldest request or job still in flight began, if it says
+    problem: str | None = None  # a field it sent that is ignored, and why
 
 
 class ActivityUnknown(NamedTuple):
@@ -963,39 +987,58 @@ class Hold(NamedTuple):
     def as_dict(self) -> dict[str, str | None]:
         return {"state": self.state, "until": self.until.isoformat(), "reason": self.reason}
 
+    def as_tags(self) -> dict[str, str]:
+        """Its three tags (an empty reason clears an older one)."""
+        return {HOLD_TAG: self.state, HOLD_UNTIL_TAG: self.until.isoformat(), HOLD_REASON_TAG: self.reason or ""}
+
     def text(self) -> str:
         return f"held {self.state} until {self.until.isoformat()}" + (f" ({self.reason})" if self.reason else "")
 
 
 class HoldReading(NamedTuple):
-    """What the instance's tags say: a hold in force, one whose end has passed, or tags to ignore and why."""
+    """What the instance's tags say: a hold in force, one whose end has passed, the end of the last hold (a record),
+    or tags to ignore and why."""
 
     hold: Hold | None = None
-    ended: Hold | None = None
-    problem: str | None = None
+    ended: Hold | None = None  # its end has passed, and no check has said so yet
+    last_ended: datetime | None = None  # the record a hold that is over left
+    problems: tuple[str, ...] = ()
 
 
 def read_hold(tags: Mapping[str, str], now: datetime, max_hold_hours: float) -> HoldReading:
-    """The hold the tags describe, set by the hold action or by hand: malformed tags are ignored with the reason."""
+    """The hold the tags describe, set by the hold action or by hand (the state in any case, with spaces around it):
+    malformed tags are ignored with the reason, and a tag with the prefix that the function does not read is named."""
+    unknown = sorted(key for key in tags if key.startswith(TAG_PREFIX) and key not in KNOWN_TAGS)
+    problems = tuple(
+        f"Tag {key} is not one the function reads ({', '.join(KNOWN_TAGS)}): a typo? It is ignored." for key in unknown
+    )
     if HOLD_TAG not in tags and HOLD_UNTIL_TAG not in tags:
-        return HoldReading()
-    state, until_text = tags.get(HOLD_TAG), tags.get(HOLD_UNTIL_TAG, "")
-    ignored = "the hold is ignored and the usual rules apply"
+        return HoldReading(problems=problems)
+    state, until_text = (tags.get(HOLD_TAG) or "").strip().lower(), tags.get(HOLD_UNTIL_TAG, "")
+    until, ignored = _aware_time(until_text), "the hold is ignored and the usual rules apply"
+    if state == ENDED:
+        return HoldReading(last_ended=until, problems=problems)
     if state not in HOLD_STATES:
-        return HoldReading(problem=f"Tag {HOLD_TAG}={_short(state)} is not running or stopped: {ignored}.")
-    until = _aware_time(until_text)
+        shown = _short(tags.get(HOLD_TAG))
+        return HoldReading(problems=(*problems, f"Tag {HOLD_TAG}={shown} is not running or stopped: {ignored}."))
     if until is None:
         return HoldReading(
-            problem=f"Tag {HOLD_UNTIL_TAG}={_short(until_text)} is not an ISO-8601 time with its offset "
-            f"(e.g. 2026-12-02T22:00:00+01:00 or ...Z): {ignored}."
+            problems=(
+                *problems,
+                f"Tag {HOLD_UNTIL_TAG}={_short(until_text)} is not an ISO-8601 time with its offset "
+                f"(e.g. 2026-12-02T22:00:00+01:00 or ...Z): {ignored}.",
+            )
         )
     if until > now + timedelta(hours=max_hold_hours):
         return HoldReading(
-            problem=f"Tag {HOLD_UNTIL_TAG}={until_text!r} lies more than MAX_HOLD_HOURS={max_hold_hours:g} "
-            f"hours ahead: {ignored}."
+            problems=(
+                *problems,
+                f"Tag {HOLD_UNTIL_TAG}={until_text!r} lies more than MAX_HOLD_HOURS={max_hold_hours:g} hours ahead: "
+                f"{ignored}.",
+            )
         )
     found = Hold(state, until, tags.get(HOLD_REASON_TAG) or None)
-    return HoldReading(ended=found) if until <= now else HoldReading(hold=found)
+    return HoldReading(ended=found, problems=problems) if until <= now else HoldReading(hold=found, problems=problems)
 
 
 def hold_request(fields: Mapping[str, Any], now: datetime, max_hold_hours: float) -> Hold:
@@ -1064,14 +1107,16 @@ def judge_metrics(
     cpu_limit: float,
     network_limit_bytes: float,
     *,
-    launch_time: datetime,
+    not_before: datetime,
+    began: str = "the launch",
 ) -> tuple[bool, str]:
-    """Idle by the instance's own metrics: every period of [since, until) has CPU and network data of the current
-    run, and no period since `since` (later ones too, where already published) reached either limit.
+    """Idle by the instance's own metrics: every period of [since, until) has CPU and network data from `not_before`
+    on, and no period since `since` (later ones too, where already published) reached either limit.
 
-    A period that began before `launch_time` holds the previous run's data, idle since that run was stopped
-    for it: it counts as missing, and so does a value that is not a finite number."""
-    first = max(0, math.ceil((launch_time - since).total_seconds() / METRIC_PERIOD_SECONDS))  # of the current run
+    A period that began before `not_before` counts as missing, and so does a value that is not a finite number: before
+    the launch, it holds the previous run's data, idle since that run was stopped for it; before a busy span (the
+    stuck-busy watch), it holds what the backend did before that work began."""
+    first = max(0, math.ceil((not_before - since).total_seconds() / METRIC_PERIOD_SECONDS))  # within the span
 
     def by_period(points: list[tuple[datetime, float]], combine: Callable[[float, float], float]) -> dict[int, float]:
         periods: dict[int, float] = {}
@@ -1089,7 +1134,7 @@ def judge_metrics(
     span = f"{since:%H:%M}-{until:%H:%M} UTC"
     missing = [i for i in range(expected) if i not in cpu or i not in network_in or i not in network_out]
     if missing:
-        before = f"; {min(first, expected)} began before the launch at {launch_time:%H:%M:%S} UTC" if first else ""
+        before = f"; {min(first, expected)} began before {began} at {not_before:%H:%M:%S} UTC" if first else ""
         lacking = f"CloudWatch has no CPU or network data for {len(missing)} of the {expected} periods"
         return False, f"{lacking} of {span}{before}"
     cpu_max, network_max = max(cpu.values()), max(network.values())
@@ -1132,7 +1177,15 @@ def parse_activity(body: str | bytes, now: datetime) -> Activity | ActivityUnkno
         return ActivityUnknown(
             f"no idle time in the activity payload: send one of {', '.join(IDLE_SECONDS_FIELDS + LAST_ACTIVITY_FIELDS)}"
         )
-    return Activity(idle_seconds, busy_reason)
+    if BUSY_SINCE_FIELD not in payload or busy_reason is None:
+        return Activity(idle_seconds, busy_reason)
+    # Optional, and only a guide to the stuck-busy watch: a value it cannot read is ignored, never a reason to
+    # doubt that the backend is busy (an unknown activity could be stopped on its metrics).
+    since = _aware_time(payload[BUSY_SINCE_FIELD]) if isinstance(payload[BUSY_SINCE_FIELD], str) else None
+    if since is None:
+        problem = f"{BUSY_SINCE_FIELD!r} is {_short(payload[BUSY_SINCE_FIELD])}, not an ISO-8601 time with its offset"
+        return Activity(idle_seconds, busy_reason, problem=f"The backend's {problem}: it is ignored.")
+    return Activity(idle_seconds, busy_reason, min(since, now))  # a time in the future (skew): busy from now
 
 
 def _idle_seconds(payload: Mapping[str, Any], now: datetime) -> float | ActivityUnknown | None:
@@ -1254,12 +1307,14 @@ def longest_path(action: Action, config: Config, attempts: int = AWS_MAX_ATTEMPT
             return [*waits, ("StartInstances", call), *notice]
         case Action.STATUS:
             return [("DescribeInstances", call), ("GET the health path", min(HEALTH_TIMEOUT_SECONDS, backend))]
-        case Action.CHECK_IDLE:  # DeleteTags for an ended hold, then CloudWatch (the backend cannot say) and the
-            # stop, or the drain, the stop and the drain's DELETE (a stop that failed); notices of the hold and the stop
-            fallback = [("GetMetricData", call)] if config.idle_cpu_percent > 0 else []
-            drain = [("POST the drain", backend), *stop, ("DELETE the drain", backend)] if config.drain_path else []
-            then = drain if sum(s for _, s in drain) > sum(s for _, s in fallback + stop) else [*fallback, *stop]
-            read = [("DescribeInstances", call), ("DeleteTags", call), ("GET the activity path", backend)]
+        case Action.CHECK_IDLE:  # CreateTags for an ended hold, then CloudWatch (the backend cannot say) and the
+            # stop; or the drain, the stop, the drain's DELETE (a stop that failed) and the busy-since record; notices
+            fallback = [("GetMetricData", call), *stop] if config.idle_cpu_percent > 0 else stop
+            drained = [("POST the drain", backend), *stop, ("DELETE the drain", backend)] if config.drain_path else stop
+            said = [*drained, ("CreateTags or DeleteTags (busy-since)", call)]
+            then = said if sum(s for _, s in said) > sum(s for _, s in fallback) else fallback
+            ended = ("CreateTags or DeleteTags (a hold ended)", call)
+            read = [("DescribeInstances", call), ended, ("GET the activity path", backend)]
             return [*read, *then, *notice, *notice]
         case Action.STOP:
             return [("DescribeInstances", call), *notice] if config.dry_run else [*stop, *notice]
@@ -1267,7 +1322,7 @@ def longest_path(action: Action, config: Config, attempts: int = AWS_MAX_ATTEMPT
             moves = stop if config.stop_hibernate else [("StartInstances or StopInstances", call)]
             return [("DescribeInstances", call), ("CreateTags", call), *moves, *notice]
         case Action.RELEASE:
-            return [("DescribeInstances", call), ("DeleteTags", call), *notice]
+            return [("DescribeInstances", call), ("CreateTags or DeleteTags", call), *notice]
         case Action.PREFLIGHT:  # with "notify": true, SNS too
             gets = [("GET the health path", min(HEALTH_TIMEOUT_SECONDS, backend)), ("GET the activity path", backend)]
             return [("DescribeInstances", call), ("4 DryRuns", 4 * call), ("2 GetMetricData", 2 * call), *notice, *gets]
@@ -1289,7 +1344,7 @@ def least_path(action: Action, config: Config) -> list[tuple[str, float]]:
         case Action.HOLD:
             return [("DescribeInstances", call), ("CreateTags", call), *stop]
         case Action.RELEASE:
-            return [("DescribeInstances", call), ("DeleteTags", call)]
+            return [("DescribeInstances", call), ("CreateTags or DeleteTags", call)]
     return [("DescribeInstances", call)]  # status and preflight answer what they could not learn
 
 
@@ -1445,7 +1500,7 @@ class Ec2:
         launch_time = instances[0].get("LaunchTime") or self.deadline.clock.now()
         cpu = instances[0].get("CpuOptions") or {}
         vcpus = cpu.get("CoreCount", 0) * cpu.get("ThreadsPerCore", 1)  # real EC2 always sends both
-        tags = {tag["Key"]: tag["Value"] for tag in instances[0].get("Tags", []) if tag["Key"] in HOLD_TAGS}
+        tags = {tag["Key"]: tag["Value"] for tag in instances[0].get("Tags", []) if tag["Key"].startswith(TAG_PREFIX)}
         monitoring, hibernation = instances[0].get("Monitoring", {}), instances[0].get("HibernationOptions", {})
         return InstanceInfo(
             instances[0]["State"]["Name"], launch_time, vcpus if vcpus > 0 else None, tags,
@@ -1464,15 +1519,17 @@ class Ec2:
             if error.aws_error_code != "DryRunOperation":
                 raise
 
-    def set_hold(self, hold: Hold) -> None:
-        """The hold's three tags in one CreateTags call (an empty reason clears an older one)."""
-        values = {HOLD_TAG: hold.state, HOLD_UNTIL_TAG: hold.until.isoformat(), HOLD_REASON_TAG: hold.reason or ""}
+    def tag(self, values: Mapping[str, str]) -> None:
+        """Set these tags of the instance, in one CreateTags call."""
         tags: list[Any] = [{"Key": key, "Value": value} for key, value in values.items()]
         self._call("CreateTags", lambda client: client.create_tags(Resources=[self.instance_id], Tags=tags))
 
-    def clear_hold(self) -> None:
-        keys: list[Any] = [{"Key": key} for key in HOLD_TAGS]
-        self._call("DeleteTags", lambda client: client.delete_tags(Resources=[self.instance_id], Tags=keys))
+    def untag(self, *keys: str) -> None:
+        """Delete these tags of the instance, in one DeleteTags call: never none (that would delete every tag)."""
+        named: list[Any] = [{"Key": key} for key in keys]
+        if not named:
+            raise ValueError("DeleteTags with no tag deletes every tag of the instance")
+        self._call("DeleteTags", lambda client: client.delete_tags(Resources=[self.instance_id], Tags=named))
 
     def start_instance(self) -> Transition:
         return self._transition("StartInstances", lambda client: client.start_instances(InstanceIds=[self.instance_id]))
@@ -1788,10 +1845,14 @@ class Done(NamedTuple):
     failure: OrchestratorError | None = None  # what left check_idle undecided, or failed a drained stop
     warnings: tuple[str, ...] = ()
     notices: tuple[Notice, ...] = ()  # besides the action's own: a hold that ended
+    busy_since: datetime | None = None  # check_idle: when the busy backend began to be busy, as far as it knows
+    record: Mapping[str, str | None] = {}  # check_idle: the tags to write (None: delete) to keep that record
+    explained_until: datetime | None = None  # check_idle: when the last hold or keep-warm window of this run ended
 
 
 Reading = Callable[[], Activity | ActivityUnknown]  # what the backend says, asked only if a rule needs it
-MetricsReading = Callable[[int], tuple[bool, str]]  # whether the metrics were idle over the last N seconds, and why
+# Whether the metrics were idle over the last N seconds, periods that began before a time counting as missing; and why.
+MetricsReading = Callable[[int, datetime], tuple[bool, str]]
 
 
 class Judgement(NamedTuple):  # what judge() found: the Done fields it fills
@@ -1799,6 +1860,8 @@ class Judgement(NamedTuple):  # what judge() found: the Done fields it fills
     activity: Activity | ActivityUnknown | None = None
     stuck_busy: bool = False
     warnings: tuple[str, ...] = ()
+    busy_since: datetime | None = None  # when the busy backend began to be busy, as far as the function knows
+    record: Mapping[str, str | None] = {}  # the instance's tags to write (None: delete) to keep that record
 
 
 def start(run: Run) -> Done:
@@ -1823,7 +1886,7 @@ def start(run: Run) -> Done:
             moved = _start_once_stopped(run, run.ec2.describe().state)
     else:
         moved = _start_once_stopped(run, info.state)
-    return Done(Action.START, info, transition=moved, warnings=_some(reading.problem))
+    return Done(Action.START, info, transition=moved, warnings=reading.problems)
 
 
 def _start_once_stopped(run: Run, state: str) -> Transition:
@@ -1855,7 +1918,7 @@ def status(run: Run) -> Done:
     url = run.config.require_backend_url(Action.STATUS) + run.config.health_path
     info = run.ec2.describe()
     reading = read_hold(info.tags, run.now(), run.config.max_hold_hours)
-    done = Done(Action.STATUS, info, hold=reading.hold, warnings=_some(reading.problem))
+    done = Done(Action.STATUS, info, hold=reading.hold, warnings=reading.problems)
     if info.state != "running":
         return done._replace(health={"reachable": False, "healthy": False, "status_code": None})
     try:
@@ -1873,13 +1936,17 @@ def check_idle(run: Run) -> Done:
     try:
         info = run.ec2.describe()
         reading = read_hold(info.tags, run.now(), run.config.max_hold_hours)
-        done = done._replace(info=info, hold=reading.hold, warnings=_some(reading.problem))
+        done = done._replace(info=info, hold=reading.hold, warnings=reading.problems)
         if reading.ended is not None:
             done = _end_hold(run, reading.ended, done)
+        ends = (reading.last_ended, reading.ended and reading.ended.until)
+        window_end = run.config.last_window_end(info.launch_time, run.now())
+        done = done._replace(explained_until=max((end for end in (*ends, window_end) if end), default=None))
         metrics = partial(_metrics_idle, run, info)
         judged = judge(run.config, info, reading.hold, run.now(), backend=lambda: _read_activity(run), metrics=metrics)
-        done = done._replace(**{**judged._asdict(), "warnings": done.warnings + judged.warnings})
-        return carry_out(run, done)
+        problem = judged.activity.problem if isinstance(judged.activity, Activity) else None
+        done = done._replace(**{**judged._asdict(), "warnings": (*done.warnings, *judged.warnings, *_some(problem))})
+        return _keep_record(run, carry_out(run, done))
     except OutOfTimeError as error:  # no decision: an idle instance would run on, so the OutOfTime alarm hears of it
         verdict = done.verdict
         reason = f"out of time before {error.step} ({error.brief}); the next check decides again"
@@ -1892,7 +1959,8 @@ def judge(
     config: Config, info: InstanceInfo, hold: Hold | None, now: datetime, *, backend: Reading, metrics: MetricsReading
 ) -> Judgement:
     """The README's rules, in order: the first that applies decides. `backend()` reads the activity endpoint and
-    `metrics(seconds)` the instance's CloudWatch metrics over the last `seconds`, each only if a rule needs it."""
+    `metrics(seconds, not_before)` the instance's CloudWatch metrics over the last `seconds` (periods that began
+    before `not_before` count as missing), each only if a rule needs it."""
     if hold is not None and hold.state == "running":
         return Judgement(kept_up(info.state, hold.text(), "hold"))
     window = config.open_window(now)
@@ -1914,30 +1982,50 @@ def judge(
             reason = "DescribeInstances gave no CpuOptions, so one busy vCPU cannot be told from an idle instance"
             return Judgement(Verdict(Decision.KEEP, f"{unreachable}; {reason}", signal="cloudwatch"), activity)
         try:
-            idle, evidence = metrics(config.idle_timeout_seconds)
+            idle, evidence = metrics(config.idle_timeout_seconds, info.launch_time)
         except AwsError as error:
             idle, evidence = False, f"CloudWatch could not be read: {error.message}"
         decision = Decision.STOP if idle else Decision.KEEP
         return Judgement(Verdict(decision, f"{unreachable}; {evidence}", signal="cloudwatch"), activity)
     verdict = decide(info.launch_time, activity, now, config.idle_timeout_seconds)
-    watched = 0 < config.stuck_busy_seconds < uptime_seconds and config.idle_cpu_percent > 0 and info.vcpus
-    if isinstance(activity, Activity) and activity.busy_reason is not None and watched:
-        return _stuck_busy(config, verdict, activity, metrics)
-    return Judgement(verdict, activity)
+    if isinstance(activity, ActivityUnknown):
+        return Judgement(verdict, activity)
+    if activity.busy_reason is None:  # not busy: the function's record of a busy span ends, if it kept one
+        return Judgement(verdict, activity, record={BUSY_SINCE_TAG: None} if BUSY_SINCE_TAG in info.tags else {})
+    since, record = busy_since(activity, info, now)
+    busy_for = (now - since).total_seconds()
+    watched = 0 < config.stuck_busy_seconds < busy_for and config.idle_cpu_percent > 0 and info.vcpus
+    judged = _stuck_busy(config, verdict, activity, since, metrics) if watched else Judgement(verdict, activity)
+    return judged._replace(busy_since=since, record=record)
 
 
-def _stuck_busy(config: Config, verdict: Verdict, activity: Activity, metrics: MetricsReading) -> Judgement:
-    """Busy for longer than STUCK_BUSY_SECONDS: the metrics over that time, judged as the second signal is. Idle all
-    along means a busy flag that never clears: WARNING and StuckBusy, and a stop with STOP_STUCK_BUSY."""
+def busy_since(activity: Activity, info: InstanceInfo, now: datetime) -> tuple[datetime, dict[str, str | None]]:
+    """When the backend began to be busy (this run at the earliest), and the record to write of it: what the backend
+    says (busy_since); else the function's own record (the busy-since tag) of this run; else now, written down."""
+    if activity.busy_since is not None:
+        return max(activity.busy_since, info.launch_time), {}
+    recorded = _aware_time(info.tags.get(BUSY_SINCE_TAG, ""))
+    if recorded is not None and info.launch_time <= recorded <= now:
+        return recorded, {}
+    return now, {BUSY_SINCE_TAG: now.isoformat()}  # seen busy for the first time this run
+
+
+def _stuck_busy(
+    config: Config, verdict: Verdict, activity: Activity, since: datetime, metrics: MetricsReading
+) -> Judgement:
+    """Busy without a break for longer than STUCK_BUSY_SECONDS: the metrics of that busy span only, judged as the
+    second signal is. Idle all along means a busy flag that never clears: WARNING and StuckBusy, and a stop with
+    STOP_STUCK_BUSY."""
     try:
-        idle, evidence = metrics(config.stuck_busy_seconds)
+        idle, evidence = metrics(config.stuck_busy_seconds, since)
     except (AwsError, OutOfTimeError) as error:
         return Judgement(
             verdict, activity, warnings=(f"The stuck-busy watch could not read CloudWatch: {error.message}",)
         )
     if not idle:
         return Judgement(verdict, activity)
-    reason = f"{verdict.reason}, but its metrics say idle ({evidence}): the busy flag may be stuck"
+    busy = f"{verdict.reason} since {since:%Y-%m-%d %H:%M} UTC"
+    reason = f"{busy}, but its metrics say idle ({evidence}): the busy flag may be stuck"
     if config.stop_stuck_busy:
         stopped = Verdict(
             Decision.STOP, f"{reason}; stopped (STOP_STUCK_BUSY=true)", verdict.idle_seconds, "stuck_busy"
@@ -1955,30 +2043,52 @@ def _read_activity(run: Run) -> Activity | ActivityUnknown:
     )
 
 
-def _metrics_idle(run: Run, info: InstanceInfo, seconds: int) -> tuple[bool, str]:
-    """Whether the instance's own metrics were idle over the last `seconds` of the current run, on its scale (one
-    busy vCPU of any count is not idle), in one GetMetricData call; and the evidence."""
+def _metrics_idle(run: Run, info: InstanceInfo, seconds: int, not_before: datetime) -> tuple[bool, str]:
+    """Whether the instance's own metrics were idle over the last `seconds`, from `not_before` on (the launch, or
+    when its backend began to be busy), on its scale (one busy vCPU of any count is not idle), in one GetMetricData
+    call; and the evidence."""
     assert info.vcpus is not None  # noqa: S101 - judge() checks it first
     now = run.now()
     since, until = metric_window(now, seconds)
     samples = instance_metrics(run, since, now)
     cpu_limit = min(run.config.idle_cpu_percent, ONE_BUSY_VCPU_PERCENT / info.vcpus)
     network_limit = run.config.idle_network_kb * 1024
-    return judge_metrics(samples, since, until, cpu_limit, network_limit, launch_time=info.launch_time)
+    began = "the launch" if not_before == info.launch_time else "the busy span"
+    return judge_metrics(samples, since, until, cpu_limit, network_limit, not_before=not_before, began=began)
 
 
 def _end_hold(run: Run, ended: Hold, done: Done) -> Done:
-    """A hold whose end has passed: delete its tags (one DeleteTags) and say so once; the usual rules apply."""
+    """A hold whose end has passed: say so once, and end it in one call: a running hold is marked ended (the record
+    its end, from which the uptime alarm counts), a stopped one deleted. The usual rules apply."""
     if run.config.dry_run:
         return _warn(done, f"The hold ({ended.text()}) has ended; in dry run its tags are left in place.")
     try:
-        run.ec2.clear_hold()
+        _forget_hold(run.ec2, ended, ended.until)
     except AwsError as error:
         return _warn(done, f"The hold ({ended.text()}) has ended, but its tags stay: {error.message}")
     instance_id = run.config.instance_id
     text = f"The hold on instance {instance_id} ({ended.text()}) has ended; the usual rules apply again."
     attributes = {"action": Action.CHECK_IDLE.value, "decision": "hold_ended"}
     return done._replace(ended=ended, notices=(Notice(f"Backend {instance_id} hold ended", text, attributes),))
+
+
+def _keep_record(run: Run, done: Done) -> Done:
+    """Write (or delete) the tags of the function's own record of a busy span, after the verdict is carried out: one
+    CreateTags or one DeleteTags, none when nothing changed or in dry run. A failure is a warning, never a decision."""
+    writes = {key: value for key, value in done.record.items() if value is not None}
+    deletes = [key for key, value in done.record.items() if value is None]
+    if run.config.dry_run or not (writes or deletes):
+        return done
+    try:
+        if writes:
+            run.ec2.tag(writes)
+        if deletes:
+            run.ec2.untag(*deletes)
+    except (AwsError, OutOfTimeError) as error:
+        return _warn(
+            done, f"The record of when the backend began to be busy ({BUSY_SINCE_TAG}) was not kept: {error.message}"
+        )
+    return done
 
 
 def carry_out(run: Run, done: Done) -> Done:
@@ -2013,6 +2123,15 @@ LEFT_DRAINED: Final = (
     "StopInstances got no answer and may still stop the instance, so the backend is left drained: it refuses work "
     "until its lease ends rather than take work the stop would kill."
 )
+
+
+def _forget_hold(ec2: Ec2, hold: Hold | None, ended: datetime) -> None:
+    """End a hold in one call: a running one marked ended at `ended` (it explained the instance's uptime until then),
+    anything else (a stopped hold, tags that made no hold) deleted."""
+    if hold is not None and hold.state == "running":
+        ec2.tag({HOLD_TAG: ENDED, HOLD_UNTIL_TAG: ended.isoformat()})
+    else:
+        ec2.untag(*HOLD_TAGS)
 
 
 def _not_sent(error: OrchestratorError) -> bool:
@@ -2060,8 +2179,10 @@ def hold(run: Run) -> Done:
     CreateTags, then start or stop it to match (an operator's stop: STOP_HIBERNATE and DRY_RUN honoured)."""
     wanted = hold_request(run.fields, run.now(), run.config.max_hold_hours)  # a 400 writes nothing
     info = run.ec2.describe()
-    if not run.config.dry_run:
-        run.ec2.set_hold(wanted)
+    if not run.config.dry_run:  # three tags in one call (an empty reason clears an older one)
+        run.ec2.tag(
+            {HOLD_TAG: wanted.state, HOLD_UNTIL_TAG: wanted.until.isoformat(), HOLD_REASON_TAG: wanted.reason or ""}
+        )
     written = " (dry run: nothing written)" if run.config.dry_run else ""
     done = Done(Action.HOLD, info, Verdict(Decision.KEEP, f"{wanted.text()}{written}", signal="operator"), hold=wanted)
     if wanted.state == "running" and info.state == "stopped":
@@ -2072,12 +2193,14 @@ def hold(run: Run) -> Done:
 
 
 def release(run: Run) -> Done:
-    """End the hold now (direct invocation only): its tags deleted in one DeleteTags; the usual rules apply."""
+    """End the hold now (direct invocation only): marked ended now in one CreateTags (tags that made no hold too);
+    the usual rules apply."""
     info = run.ec2.describe()
     reading = read_hold(info.tags, run.now(), run.config.max_hold_hours)
     released = reading.hold or reading.ended
-    if info.tags and not run.config.dry_run:
-        run.ec2.clear_hold()
+    tagged = HOLD_TAG in info.tags or HOLD_UNTIL_TAG in info.tags  # a hold, or tags that make none (still cleared)
+    if tagged and reading.last_ended is None and not run.config.dry_run:
+        _forget_hold(run.ec2, released, min(released.until, run.now()) if released else run.now())
     reason = f"released from its hold ({released.text()})" if released else "released: it had no hold"
     reason += " (dry run: nothing written)" if run.config.dry_run else ""
     return Done(Action.RELEASE, info, Verdict(Decision.KEEP, reason, signal="operator"), ended=released)
@@ -2137,7 +2260,7 @@ def present(done: Done, config: Config, now: datetime) -> Answer:
         figures, counted = _check_idle_figures(done, config, now)
         fields, metrics = {**fields, **figures}, {**metrics, **counted}
     # Notified: a start, a stop (or what dry run would have done), a hold set, a hold released.
-    changes = {Action.START: started, Action.HOLD: True, Action.RELEASE: bool(info and info.tags)}
+    changes = {Action.START: started, Action.HOLD: True, Action.RELEASE: done.ended is not None}
     if changes.get(action, verdict is not None and verdict.decision in CHANGES):
         done = done._replace(
             notices=(*done.notices, notification(done, config.instance_id, fields.get("uptime_seconds")))
@@ -2160,12 +2283,14 @@ def _check_idle_figures(done: Done, config: Config, now: datetime) -> tuple[dict
     metrics: dict[str, float] = {"IdleSeconds": idle_seconds} if idle_seconds is not None else {}
     metrics.update({"BackendUnreachable": 1} if isinstance(done.activity, ActivityUnknown) else {})
     fields.update({name: True for name, on in (("stuck_busy", done.stuck_busy), ("drained", done.drained)) if on})
+    fields.update({"busy_since": done.busy_since.isoformat()} if done.busy_since else {})
     metrics.update({"StuckBusy": 1} if done.stuck_busy else {})
     metrics.update({"OutOfTime": 1} if isinstance(done.failure, OutOfTimeError) else {})
     metrics.update({"Errors": 1} if done.failure and done.drained else {})  # a drained backend left running
     uptime = round((now - info.launch_time).total_seconds()) if info else 0
     if info is not None and info.state == "running" and verdict.signal not in ("hold", "keep_warm"):
-        metrics["UptimeHours"] = round(max(uptime, 0) / 3600, 2)
+        explained = max(info.launch_time, done.explained_until or info.launch_time)  # a hold or a window explained it
+        metrics["UptimeHours"] = round(max((now - explained).total_seconds(), 0) / 3600, 2)
     if info is not None and verdict.decision in (Decision.STOP, Decision.WOULD_STOP):
         fields["uptime_seconds"] = uptime
         metrics.update({"UptimeSeconds": uptime} if verdict.decision is Decision.STOP else {})

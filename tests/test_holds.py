@@ -30,6 +30,9 @@ def tags(ec2: Ec2World) -> dict[str, str]:
     return {tag["Key"]: tag["Value"] for tag in reservations[0]["Instances"][0].get("Tags", [])}
 
 
+BUSY_SINCE_KEY = "backend-orchestrator:busy-since"
+
+
 def tag_by_hand(ec2: Ec2World, state: str, until: datetime | str, reason: str | None = None) -> None:
     """What an operator types: aws ec2 create-tags ... (the test's own client, so the calls are not counted)."""
     values = {HOLD_KEYS[0]: state, HOLD_KEYS[1]: until if isinstance(until, str) else until.isoformat()}
@@ -61,12 +64,26 @@ def test_a_hold_running_until_a_time_starts_a_stopped_instance(invoke: Invoke, e
     assert tags(ec2)[HOLD_KEYS[2]] == ""  # no reason: an older one is cleared
 
 
-def test_release_deletes_the_tags_in_one_call(invoke: Invoke, ec2: Ec2World, clock: FakeClock) -> None:
+def test_release_deletes_the_tags_of_a_stopped_hold_in_one_call(
+    invoke: Invoke, ec2: Ec2World, clock: FakeClock
+) -> None:
     tag_by_hand(ec2, "stopped", clock.now() + timedelta(hours=1), "patching")
     body = invoke({"action": "release"})
     assert (body["hold"], body["released"]["reason"]) == (None, "patching")
     assert ec2.calls == ["DescribeInstances", "DeleteTags"]
     assert tags(ec2) == {}
+
+
+def test_release_marks_a_running_hold_ended_now_in_one_call(invoke: Invoke, ec2: Ec2World, clock: FakeClock) -> None:
+    tag_by_hand(ec2, "running", clock.now() + timedelta(hours=1), "board demo")
+    body = invoke({"action": "release"})
+    assert (body["hold"], body["released"]["reason"]) == (None, "board demo")
+    assert ec2.calls == ["DescribeInstances", "CreateTags"]
+    # The record of its end, from which the uptime alarm counts: no hold any more.
+    assert tags(ec2) == {HOLD_KEYS[0]: "ended", HOLD_KEYS[1]: clock.now().isoformat(), HOLD_KEYS[2]: "board demo"}
+    again = invoke({"action": "release"})
+    assert (again["released"], ec2.calls[2:]) == (None, ["DescribeInstances"])  # nothing to release, nothing written
+    assert invoke({"action": "status"})["hold"] is None
 
 
 def test_in_dry_run_hold_and_release_write_nothing(invoke: Invoke, ec2: Ec2World) -> None:
@@ -187,8 +204,8 @@ def test_a_hold_that_has_ended_is_cleared_once_and_announced_once(
     backend.answer(ACTIVITY_PATH, Answer.json({"idle_seconds": 60}))
     first = invoke(CHECK, NOTIFY_TOPIC_ARN=topic_arn)
     assert (first["decision"], first["signal"], first["hold_ended"]["reason"]) == ("keep", "activity", "board demo")
-    assert long_running.calls == ["DescribeInstances", "DeleteTags", "Publish"]
-    assert tags(long_running) == {}
+    assert long_running.calls == ["DescribeInstances", "CreateTags", "Publish"]
+    assert tags(long_running)[HOLD_KEYS[0]] == "ended"  # marked, not deleted: the record of when it ended
     assert [message["Subject"] for message in received()] == [f"Backend {long_running.instance_id} hold ended"]
     second = invoke(CHECK, NOTIFY_TOPIC_ARN=topic_arn)
     assert "hold_ended" not in second
@@ -228,20 +245,26 @@ def test_status_answers_the_hold_set_by_hand_over_http(invoke: Invoke, ec2: Ec2W
     assert body_of(invoke(http_event(body='{"action": "release"}')))["error"]["code"] == "action_not_allowed"
 
 
-# --- A busy flag that never clears -------------------------------------------------------------------------------
-BUSY = Answer.json({"idle_seconds": 5, "active_requests": 1})
+# --- A busy flag that never clears ---------------------------------------------------------------------------------
 WATCH = {"STUCK_BUSY_SECONDS": "900"}  # three 5-minute periods, so that the test data stays small
+
+
+def busy(since: datetime | None = None) -> Answer:
+    """A backend busy with one request: since `since`, if it says so."""
+    said = {"busy_since": since.isoformat()} if since else {}
+    return Answer.json({"idle_seconds": 5, "active_requests": 1, **said})
 
 
 def test_a_busy_backend_whose_metrics_are_idle_is_flagged_stuck_and_kept(
     invoke: Invoke, long_running: Ec2World, clock: FakeClock, backend: ScriptedBackend, log_lines: Any
 ) -> None:
-    backend.answer(ACTIVITY_PATH, BUSY)
+    backend.answer(ACTIVITY_PATH, busy(since=clock.now() - timedelta(minutes=40)))
     put_metrics(clock, long_running.instance_id, [0.3] * 3, [QUIET] * 3, timeout=900)
     body = invoke(CHECK, **WATCH)
     assert (body["decision"], body["signal"], body["stuck_busy"]) == ("keep", "activity", True)
     assert "the busy flag may be stuck" in body["reason"]
-    assert long_running.calls == ["DescribeInstances", "GetMetricData"]
+    assert body["busy_since"] == (clock.now() - timedelta(minutes=40)).isoformat()
+    assert long_running.calls == ["DescribeInstances", "GetMetricData"]  # it said since when: nothing to write
     line, emf = log_lines()
     assert (line["level"], line["stuck_busy"], emf["StuckBusy"]) == ("WARNING", True, 1)
     assert long_running.state() == "running"
@@ -250,7 +273,7 @@ def test_a_busy_backend_whose_metrics_are_idle_is_flagged_stuck_and_kept(
 def test_a_busy_backend_with_busy_metrics_is_kept_without_the_flag(
     invoke: Invoke, long_running: Ec2World, clock: FakeClock, backend: ScriptedBackend, log_lines: Any
 ) -> None:
-    backend.answer(ACTIVITY_PATH, BUSY)
+    backend.answer(ACTIVITY_PATH, busy(since=clock.now() - timedelta(minutes=40)))
     put_metrics(clock, long_running.instance_id, [0.3, 60.0, 0.3], [QUIET] * 3, timeout=900)
     body = invoke(CHECK, **WATCH)
     assert (body["decision"], "stuck_busy" in body) == ("keep", False)
@@ -260,7 +283,7 @@ def test_a_busy_backend_with_busy_metrics_is_kept_without_the_flag(
 def test_stop_stuck_busy_stops_it(
     invoke: Invoke, long_running: Ec2World, clock: FakeClock, backend: ScriptedBackend
 ) -> None:
-    backend.answer(ACTIVITY_PATH, BUSY)
+    backend.answer(ACTIVITY_PATH, busy(since=clock.now() - timedelta(minutes=40)))
     put_metrics(clock, long_running.instance_id, [0.3] * 3, [QUIET] * 3, timeout=900)
     body = invoke(CHECK, STOP_STUCK_BUSY="true", **WATCH)
     assert (body["decision"], body["signal"]) == ("stop", "stuck_busy")
@@ -279,10 +302,78 @@ def test_stop_stuck_busy_stops_it(
 def test_no_cloudwatch_call_outside_the_watch(
     invoke: Invoke, long_running: Ec2World, clock: FakeClock, backend: ScriptedBackend, environ: dict[str, str]
 ) -> None:
-    backend.answer(ACTIVITY_PATH, BUSY)
+    backend.answer(ACTIVITY_PATH, busy(since=clock.now() - timedelta(minutes=100)))
     put_metrics(clock, long_running.instance_id, [0.3] * 3, [QUIET] * 3, timeout=900)
     assert invoke(CHECK, **environ)["decision"] == "keep"
     assert long_running.calls == ["DescribeInstances"]
+
+
+@pytest.mark.parametrize("says_since", [True, False], ids=["it-says-30-s-ago", "it-does-not-say"])
+def test_a_job_begun_30_s_ago_on_an_instance_up_three_hours_is_neither_stopped_nor_flagged(
+    invoke: Invoke, ec2: Ec2World, clock: FakeClock, backend: ScriptedBackend, log_lines: Any, says_since: bool
+) -> None:
+    # The red team's grid search: light use for three hours, idle metrics all along, then a job at 90 % CPU that began
+    # 30 s ago (its first periods are not published yet). STOP_STUCK_BUSY is on; the default watch is 2 hours.
+    ec2.set_launch_time(clock.now() - timedelta(hours=3))
+    put_metrics(clock, ec2.instance_id, [0.3] * 24, [QUIET] * 24, timeout=7200)
+    backend.answer(ACTIVITY_PATH, busy(since=clock.now() - timedelta(seconds=30) if says_since else None))
+    body = invoke(CHECK, STOP_STUCK_BUSY="true")
+    assert (body["decision"], body["signal"], "stuck_busy" in body) == ("keep", "activity", False)
+    assert ec2.state() == "running"
+    assert "StuckBusy" not in log_lines()[1]
+    assert ec2.calls == ["DescribeInstances"] + ([] if says_since else ["CreateTags"])  # not even CloudWatch
+    assert (BUSY_SINCE_KEY in tags(ec2)) is not says_since
+
+
+def test_the_functions_own_record_of_a_busy_span_measures_it_and_flags_it_once_long(
+    invoke: Invoke, long_running: Ec2World, clock: FakeClock, backend: ScriptedBackend, log_lines: Any
+) -> None:
+    backend.answer(ACTIVITY_PATH, busy())  # a backend that does not say since when
+    first = invoke(CHECK, **WATCH)
+    assert (first["busy_since"], "stuck_busy" in first) == (clock.now().isoformat(), False)
+    assert long_running.calls == ["DescribeInstances", "CreateTags"]  # written once
+    assert tags(long_running)[BUSY_SINCE_KEY] == clock.now().isoformat()
+    began = clock.now()
+    clock.advance(40 * 60)  # busy without a break for 40 minutes, the metrics of all of it idle
+    put_metrics(clock, long_running.instance_id, [0.3] * 3, [QUIET] * 3, timeout=900)
+    second = invoke(CHECK, **WATCH)
+    assert (second["busy_since"], second["stuck_busy"]) == (began.isoformat(), True)
+    assert long_running.calls[2:] == ["DescribeInstances", "GetMetricData"]  # the same state: no write
+    backend.answer(ACTIVITY_PATH, Answer.json({"idle_seconds": 5}))  # the work is done
+    third = invoke(CHECK, **WATCH)
+    assert (third["decision"], "busy_since" in third) == ("keep", False)
+    assert long_running.calls[4:] == ["DescribeInstances", "DeleteTags"]  # the record ends
+    assert BUSY_SINCE_KEY not in tags(long_running)
+    invoke(CHECK, **WATCH)
+    assert long_running.calls[6:] == ["DescribeInstances"]  # nothing to delete any more
+
+
+def test_a_record_from_an_earlier_run_starts_afresh(
+    invoke: Invoke, long_running: Ec2World, clock: FakeClock, backend: ScriptedBackend
+) -> None:
+    earlier = clock.now() - timedelta(hours=5)  # before this run's launch, two hours ago
+    long_running.client.create_tags(
+        Resources=[long_running.instance_id], Tags=[{"Key": BUSY_SINCE_KEY, "Value": earlier.isoformat()}]
+    )
+    put_metrics(clock, long_running.instance_id, [0.3] * 3, [QUIET] * 3, timeout=900)
+    backend.answer(ACTIVITY_PATH, busy())
+    body = invoke(CHECK, STOP_STUCK_BUSY="true", **WATCH)
+    assert (body["decision"], body["busy_since"]) == ("keep", clock.now().isoformat())
+    assert long_running.calls == ["DescribeInstances", "CreateTags"]
+    assert tags(long_running)[BUSY_SINCE_KEY] == clock.now().isoformat()
+
+
+def test_the_watch_judges_only_the_periods_of_the_busy_span(
+    invoke: Invoke, long_running: Ec2World, clock: FakeClock, backend: ScriptedBackend, log_lines: Any
+) -> None:
+    # Busy for 20 minutes, past a 15-minute watch; but the window's periods began up to half an hour ago, before the
+    # busy span: they hold what the backend did before the work began, so they count as missing, and it is kept.
+    backend.answer(ACTIVITY_PATH, busy(since=clock.now() - timedelta(minutes=20)))
+    put_metrics(clock, long_running.instance_id, [0.3] * 3, [QUIET] * 3, timeout=900)
+    body = invoke(CHECK, STOP_STUCK_BUSY="true", **WATCH)
+    assert (body["decision"], "stuck_busy" in body) == ("keep", False)
+    assert long_running.calls == ["DescribeInstances", "GetMetricData"]
+    assert long_running.state() == "running"
 
 
 # --- Uptime nothing explains -------------------------------------------------------------------------------------
@@ -297,3 +388,62 @@ def test_uptime_is_emitted_for_a_running_instance_outside_holds_and_windows(
     tag_by_hand(long_running, "stopped", clock.now() + timedelta(hours=1))
     invoke(CHECK)
     assert log_lines()[1]["UptimeHours"] == pytest.approx(2.0, abs=0.01)  # held stopped yet running: unexplained
+
+
+def test_uptime_counts_from_the_end_of_a_running_hold(
+    invoke: Invoke, ec2: Ec2World, clock: FakeClock, backend: ScriptedBackend, log_lines: Any
+) -> None:
+    # A 24-hour hold ended an hour ago: the alarm (at 12 hours) must not fire the minute it ends.
+    ec2.set_launch_time(clock.now() - timedelta(hours=26))
+    tag_by_hand(ec2, "running", clock.now() - timedelta(hours=1), "the board's demo day")
+    backend.answer(ACTIVITY_PATH, Answer.json({"idle_seconds": 30}))
+    invoke(CHECK)  # marks the hold ended: its record
+    assert log_lines()[1]["UptimeHours"] == pytest.approx(1.0, abs=0.01)
+    clock.advance(2 * 3600)
+    invoke(CHECK)  # from the record, now that the hold is over
+    assert log_lines()[1]["UptimeHours"] == pytest.approx(3.0, abs=0.01)
+    assert ec2.calls == ["DescribeInstances", "CreateTags", "DescribeInstances"]
+
+
+def test_uptime_counts_from_a_release(
+    invoke: Invoke, ec2: Ec2World, clock: FakeClock, backend: ScriptedBackend, log_lines: Any
+) -> None:
+    ec2.set_launch_time(clock.now() - timedelta(hours=20))
+    tag_by_hand(ec2, "running", clock.now() + timedelta(hours=10))
+    clock.advance(1800)
+    invoke({"action": "release"})
+    clock.advance(1800)
+    backend.answer(ACTIVITY_PATH, Answer.json({"idle_seconds": 30}))
+    log_lines()
+    invoke(CHECK)
+    assert log_lines()[1]["UptimeHours"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_uptime_counts_from_the_end_of_a_keep_warm_window(
+    invoke: Invoke, long_running: Ec2World, clock: FakeClock, backend: ScriptedBackend, log_lines: Any
+) -> None:
+    closed = clock.now().astimezone(UTC) - timedelta(minutes=30)
+    window = f"Mon-Sun {closed - timedelta(hours=8):%H:%M}-{closed:%H:%M} UTC"  # it closed half an hour ago
+    backend.answer(ACTIVITY_PATH, Answer.json({"idle_seconds": 30}))
+    body = invoke(CHECK, KEEP_WARM=window)
+    assert body["signal"] == "activity"  # outside the window now
+    seconds_since = (clock.now() - closed.replace(second=0, microsecond=0)).total_seconds()
+    assert log_lines()[1]["UptimeHours"] == pytest.approx(seconds_since / 3600, abs=0.01)
+
+
+def test_a_hold_or_window_that_ended_before_this_run_explains_nothing(
+    invoke: Invoke, long_running: Ec2World, clock: FakeClock, backend: ScriptedBackend, log_lines: Any
+) -> None:
+    long_running.client.create_tags(  # the record of a hold that ended three hours ago, before this run's launch
+        Resources=[long_running.instance_id],
+        Tags=[
+            {"Key": HOLD_KEYS[0], "Value": "ended"},
+            {"Key": HOLD_KEYS[1], "Value": (clock.now() - timedelta(hours=3)).isoformat()},
+        ],
+    )
+    closed = clock.now().astimezone(UTC) - timedelta(hours=2, minutes=30)
+    window = f"Mon-Sun {closed - timedelta(hours=1):%H:%M}-{closed:%H:%M} UTC"
+    backend.answer(ACTIVITY_PATH, Answer.json({"idle_seconds": 30}))
+    invoke(CHECK, KEEP_WARM=window)
+    assert log_lines()[1]["UptimeHours"] == pytest.approx(2.0, abs=0.01)  # from the launch, two hours ago
+    assert long_running.calls == ["DescribeInstances"]

@@ -145,9 +145,10 @@ def test_a_backend_that_says_busy_is_never_overruled_by_idle_metrics(
 ) -> None:
     put_metrics(clock, long_running.instance_id, [0.0] * 3, [0.0] * 3)
     backend.answer(ACTIVITY_PATH, Answer.json({"idle_seconds": 5000, "busy": True}))
-    body = invoke(CHECK, STUCK_BUSY_SECONDS="10800")  # busy for 2 h, within the stuck-busy watch's 3 h
+    body = invoke(CHECK, STUCK_BUSY_SECONDS="10800")  # seen busy for the first time: its busy span begins now
     assert (body["decision"], body["signal"]) == ("keep", "activity")
-    assert long_running.calls == ["DescribeInstances"]  # CloudWatch is never asked while the backend answers
+    # CloudWatch is never asked while the backend answers; the function writes down when it first saw it busy.
+    assert long_running.calls == ["DescribeInstances", "CreateTags"]
 
 
 def test_cloudwatch_access_denied_keeps_and_names_the_iam_action(
@@ -461,7 +462,7 @@ def test_a_datapoint_that_is_not_a_finite_number_counts_as_missing(odd: float) -
     network = [(when, 100.0) for when in periods]
     samples = bo.MetricSamples(cpu, network, network)
     launched = start - timedelta(hours=1)
-    idle, evidence = bo.judge_metrics(samples, start, start + timedelta(minutes=15), 5.0, 1e6, launch_time=launched)
+    idle, evidence = bo.judge_metrics(samples, start, start + timedelta(minutes=15), 5.0, 1e6, not_before=launched)
     assert not idle  # nan >= limit is false: read as a number, NaN would have looked idle
     assert "no CPU or network data for 1 of the 3 periods" in evidence
 
