@@ -19,6 +19,7 @@ Run it: python examples/reference_backend.py --port 8000
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import threading
 import time
@@ -35,42 +36,34 @@ DRAIN_LEASE_SECONDS = 120.0  # how long a drain refuses work if the stop never c
 
 
 class ActivityTracker:
-    """Thread-safe record of the last request and of the work in flight."""
+    """Thread-safe record of the last request and of the work in flight, and since when it has been in flight."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._last = time.monotonic()  # a fresh start counts as activity
         self._last_wall = datetime.now(UTC)
-        self._requests = 0
-        self._jobs = 0
+        self._in_flight: dict[int, tuple[str, datetime]] = {}  # ticket: (request or job, when it began)
+        self._tickets = itertools.count()
         self._arrivals = 0  # requests and jobs ever started
         self._reported_arrivals = 0  # as of the last snapshot the orchestrator read
         self._draining_until = 0.0
 
-    def request_started(self) -> None:
-        with self._lock:
-            self._requests += 1
-            self._arrivals += 1
-            self._touch()
+    def request_started(self) -> int:
+        """A request began: returns its ticket, for request_finished()."""
+        return self._begin("request")
 
-    def request_finished(self) -> None:
-        with self._lock:
-            self._requests -= 1
-            self._touch()
+    def request_finished(self, ticket: int | None = None) -> None:
+        """A request ended (without its ticket: the one in flight longest, so that busy_since is never too early)."""
+        self._end("request", ticket)
 
     @contextmanager
     def job(self) -> Iterator[None]:
         """Wrap background work (a grid search) so that the backend reads as busy while it runs."""
-        with self._lock:
-            self._jobs += 1
-            self._arrivals += 1
-            self._touch()
+        ticket = self._begin("job")
         try:
             yield
         finally:
-            with self._lock:
-                self._jobs -= 1
-                self._touch()
+            self._end("job", ticket)
 
     def snapshot(self) -> dict[str, Any]:
         """The activity contract's payload; what it reports is what a drain compares against."""
@@ -82,7 +75,7 @@ class ActivityTracker:
         """Agree to be stopped only if nothing is in flight and nothing arrived since the last snapshot;
         then refuse new work for `lease_seconds` (in case the stop never comes)."""
         with self._lock:
-            quiet = self._requests == 0 and self._jobs == 0 and self._arrivals == self._reported_arrivals
+            quiet = not self._in_flight and self._arrivals == self._reported_arrivals
             if not quiet:
                 return {"drained": False, **self._activity()}
             self._draining_until = time.monotonic() + lease_seconds
@@ -99,13 +92,33 @@ class ActivityTracker:
         with self._lock:
             return max(0.0, self._draining_until - time.monotonic())
 
+    def _begin(self, kind: str) -> int:
+        with self._lock:
+            ticket = next(self._tickets)
+            self._in_flight[ticket] = (kind, datetime.now(UTC))
+            self._arrivals += 1
+            self._touch()
+            return ticket
+
+    def _end(self, kind: str, ticket: int | None) -> None:
+        with self._lock:
+            mine = [t for t, (what, _) in self._in_flight.items() if what == kind]
+            if ticket is None and mine:
+                ticket = mine[0]  # the oldest of its kind: dicts keep the order the tickets were given in
+            if ticket is not None:
+                self._in_flight.pop(ticket, None)
+            self._touch()
+
     def _activity(self) -> dict[str, Any]:
+        kinds = [what for what, _ in self._in_flight.values()]
+        began = [when for _, when in self._in_flight.values()]
         return {
             "idle_seconds": round(time.monotonic() - self._last, 3),  # monotonic: immune to clock changes
             "last_activity": self._last_wall.isoformat(),
-            "busy": self._jobs > 0 or self._requests > 0,
-            "active_requests": self._requests,
-            "active_jobs": self._jobs,
+            "busy": bool(self._in_flight),
+            "active_requests": kinds.count("request"),
+            "active_jobs": kinds.count("job"),
+            **({"busy_since": min(began).isoformat()} if began else {}),
         }
 
     def _touch(self) -> None:
@@ -157,7 +170,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(503, {"error": "draining: the backend is about to stop"}, {"Retry-After": f"{draining:.0f}"})
             return
         tracker = self.server.tracker
-        tracker.request_started()
+        ticket = tracker.request_started()
         try:
             if url.path == "/api/jobs" and self.command == "POST":
                 seconds = float(parse_qs(url.query).get("seconds", ["1"])[0])
@@ -166,7 +179,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(404, {"error": f"no route {url.path}"})
         finally:
-            tracker.request_finished()
+            tracker.request_finished(ticket)
 
     def _probe(self, path: str) -> None:
         tracker = self.server.tracker

@@ -44,6 +44,7 @@ import ssl
 import sys
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
@@ -105,6 +106,7 @@ KNOWN_TAGS: Final = (*HOLD_TAGS, BUSY_SINCE_TAG)
 HOLD_STATES: Final = ("running", "stopped")
 ENDED: Final = "ended"  # a hold that is over: kept so that the uptime alarm counts from its end
 MAX_TAG_VALUE_CHARS: Final = 256  # EC2's limit on a tag value
+SNS_SUBJECT_LIMIT: Final = 100  # an SNS subject is "less than 100 characters" of printable ASCII
 MAX_HOLD_HOURS_LIMIT: Final = 9999  # what MAX_HOLD_HOURS may be (the template's pattern): keeps dates in range
 TOPIC_ARN_PATTERN: Final = re.compile(r"arn:aws[a-z-]*:sns:[a-z0-9-]+:[0-9]{12}:[A-Za-z0-9_-]{1,256}")
 INSTANCE_ID_PATTERN: Final = re.compile(r"i-(?:[0-9a-f]{8}|[0-9a-f]{17})")
@@ -1317,7 +1319,11 @@ def longest_path(action: Action, config: Config, attempts: int = AWS_MAX_ATTEMPT
             read = [("DescribeInstances", call), ended, ("GET the activity path", backend)]
             return [*read, *then, *notice, *notice]
         case Action.STOP:
-            return [("DescribeInstances", call), *notice] if config.dry_run else [*stop, *notice]
+            return (
+                [("DescribeInstances", call), *notice]
+                if config.dry_run
+                else [("DescribeInstances", call), *stop, *notice]
+            )
         case Action.HOLD:  # then starts or stops the instance to match
             moves = stop if config.stop_hibernate else [("StartInstances or StopInstances", call)]
             return [("DescribeInstances", call), ("CreateTags", call), *moves, *notice]
@@ -1340,7 +1346,7 @@ def least_path(action: Action, config: Config) -> list[tuple[str, float]]:
             then = ("GetMetricData or the drain, and StopInstances", reserve("activity", config).least)
             return [("DescribeInstances", call), ("GET the activity path", read), then]
         case Action.STOP:
-            return [("DescribeInstances", call)] if config.dry_run else stop
+            return [("DescribeInstances", call)] + ([] if config.dry_run else stop)
         case Action.HOLD:
             return [("DescribeInstances", call), ("CreateTags", call), *stop]
         case Action.RELEASE:
@@ -1518,6 +1524,13 @@ class Ec2:
         except AwsError as error:
             if error.aws_error_code != "DryRunOperation":
                 raise
+            return  # the one answer that proves the permission without acting
+        raise AwsError(
+            f"EC2 {operation} with DryRun=True succeeded instead of answering DryRunOperation: the endpoint did not "
+            f"honour DryRun, and it may have acted. Check instance {self.instance_id}, and the EC2 endpoint the "
+            "function uses (AWS_ENDPOINT_URL, a VPC endpoint, a proxy).",
+            aws_error_code="DryRunIgnored",
+        )
 
     def tag(self, values: Mapping[str, str]) -> None:
         """Set these tags of the instance, in one CreateTags call."""
@@ -1649,7 +1662,12 @@ def fetch_activity(url: str, seconds: float, clock: Clock) -> Activity | Activit
 
 
 class NotDrainedError(Exception):
-    """The backend did not drain (the message says why): it is not stopped this time."""
+    """The backend did not drain (the message says why): it is not stopped this time. `maybe_drained`: it may have
+    drained all the same (the request reached it, and its answer was not a clear no), so it must be told to resume."""
+
+    def __init__(self, message: str, *, maybe_drained: bool) -> None:
+        super().__init__(message)
+        self.maybe_drained = maybe_drained
 
 
 def drain(url: str, http_timeout_seconds: float, deadline: Deadline, keep: Reserve) -> None:
@@ -1659,16 +1677,20 @@ def drain(url: str, http_timeout_seconds: float, deadline: Deadline, keep: Reser
     try:
         status_code, body = http_exchange("POST", url, seconds, MAX_ACTIVITY_BYTES, deadline.clock.monotonic)
     except TimeoutError:
-        raise NotDrainedError(f"the drain (POST {url}) timed out after {seconds:.1f}s") from None
+        raise NotDrainedError(f"the drain (POST {url}) timed out after {seconds:.1f}s", maybe_drained=True) from None
     except (OSError, http.client.HTTPException, ResponseTooLargeError) as error:
-        raise NotDrainedError(f"the drain (POST {url}) failed: {type(error).__name__}") from None
+        unreached = isinstance(error, ConnectionRefusedError | socket.gaierror)  # it never reached the backend
+        message = f"the drain (POST {url}) failed: {type(error).__name__}"
+        raise NotDrainedError(message, maybe_drained=not unreached) from None
     try:
         answer = strict_json(body)
     except ValueError:
         answer = None
     if not (200 <= status_code < 300 and isinstance(answer, dict) and answer.get("drained") is True):
         shown = json.dumps(answer)[:200] if answer is not None else _short(body[:60])
-        raise NotDrainedError(f"the backend did not drain (POST {url} answered HTTP {status_code}: {shown})")
+        said_no = not 200 <= status_code < 300 or (isinstance(answer, dict) and answer.get("drained") is False)
+        message = f"the backend did not drain (POST {url} answered HTTP {status_code}: {shown})"
+        raise NotDrainedError(message, maybe_drained=not said_no)
 
 
 def undrain(url: str, http_timeout_seconds: float, deadline: Deadline) -> str:
@@ -2103,10 +2125,10 @@ def carry_out(run: Run, done: Done) -> Done:
             url = f"{config.backend_base_url}{config.drain_path}"
             try:
                 drain(url, config.http_timeout_seconds, run.deadline, keep=reserve("drain", config))
-            except NotDrainedError as refused:
-                return done._replace(
-                    verdict=verdict._replace(decision=Decision.KEEP, reason=f"{verdict.reason}, but {refused}")
-                )
+            except NotDrainedError as refused:  # a drain it may have begun all the same is undone before it keeps
+                undone = f"; {undrain(url, config.http_timeout_seconds, run.deadline)}" if refused.maybe_drained else ""
+                reason = f"{verdict.reason}, but {refused}{undone}"
+                return done._replace(verdict=verdict._replace(decision=Decision.KEEP, reason=reason))
             try:
                 return _stop_unless_dry_run(run, done._replace(drained=True))
             except (AwsError, OutOfTimeError) as error:  # the backend refuses all work now: tell it to resume
@@ -2155,9 +2177,16 @@ def _stop_unless_dry_run(run: Run, done: Done) -> Done:
 
 
 def stop(run: Run) -> Done:
-    """The operator's stop, now (direct invocation only): honours DRY_RUN and STOP_HIBERNATE."""
-    info = run.ec2.describe() if run.config.dry_run else None
-    done = Done(Action.STOP, info, Verdict(Decision.STOP, "stop requested", signal="operator"))
+    """The operator's stop, now (direct invocation only): honours DRY_RUN and STOP_HIBERNATE. Described first, so that
+    a stopped instance is left alone and a running hold or an open keep-warm window, which would start it again at
+    the next check, is said; a Describe that fails does not keep an operator from stopping it."""
+    info: InstanceInfo | None = None
+    unread: tuple[str, ...] = ()
+    try:
+        info = run.ec2.describe()
+    except AwsError as error:
+        unread = (f"The instance's tags could not be read, so no hold was looked for: {error.message}",)
+    done = Done(Action.STOP, info, Verdict(Decision.STOP, "stop requested", signal="operator"), warnings=unread)
     if info is not None and info.state in STOPPED_STATES:
         done = _decided(done, Decision.SKIP)
     else:
@@ -2167,6 +2196,11 @@ def stop(run: Run) -> Done:
         done = done._replace(
             verdict=done.verdict._replace(reason=f"stop requested, but the instance was already {was}")
         )
+    held = read_hold(info.tags, run.now(), run.config.max_hold_hours).hold if info else None
+    if held is not None and held.state == "running":
+        release = '{"action": "release"}'
+        return _warn(done, f"The instance is {held.text()}: the next check_idle starts it again. To keep it stopped, "
+                     f"release the hold first ({release}), or hold it stopped instead.")  # fmt: skip
     window = run.config.open_window(run.now())
     if window is None:
         return done
@@ -2314,8 +2348,20 @@ def notification(done: Done, instance_id: str, uptime_seconds: int | None) -> No
         lines.append(f"Now: {done.info.state}")
     if uptime_seconds is not None:
         lines.append(f"Ran for: {uptime_seconds // 3600} h {uptime_seconds % 3600 // 60} min")
-    subject = f"Backend {instance_id} {what}"[:100]  # SNS: at most 100 printable ASCII characters
+    subject = sns_subject(f"Backend {instance_id} {what}")
     return Notice(subject, "\n".join(lines), {"action": done.action.value, "decision": decision})
+
+
+def sns_subject(text: str) -> str:
+    """`text` as an SNS subject: printable ASCII on one line (accents dropped, other letters left out) and fewer than
+    100 characters, cut at a word with "..." where it is longer; the message carries the whole text.
+    https://docs.aws.amazon.com/sns/latest/api/API_Publish.html"""
+    plain = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    plain = " ".join("".join(c if c.isprintable() else " " for c in plain).split())
+    if len(plain) < SNS_SUBJECT_LIMIT:
+        return plain
+    cut = plain[: SNS_SUBJECT_LIMIT - 4]
+    return (cut.rsplit(" ", 1)[0] if " " in cut else cut) + "..."
 
 
 def act(action: Action, config: Config, deadline: Deadline, fields: Mapping[str, Any]) -> Answer:
@@ -2360,9 +2406,11 @@ class Check(NamedTuple):
 
 def preflight(settings: Settings, deadline: Deadline, fields: Mapping[str, Any]) -> Answer:
     """Check the deployment without changing anything (no start, stop, tag or drain; SNS only with "notify": true).
-    Each check runs within the deadline, and the failure of one never stops the others."""
+    Each check runs within the deadline, and the failure of one never stops the others: a bad variable fails the
+    checks that need it, with its reason, and the others still answer."""
     whole_seconds = deadline.whole
     config, problems = settings.config, (*settings.problems, *_some(settings.token.problem))
+    bad_url = next((p.message for p in settings.problems if p.message.startswith("BACKEND_BASE_URL=")), None)
     if problems:
         checks = [Check("config", "fail", " | ".join(p.message for p in problems), "fix each variable named above")]
     else:
@@ -2376,7 +2424,7 @@ def preflight(settings: Settings, deadline: Deadline, fields: Mapping[str, Any])
             info: InstanceInfo | None = run.ec2.describe()
         except (OutOfTimeError, AwsError, InstanceNotFoundError) as error:
             info, checks = None, [*checks, _failed("instance", error)]
-        checks += [_run_check(name, run, info, whole_seconds) for name in PREFLIGHT_CHECKS[1 if info else 2 :]]
+        checks += [_run_check(name, run, info, whole_seconds, bad_url) for name in PREFLIGHT_CHECKS[1 if info else 2 :]]
     failed = [check.check for check in checks if check.status == "fail"]
     counts = ", ".join(f"{sum(c.status == s for c in checks)} {s}" for s in ("ok", "warn", "fail", "skip"))
     return Answer(
@@ -2393,8 +2441,13 @@ NEED_THE_INSTANCE: Final = frozenset({"start_permission", "stop_permission", "ta
 NEED_IT_RUNNING: Final = frozenset({"backend_health", "activity_contract"})
 
 
-def _run_check(name: str, run: Run, info: InstanceInfo | None, whole: float) -> Check:
-    """One check, given what DescribeInstances said (None: it failed); an AWS failure is that check's failure."""
+def _run_check(name: str, run: Run, info: InstanceInfo | None, whole: float, bad_url: str | None) -> Check:
+    """One check, given what DescribeInstances said (None: it failed) and what is wrong with BACKEND_BASE_URL, if it
+    is set but invalid; an AWS failure is that check's failure."""
+    if name in NEED_IT_RUNNING and run.config.backend_base_url is None:  # unset, or set but invalid
+        unset = "BACKEND_BASE_URL is not set, so the backend cannot be asked"
+        fix = "set BACKEND_BASE_URL to the backend's base URL as the function reaches it, e.g. http://10.0.1.50:8000"
+        return Check(name, "fail", bad_url or unset, fix)
     if info is None and name in NEED_THE_INSTANCE | NEED_IT_RUNNING:
         return Check(name, "skip", "the instance could not be described: see the instance check")
     if info is not None and info.state != "running" and name in NEED_IT_RUNNING:
@@ -2695,8 +2748,8 @@ def respond(event: object, environ: Mapping[str, str], deadline: Deadline) -> Re
             settings.token.admit(request.authorization)
         authorized = True  # direct and scheduled invocations need no token
         if isinstance(request, EventRequest) and request.action is Action.PREFLIGHT:  # lists every bad variable
-            answer = preflight(settings, deadline, request.fields)
-            return Response(answer, over_http, source, Action.PREFLIGHT, settings.valid, authorized, caller=caller)
+            answer = preflight(settings, deadline, request.fields)  # and names the instance whenever it can
+            return Response(answer, over_http, source, Action.PREFLIGHT, settings.config, authorized, caller=caller)
         config = settings.required()
         action = http_action(request) if isinstance(request, HttpRequest) else request.action
         answer = act(action, config, deadline, request.fields if isinstance(request, EventRequest) else {})

@@ -3,11 +3,15 @@ never clears, and the uptime that nothing explains."""
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import backend_orchestrator as bo
 from tests.helpers import (
     ACTIVITY_PATH,
     CHECK,
@@ -17,6 +21,7 @@ from tests.helpers import (
     Invoke,
     ScriptedBackend,
     body_of,
+    ec2_error,
     http_event,
 )
 from tests.test_second_signal import QUIET, put_metrics
@@ -140,6 +145,30 @@ def test_hold_and_release_are_refused_over_http(invoke: Invoke, ec2: Ec2World, a
 
 
 # --- What a hold does --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("state", ["Stopped", " stopped ", "STOPPED\t"])
+def test_a_hold_state_typed_in_another_case_or_with_spaces_still_holds(
+    invoke: Invoke, ec2: Ec2World, clock: FakeClock, state: str
+) -> None:
+    ec2.set_state("stopped")
+    tag_by_hand(ec2, state, clock.now() + timedelta(hours=2))
+    response = invoke(http_event())
+    assert (response["statusCode"], body_of(response)["error"]["code"]) == (409, "held_stopped")
+    assert body_of(response)["hold"]["state"] == "stopped"
+    assert ec2.mutations() == []
+
+
+def test_a_tag_with_the_prefix_that_the_function_does_not_read_is_named(
+    invoke: Invoke, ec2: Ec2World, clock: FakeClock, log_lines: Any
+) -> None:
+    ec2.client.create_tags(  # a typo, by hand
+        Resources=[ec2.instance_id], Tags=[{"Key": "backend-orchestrator:hold-untill", "Value": "2026-12-02T14:00Z"}]
+    )
+    invoke({"action": "status"})
+    [warning] = log_lines()[0]["warnings"]
+    assert warning.startswith("Tag backend-orchestrator:hold-untill is not one the function reads")
+    assert "a typo?" in warning
+
+
 @pytest.mark.parametrize("event", [http_event(), {"action": "start"}], ids=["http", "direct"])
 def test_a_wake_of_an_instance_held_stopped_is_409_with_the_hold_and_no_start(
     invoke: Invoke, ec2: Ec2World, clock: FakeClock, event: dict[str, Any]
@@ -447,3 +476,64 @@ def test_a_hold_or_window_that_ended_before_this_run_explains_nothing(
     invoke(CHECK, KEEP_WARM=window)
     assert log_lines()[1]["UptimeHours"] == pytest.approx(2.0, abs=0.01)  # from the launch, two hours ago
     assert long_running.calls == ["DescribeInstances"]
+
+
+# --- Smaller mends: an operator's stop under a running hold, SNS subjects ------------------------------------------
+def test_an_operators_stop_under_a_running_hold_warns_that_the_hold_starts_it_again(
+    invoke: Invoke, ec2: Ec2World, clock: FakeClock, log_lines: Any
+) -> None:
+    tag_by_hand(ec2, "running", clock.now() + timedelta(hours=3), "demo")
+    body = invoke({"action": "stop"})
+    assert (body["decision"], ec2.state()) == ("stop", "stopped")  # the operator's stop is done, as asked
+    assert ec2.calls == ["DescribeInstances", "StopInstances"]
+    [warning] = log_lines()[0]["warnings"]
+    assert "held running until" in warning
+    assert "the next check_idle starts it again" in warning
+    assert '{"action": "release"}' in warning
+
+
+def test_a_stop_whose_describe_is_refused_still_stops(invoke: Invoke, ec2: Ec2World, log_lines: Any) -> None:
+    # moto enforces no IAM: inject the refusal of a role without ec2:DescribeInstances.
+    ec2.on_function_calls(
+        "before-call.ec2.DescribeInstances", lambda **_: ec2_error("UnauthorizedOperation", "not authorized")
+    )
+    body = invoke({"action": "stop"})
+    assert (body["decision"], ec2.state()) == ("stop", "stopped")
+    assert "no hold was looked for" in log_lines()[0]["warnings"][0]
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        pytest.param("Wartung der Festplatten und des Kernels: Müllers Team übernimmt " * 3, id="long-with-accents"),
+        pytest.param("检修 " * 40, id="no-latin-letters"),
+        pytest.param("a" * 250, id="one-long-word"),
+    ],
+)
+def test_a_notice_subject_is_ascii_under_100_characters_cut_at_a_word_with_the_whole_text_in_the_message(
+    invoke: Invoke, ec2: Ec2World, topic: tuple[str, Any], reason: str
+) -> None:
+    topic_arn, received = topic
+    invoke(
+        {"action": "hold", "state": "running", "hours": 1, "reason": reason.strip()[:256]}, NOTIFY_TOPIC_ARN=topic_arn
+    )
+    [message] = received()
+    subject = message["Subject"]
+    assert len(subject) < 100
+    assert all(" " <= character <= "~" for character in subject)
+    assert subject.startswith(f"Backend {ec2.instance_id} held running until ")
+    first_line = unicodedata.normalize("NFKD", message["Message"].splitlines()[0]).encode("ascii", "ignore").decode()
+    text = " ".join(first_line.removeprefix("Instance ").split())  # "i-... held running until ... by hold."
+    shown = subject.removeprefix("Backend ").removesuffix("...")
+    assert text.startswith(shown)
+    if subject.endswith("...") and " " in shown.removeprefix(f"{ec2.instance_id} held"):
+        assert text[len(shown)] == " "  # cut at a word
+    assert reason.strip()[:256] in message["Message"]  # the whole text, in the message
+
+
+@given(text=st.text(max_size=400))
+@settings(max_examples=300)
+def test_any_text_makes_a_subject_sns_accepts(text: str) -> None:
+    subject = bo.sns_subject(f"Backend i-0abc123def4567890 {text}")
+    assert len(subject) < 100
+    assert all(" " <= character <= "~" for character in subject)

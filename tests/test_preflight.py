@@ -306,3 +306,49 @@ def test_make_preflight_prints_each_check_and_the_fix_of_a_failure(invoke: Invok
     assert "-> enable hibernation on the instance" in table
     assert table.endswith("some checks FAILED: fix them, then run make preflight again")
     assert len([line for line in table.splitlines() if re.match(r"  (ok  |WARN|FAIL|skip)  ", line)]) == 13
+
+
+# --- Whatever is wrong, the table answers ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        pytest.param("", "BACKEND_BASE_URL is not set, so the backend cannot be asked", id="unset"),
+        pytest.param(
+            "ftp://10.0.1.50:8000", "BACKEND_BASE_URL='ftp://10.0.1.50:8000' is not an http(s) base URL", id="invalid"
+        ),
+        pytest.param("http://user:pw@10.0.1.50", "carries a user name or password", id="credentials"),
+    ],
+)
+def test_a_bad_or_missing_backend_url_fails_the_backend_checks_with_its_reason_and_the_others_answer(
+    ec2: Ec2World, env: dict[str, str], clock: FakeClock, url: str, says: str
+) -> None:
+    body = bo.handle(PREFLIGHT, FakeContext(clock), {**env, "BACKEND_BASE_URL": url}, clock=clock.as_clock())
+    assert "error" not in body  # no 500: the table
+    assert body["instance_id"] == ec2.instance_id  # named, although a setting is broken
+    for name in ("backend_health", "activity_contract"):
+        assert check(body, name)["status"] == "fail"
+        assert says in check(body, name)["detail"]
+        assert "set BACKEND_BASE_URL" in check(body, name)["fix"]
+    assert (check(body, "instance")["status"], check(body, "start_permission")["status"]) == ("ok", "ok")
+    assert statuses(body)["config"] == ("ok" if not url else "fail")  # unset is valid: only check_idle needs it
+    assert "pw" not in json.dumps(body)
+
+
+def test_a_dry_run_that_succeeds_is_a_failure_it_may_have_acted(
+    invoke: Invoke, healthy: Ec2World, backend: ScriptedBackend
+) -> None:
+    # An endpoint that ignores DryRun (injected: moto honours it) answers StartInstances as if it had acted.
+    from botocore.awsrequest import AWSResponse, HTTPHeaders
+
+    def acted(params: dict[str, Any], **_: Any) -> Any:
+        change = {"InstanceId": healthy.instance_id, "CurrentState": {"Name": "pending", "Code": 0},
+                  "PreviousState": {"Name": "stopped", "Code": 80}}  # fmt: skip
+        return AWSResponse("https://ec2.test/", 200, HTTPHeaders(), None), {"StartingInstances": [change]}
+
+    healthy.on_function_calls("before-call.ec2.StartInstances", acted)
+    body = invoke(PREFLIGHT)
+    start = check(body, "start_permission")
+    assert start["status"] == "fail"
+    assert "did not honour DryRun, and it may have acted" in start["detail"]
+    assert check(body, "stop_permission")["status"] == "ok"
+    assert body["ok"] is False

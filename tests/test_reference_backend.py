@@ -114,3 +114,32 @@ def test_a_drain_ends_at_once_when_the_orchestrator_says_resume(server: Referenc
     assert requests.post(server.url + "/api/jobs?seconds=0", timeout=2).status_code == 202  # serving again
     assert requests.get(server.url + "/health", timeout=2).json() == {"status": "ok"}
     assert requests.delete(server.url + "/api/drain", timeout=2).json() == {"drained": False, "resumed": False}
+
+
+def test_busy_since_is_when_the_oldest_work_still_in_flight_began(server: ReferenceBackend) -> None:
+    tracker = server.tracker
+    assert "busy_since" not in tracker.snapshot()  # not busy: nothing to say
+    first = tracker.request_started()
+    time.sleep(0.05)
+    with tracker.job():
+        began = tracker.snapshot()["busy_since"]
+        tracker.request_finished(first)  # the oldest ends: the job is now the oldest in flight
+        later = tracker.snapshot()["busy_since"]
+        assert later > began
+        read = activity(server)  # as the function reads it
+        assert isinstance(read, bo.Activity)
+        assert read.busy_since is not None
+        assert read.busy_since.isoformat() == later
+    assert "busy_since" not in tracker.snapshot()
+
+
+def test_a_request_finished_without_its_ticket_ends_the_oldest(server: ReferenceBackend) -> None:
+    tracker = server.tracker
+    tracker.request_started()
+    time.sleep(0.05)
+    second = tracker.request_started()
+    oldest = tracker.snapshot()["busy_since"]
+    tracker.request_finished()  # busy_since moves later, never earlier than the truth
+    assert tracker.snapshot()["busy_since"] > oldest
+    tracker.request_finished(second)
+    assert tracker.snapshot()["busy"] is False

@@ -265,13 +265,20 @@ def idle_backend(backend: ScriptedBackend, long_running: Ec2World) -> ScriptedBa
 
 
 @pytest.mark.parametrize(
-    ("answer", "decision", "says"),
+    ("answer", "decision", "says", "undone"),
     [
-        pytest.param(Answer.json({"drained": True}), "stop", None, id="drained"),
-        pytest.param(Answer.json({"drained": False, "active_requests": 1}), "keep", "did not drain", id="refused"),
-        pytest.param(Answer(404, b"no route"), "keep", "answered HTTP 404", id="not-found"),
-        pytest.param(Answer.json({"drained": "yes"}), "keep", "did not drain", id="not-a-boolean"),
-        pytest.param(Answer(mode="silent"), "keep", "timed out", id="timeout"),
+        pytest.param(Answer.json({"drained": True}), "stop", None, False, id="drained"),
+        pytest.param(
+            Answer.json({"drained": False, "active_requests": 1}), "keep", "did not drain", False, id="refused"
+        ),
+        pytest.param(Answer(404, b"no route"), "keep", "answered HTTP 404", False, id="not-found"),
+        # Answers it cannot believe, to a request that reached the backend: it may have drained, and is told to resume.
+        pytest.param(Answer.json({"drained": "yes"}), "keep", "did not drain", True, id="not-a-boolean"),
+        pytest.param(Answer(mode="silent"), "keep", "timed out", True, id="timeout"),
+        pytest.param(
+            Answer(200, b'{"drained": true, "drained": true}'), "keep", "did not drain", True, id="repeated-key"
+        ),
+        pytest.param(Answer(200, b"\xff\xfe not json"), "keep", "did not drain", True, id="unreadable"),
     ],
 )
 def test_a_stop_waits_for_the_backend_to_drain(
@@ -281,16 +288,38 @@ def test_a_stop_waits_for_the_backend_to_drain(
     answer: Answer,
     decision: str,
     says: str | None,
+    undone: bool,
 ) -> None:
     idle_backend.answer(DRAIN, answer)
     body = invoke(CHECK, DRAIN_PATH=DRAIN, HTTP_TIMEOUT_SECONDS="0.5")
     assert body["decision"] == decision
-    assert [(call.method, call.path) for call in idle_backend.calls] == [("GET", ACTIVITY_PATH), ("POST", DRAIN)]
+    expected = [("GET", ACTIVITY_PATH), ("POST", DRAIN)] + ([("DELETE", DRAIN)] if undone else [])
+    assert [(call.method, call.path) for call in idle_backend.calls] == expected
     if says:
         assert says in body["reason"]
         assert long_running.mutations() == []
     else:
         assert long_running.mutations() == ["StopInstances"]
+    if undone:
+        assert "told to resume work" in body["reason"] or "could not be told to resume" in body["reason"]
+
+
+@pytest.mark.parametrize(
+    ("where", "maybe_drained"),
+    [
+        pytest.param("refused", False, id="connection-refused-it-never-reached-the-backend"),
+        pytest.param("silent", True, id="no-answer-it-may-have-drained"),
+    ],
+)
+def test_only_a_drain_that_may_have_reached_the_backend_is_to_be_undone(
+    backend: ScriptedBackend, where: str, maybe_drained: bool
+) -> None:
+    backend.answer(DRAIN, Answer(mode="silent"))
+    url = backend.url + DRAIN if where == "silent" else f"http://127.0.0.1:{refused_port()}{DRAIN}"
+    deadline = bo.Deadline(bo.Clock().monotonic() + 10, bo.Clock())
+    with pytest.raises(bo.NotDrainedError) as refused:
+        bo.drain(url, 0.5, deadline, keep=bo.NOTHING_AFTER)
+    assert refused.value.maybe_drained is maybe_drained
 
 
 def test_no_drain_without_a_drain_path_nor_in_dry_run(

@@ -71,7 +71,7 @@ def test_status_of_a_running_instance_whose_backend_is_down(invoke: Invoke, ec2:
 def test_stop_forces_a_stop(invoke: Invoke, ec2: Ec2World) -> None:
     body = invoke({"action": "stop"})
     assert (body["decision"], body["previous_state"]) == ("stop", "running")
-    assert ec2.calls == ["StopInstances"]
+    assert ec2.calls == ["DescribeInstances", "StopInstances"]  # described first: a hold that would start it is said
     assert ec2.state() == "stopped"
 
 
