@@ -18,7 +18,7 @@ import boto3
 import pytest
 from moto import mock_aws
 
-import backend_orchestrator as bo
+from tests import function as bo
 from tests.helpers import (
     HOOKS,
     REGION,

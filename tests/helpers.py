@@ -29,7 +29,7 @@ import botocore.session
 from botocore.awsrequest import AWSResponse, HTTPHeaders
 from hypothesis import strategies as st
 
-import backend_orchestrator as bo
+from tests import function as bo
 from tools.harness import REGION, FakeClock, FakeContext, MotoServer, RealContext, RealEc2, moto_state, refused_port
 from tools.harness import invoke as invoke_handler
 

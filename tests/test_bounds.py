@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-import backend_orchestrator as bo
+from tests import function as bo
 from tests.helpers import (
     REGION,
     Answer,

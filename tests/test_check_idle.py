@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-import backend_orchestrator as bo
+from tests import function as bo
 from tests.helpers import ACTIVITY_PATH as ACTIVITY
 from tests.helpers import CHECK, Answer, Ec2World, FakeClock, Invoke, ScriptedBackend, ec2_error, refused_port
 

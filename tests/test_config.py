@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import backend_orchestrator as bo
+from tests import function as bo
+from tests.function import FUNCTION_MODULES
 from tests.helpers import Ec2World, Invoke, body_of, http_event
 
 
@@ -193,7 +194,8 @@ def test_no_environment_read_outside_config() -> None:
             if name in ("os.environ", "os.getenv", "os.putenv", "environ", "getenv", "putenv"):
                 readers.setdefault(self.where[-1], set()).add(name)
 
-    Finder().visit(ast.parse(inspect.getsource(bo)))
+    for module in (bo.handler, *FUNCTION_MODULES):  # the handler file and every module of the package
+        Finder().visit(ast.parse(inspect.getsource(module)))
     assert readers == {
         "<module>": {"os.environ"},  # INIT hands it to warm_clients, once
         "warm_clients": {"environ"},  # passes it to Config.from_env

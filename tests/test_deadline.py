@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-import backend_orchestrator as bo
+from tests import function as bo
 from tests.helpers import (
     ACTIVITY_PATH,
     CHECK,

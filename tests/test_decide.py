@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import backend_orchestrator as bo
+from tests import function as bo
 from tests.helpers import JSON
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)

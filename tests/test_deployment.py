@@ -17,7 +17,8 @@ from cfnlint.decode import cfn_yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import backend_orchestrator as bo
+from tests import function as bo
+from tests.function import FUNCTION_MODULES
 from tools import bench, lint_policy, package
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,8 +58,8 @@ def drift(template: dict[str, Any], policy: dict[str, Any]) -> list[str]:
     problems = []
     function = template["Resources"]["Function"]["Properties"]
     module_name, handler_name = function["Handler"].rsplit(".", 1)
-    if module_name != bo.__name__ or not callable(getattr(bo, handler_name, None)):
-        problems.append(f"Handler {function['Handler']} is not a function of {bo.__name__}")
+    if module_name != bo.handler.__name__ or not callable(getattr(bo.handler, handler_name, None)):
+        problems.append(f"Handler {function['Handler']} is not a function of {bo.handler.__name__}")
     known = {*bo.VARIABLES, "AUTH_TOKEN"}
     variables = function["Environment"]["Variables"]
     problems += [
@@ -503,7 +504,7 @@ def test_every_function_the_docs_name_exists_under_that_name() -> None:
     from examples import reference_backend, wake_backend
 
     named = {name for doc in DOCS for name in re.findall(r"`(\w+)\(\)`", doc.read_text())}
-    places = [bo, wake_backend, reference_backend, reference_backend.ActivityTracker]
+    places = [*FUNCTION_MODULES, wake_backend, reference_backend, reference_backend.ActivityTracker]
     assert named  # the docs do name functions
     assert [name for name in named if not any(callable(getattr(place, name, None)) for place in places)] == []
 
@@ -580,7 +581,10 @@ def test_the_uptime_alarm_watches_the_max_uptime_parameter() -> None:
 # --- One code per error class, listed once, and the troubleshooting table that lists them ----------------------
 def test_each_error_class_has_its_own_code_and_the_troubleshooting_table_lists_them_all() -> None:
     classes = {
-        value for value in vars(bo).values() if isinstance(value, type) and issubclass(value, bo.OrchestratorError)
+        value
+        for module in FUNCTION_MODULES  # every class of the function's package
+        for value in vars(module).values()
+        if isinstance(value, type) and issubclass(value, bo.OrchestratorError)
     }
     raised = classes - {bo.BadRequestError}  # the 400s' base: each of its subclasses has a code of its own
     assert set(bo.ERRORS.values()) == raised  # every class is listed...

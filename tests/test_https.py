@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-import backend_orchestrator as bo
+from orchestrator import backend
+from tests import function as bo
 from tests.helpers import SilentServer
 
 
@@ -83,7 +84,7 @@ def test_a_trusted_certificate_is_read_within_the_deadline(
 ) -> None:
     # No public CA signs for 127.0.0.1: trust this test's certificate instead of botocore's bundle.
     url, cert_path = tls_backend
-    monkeypatch.setattr(bo, "_tls_context", lambda: ssl.create_default_context(cafile=str(cert_path)))
+    monkeypatch.setattr(backend, "_tls_context", lambda: ssl.create_default_context(cafile=str(cert_path)))
     assert bo.fetch_activity(url + "/api/last-activity", 2.0, bo.Clock()) == bo.Activity(42.0)
 
 

@@ -18,8 +18,8 @@ import boto3
 import pytest
 import requests
 
-import backend_orchestrator as bo
 from examples.wake_backend import Progress, WakeAuthError, WakeServerError, WakeTimeout, wake_backend
+from tests import function as bo
 from tests.helpers import (
     HOOKS,
     REGION,

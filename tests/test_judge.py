@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-import backend_orchestrator as bo
+from tests import function as bo
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)  # a Wednesday
 OPEN = "Wed 11:00-13:00 UTC"  # a keep-warm window open at NOW

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-import backend_orchestrator as bo
+from tests import function as bo
 from tests.helpers import ACTIVITY_PATH, CHECK, Answer, Ec2World, FakeClock, Invoke, ScriptedBackend, http_event
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,9 +177,10 @@ def test_an_operators_stop_inside_a_window_warns_that_the_next_check_starts_it_a
 def test_time_zones_work_with_the_system_database_hidden(tmp_path: Any) -> None:
     # Lambda's image may have no /usr/share/zoneinfo: zoneinfo then reads the tzdata package (shipped in the zip).
     probe = (
-        f"import sys; sys.path.insert(0, {str(ROOT / 'lambda')!r}); import backend_orchestrator as bo, datetime as dt;"
+        f"import sys; sys.path.insert(0, {str(ROOT / 'lambda')!r}); import datetime as dt;"
+        "from orchestrator.settings import Config;"
         "env = {'INSTANCE_ID': 'i-0abc1234', 'KEEP_WARM': 'Mon 08:00-18:00 Europe/Berlin'};"
-        "[w] = bo.Config.from_env(env).keep_warm;"
+        "[w] = Config.from_env(env).keep_warm;"
         "print(w.holds(dt.datetime(2026, 7, 6, 6, 0, tzinfo=dt.UTC)), w.zone.key)"
     )
     done = subprocess.run(

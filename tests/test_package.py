@@ -63,7 +63,7 @@ def test_the_zip_holds_the_handler_and_its_pinned_dependencies_and_nothing_else(
     top = {name.split("/")[0] for name in names}
     packages = {name for name in top if not name.endswith(".dist-info")}
     pinned = {name.replace("-", "_") for name in package.pinned(package.REQUIREMENTS)}
-    assert packages == {"backend_orchestrator.py", *pinned}
+    assert packages == {*package.SOURCES, *pinned}  # the handler file, the package beside it, and the pins
     assert {name.split("-")[0] for name in top if name.endswith(".dist-info")} == pinned
     for name in names:
         assert "__pycache__" not in name, name

@@ -13,7 +13,7 @@ import pytest
 from moto import settings as moto_settings
 from moto.core.authorization import ActionAuthenticatorMixin
 
-import backend_orchestrator as bo
+from tests import function as bo
 from tests.helpers import (
     ACTIVITY_PATH,
     REGION,

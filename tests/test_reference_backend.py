@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-import backend_orchestrator as bo
 from examples.reference_backend import ReferenceBackend
+from tests import function as bo
 
 
 @pytest.fixture

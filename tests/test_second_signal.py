@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ReadTimeoutError
 
-import backend_orchestrator as bo
+from tests import function as bo
 from tests.helpers import (
     ACTIVITY_PATH,
     CHECK,

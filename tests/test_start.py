@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-import backend_orchestrator as bo
+from tests import function as bo
 from tests.helpers import (
     Ec2World,
     FakeClock,

@@ -11,7 +11,8 @@ import pytest
 from botocore.awsrequest import AWSResponse, HTTPHeaders
 from botocore.retries.standard import ExponentialBackoff
 
-import backend_orchestrator as bo
+from orchestrator import entry
+from tests import function as bo
 from tests.helpers import (
     ACTIVITY_PATH,
     Answer,
@@ -171,7 +172,7 @@ def test_an_unexpected_bug_is_a_500_with_the_traceback_in_the_log(
     def broken(*_: Any) -> Any:
         raise KeyError("StartingInstances")
 
-    monkeypatch.setattr(bo, "start", broken)  # act() calls the action by its name
+    monkeypatch.setattr(entry, "start", broken)  # act() calls the action by its name
     response = invoke(http_event())
     assert response["statusCode"] == 500
     assert body_of(response)["error"]["code"] == "internal_error"

@@ -38,21 +38,23 @@ LONGEST_ENVIRONMENT = {
 def worst_case_table(timeout_seconds: float = TEMPLATE_TIMEOUT_SECONDS) -> str:
     """Each action's longest path, as the function computes it (longest_path), as a Markdown table."""
     sys.path.insert(0, str(ROOT / "lambda"))
-    import backend_orchestrator as bo
+    from orchestrator import budget as times
+    from orchestrator.settings import Config
+    from orchestrator.words import Action
 
-    config = bo.Config.from_env(LONGEST_ENVIRONMENT)
-    budget = timeout_seconds - bo.answer_margin(timeout_seconds)
-    call = bo.aws_call_seconds(bo.AWS_MAX_ATTEMPTS)
-    backoff = call - bo.AWS_MAX_ATTEMPTS * (bo.AWS_CONNECT_TIMEOUT_SECONDS + bo.AWS_READ_TIMEOUT_SECONDS)
+    config = Config.from_env(LONGEST_ENVIRONMENT)
+    budget = timeout_seconds - times.answer_margin(timeout_seconds)
+    call = times.aws_call_seconds(times.AWS_MAX_ATTEMPTS)
+    backoff = call - times.AWS_MAX_ATTEMPTS * (times.AWS_CONNECT_TIMEOUT_SECONDS + times.AWS_READ_TIMEOUT_SECONDS)
     lines = [
         f"| action | what it may wait for, each at its worst | sum | answered within ({timeout_seconds:g} s timeout) |",
         "|---|---|---|---|",
-        f"| one AWS API call | {bo.AWS_MAX_ATTEMPTS} attempts of {bo.AWS_CONNECT_TIMEOUT_SECONDS:g} s connect and "
-        f"{bo.AWS_READ_TIMEOUT_SECONDS:g} s read, and {backoff:g} s of retry backoff | {call:g} s "
+        f"| one AWS API call | {times.AWS_MAX_ATTEMPTS} attempts of {times.AWS_CONNECT_TIMEOUT_SECONDS:g} s connect "
+        f"and {times.AWS_READ_TIMEOUT_SECONDS:g} s read, and {backoff:g} s of retry backoff | {call:g} s "
         f"| {min(call, budget):g} s |",
     ]
-    for action in bo.Action:
-        steps = bo.longest_path(action, config)
+    for action in Action:
+        steps = times.longest_path(action, config)
         total = sum(seconds for _, seconds in steps)
         shown = ", ".join(step if math.isinf(seconds) else f"{step} {seconds:g} s" for step, seconds in steps)
         sum_text = "no bound" if math.isinf(total) else f"{total:g} s"
@@ -63,13 +65,15 @@ def worst_case_table(timeout_seconds: float = TEMPLATE_TIMEOUT_SECONDS) -> str:
 def timeouts_table() -> str:
     """Each action's shortest timeout and the one from which its calls get whole first attempts (docs/deploy.md)."""
     sys.path.insert(0, str(ROOT / "lambda"))
-    import backend_orchestrator as bo
+    from orchestrator import budget as times
+    from orchestrator.settings import Config
+    from orchestrator.words import Action
 
-    config = bo.Config.from_env({"INSTANCE_ID": "i-0abc123def4567890"})
+    config = Config.from_env({"INSTANCE_ID": "i-0abc123def4567890"})
     lines = ["| action | `timeout_too_short` below | whole first attempts from |", "|---|---|---|"]
-    for action in bo.Action:
-        if action is not bo.Action.PREFLIGHT:  # it answers what it could check, whatever the time
-            shortest, whole = bo.shortest_timeout(action, config), bo.whole_attempts_timeout(action, config)
+    for action in Action:
+        if action is not Action.PREFLIGHT:  # it answers what it could check, whatever the time
+            shortest, whole = times.shortest_timeout(action, config), times.whole_attempts_timeout(action, config)
             lines.append(f"| `{action}` | {shortest:g} s | {whole:g} s |")
     return "\n".join(lines)
 
@@ -93,6 +97,9 @@ def import_cost() -> None:
     # A fresh copy and -B: compiled from source each time, as on Lambda (the zip carries no .pyc).
     fresh = Path(tempfile.mkdtemp())
     shutil.copy(ROOT / "lambda" / "backend_orchestrator.py", fresh)
+    shutil.copytree(
+        ROOT / "lambda" / "orchestrator", fresh / "orchestrator", ignore=shutil.ignore_patterns("__pycache__")
+    )
     probe = IMPORT_PROBE.format(lambda_dir=str(fresh), before=before)
     boto, ours, heavy = [], [], ""
     for _ in range(RUNS):
@@ -120,12 +127,13 @@ def action_latency() -> None:
     import boto3
     from moto import mock_aws
 
-    import backend_orchestrator as bo
     from examples.reference_backend import ReferenceBackend
+    from orchestrator.entry import handle
+    from orchestrator.logs import LOG, METRICS_LOG
 
     server = ReferenceBackend(("127.0.0.1", 0))  # the same backend the demo and the README use
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    bo.LOG.disabled = bo.METRICS_LOG.disabled = True
+    LOG.disabled = METRICS_LOG.disabled = True
     try:
         with mock_aws():
             ec2 = boto3.client("ec2", region_name="us-east-1")
@@ -147,11 +155,11 @@ def action_latency() -> None:
             for name, event in cases.items():
                 if "stopped" in name:
                     ec2.stop_instances(InstanceIds=[instance_id])
-                bo.handle(event, None, env)  # warm: the client is built once per container
+                handle(event, None, env)  # warm: the client is built once per container
                 samples = []
                 for _ in range(RUNS):
                     t0 = time.perf_counter()
-                    result = bo.handle(event, None, env)
+                    result = handle(event, None, env)
                     samples.append((time.perf_counter() - t0) * 1000)
                     assert result["ok"], result
                 print(f"  {name:32s} {statistics.median(samples):7.1f} ms")

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import requests
 
-import backend_orchestrator as bo
 from examples.wake_backend import Progress, WakeError, WakeHeldError, wake_backend
+from orchestrator.rules import metric_window
 from tools.preflight import render
 from tools.sandbox import Sandbox
 
@@ -143,7 +143,7 @@ def crashed_backend(sandbox: Sandbox, timeline: Timeline, idle_timeout_seconds: 
     started = sandbox.invoke({"action": "start"})
     timeline.row("operator", "start", started.get("state", "?"), started.get("message", str(started.get("error"))))
     # The fallback judges only periods of the current run, published minutes late: age the run past them.
-    window_start, _ = bo.metric_window(datetime.now(UTC), idle_timeout_seconds)
+    window_start, _ = metric_window(datetime.now(UTC), idle_timeout_seconds)
     launched = window_start - timedelta(minutes=1)
     sandbox.set_launch_time(launched)
     timeline.row("demo", "setup", sandbox.state(), f"LaunchTime set back to {launched:%H:%M} UTC: it has run a while")

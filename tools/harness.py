@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import backend_orchestrator as bo
+from orchestrator.budget import Clock
+from orchestrator.entry import handle
 from tools.real_ec2 import add_cpu_options, described_instances
 
 REGION = "us-east-1"
@@ -160,8 +161,8 @@ class FakeClock:
         self.wall += timedelta(seconds=seconds)
         self.mono += seconds
 
-    def as_clock(self) -> bo.Clock:
-        return bo.Clock(now=self.now, monotonic=self.monotonic, sleep=self.sleep)
+    def as_clock(self) -> Clock:
+        return Clock(now=self.now, monotonic=self.monotonic, sleep=self.sleep)
 
 
 @dataclass
@@ -199,8 +200,8 @@ def invoke(
 ) -> dict[str, Any]:
     """The handler as the runtime calls it: with a fake clock and a context that follows it, or for real."""
     if clock is None:
-        return bo.handle(event, RealContext(timeout_seconds), environ)
-    return bo.handle(event, FakeContext(clock, timeout_seconds), environ, clock=clock.as_clock())
+        return handle(event, RealContext(timeout_seconds), environ)
+    return handle(event, FakeContext(clock, timeout_seconds), environ, clock=clock.as_clock())
 
 
 # --- Ports and metrics ---------------------------------------------------------------------------------------------

@@ -2,10 +2,10 @@
 
     python tools/package.py --python 3.12 --arch x86_64 --output dist/lambda_backend_orchestrator.zip
 
-The zip holds backend_orchestrator.py at its root and the pinned, hash-checked wheels of
-lambda/requirements.txt, installed for manylinux2014 on the chosen architecture and CPython version
-(a native module for the wrong machine fails the build). boto3 is left out: the runtime has it.
-Two builds of the same commit are byte-identical: sorted entries, a fixed timestamp, fixed
+The zip holds the contents of lambda/ at its root (the handler backend_orchestrator.py and the package orchestrator/
+beside it) and the pinned, hash-checked wheels of lambda/requirements.txt, installed for manylinux2014 on the chosen
+architecture and CPython version (a native module for the wrong machine fails the build). boto3 is left out: the
+runtime has it. Two builds of the same commit are byte-identical: sorted entries, a fixed timestamp, fixed
 permissions, no bytecode and no installer records.
 """
 
@@ -20,7 +20,10 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-HANDLER = ROOT / "lambda" / "backend_orchestrator.py"
+LAMBDA = ROOT / "lambda"
+HANDLER = LAMBDA / "backend_orchestrator.py"
+PACKAGE = LAMBDA / "orchestrator"
+SOURCES = (HANDLER.name, PACKAGE.name)  # what the zip holds of lambda/: the handler file and the package
 REQUIREMENTS = ROOT / "lambda" / "requirements.txt"
 PYTHONS = ("3.11", "3.12", "3.13", "3.14")
 PLATFORMS = {"x86_64": "manylinux2014_x86_64", "arm64": "manylinux2014_aarch64"}
@@ -58,8 +61,9 @@ def pinned(requirements: Path) -> dict[str, str]:
 
 
 def zip_entries(site: Path) -> list[tuple[str, Path]]:
-    """(name in the zip, file on disk), sorted; the handler at the root."""
+    """(name in the zip, file on disk), sorted; the handler and the package at the root."""
     entries = [(HANDLER.name, HANDLER)]
+    entries += [(path.relative_to(LAMBDA).as_posix(), path) for path in sorted(PACKAGE.glob("*.py"))]
     for path in sorted(site.rglob("*")):
         relative = path.relative_to(site)
         top = relative.parts[0]

@@ -29,8 +29,10 @@ from urllib.parse import parse_qsl, urlsplit
 
 import boto3
 
-import backend_orchestrator as bo
+import backend_orchestrator
 from examples.reference_backend import ReferenceBackend
+from orchestrator.aws import aws_client
+from orchestrator.logs import LOG, METRICS_LOG, JsonFormatter
 from tools.harness import REGION, MotoServer, RealContext, RealEc2, free_port, invoke, moto_state, published_periods
 
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing"}
@@ -44,7 +46,7 @@ class LocalFunctionUrl(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, handler: Handler = bo.lambda_handler, timeout_seconds: float = 60.0) -> None:
+    def __init__(self, handler: Handler = backend_orchestrator.lambda_handler, timeout_seconds: float = 60.0) -> None:
         super().__init__(("127.0.0.1", 0), _FunctionUrlRequest)
         self.handler = handler
         self.timeout_seconds = timeout_seconds
@@ -321,7 +323,7 @@ def _environment(values: dict[str, str], unset: tuple[str, ...] = ()) -> Iterato
     os.environ.update(values)
     for name in unset:
         os.environ.pop(name, None)
-    bo.aws_client.cache_clear()
+    aws_client.cache_clear()
     try:
         yield
     finally:
@@ -330,7 +332,7 @@ def _environment(values: dict[str, str], unset: tuple[str, ...] = ()) -> Iterato
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        bo.aws_client.cache_clear()
+        aws_client.cache_clear()
 
 
 @contextmanager
@@ -339,12 +341,12 @@ def _function_logs_to(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as stream:
         handler = logging.StreamHandler(stream)
-        handler.setFormatter(bo.JsonFormatter())
-        saved = {logger: logger.handlers[:] for logger in (bo.LOG, bo.METRICS_LOG)}
-        bo.LOG.handlers = [handler]
+        handler.setFormatter(JsonFormatter())
+        saved = {logger: logger.handlers[:] for logger in (LOG, METRICS_LOG)}
+        LOG.handlers = [handler]
         metrics = logging.StreamHandler(stream)
         metrics.setFormatter(logging.Formatter("%(message)s"))
-        bo.METRICS_LOG.handlers = [metrics]
+        METRICS_LOG.handlers = [metrics]
         try:
             yield
         finally:
