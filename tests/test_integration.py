@@ -268,10 +268,10 @@ def test_with_a_drain_a_request_that_lands_before_the_stop_keeps_the_instance() 
         assert backend is not None
         tracker, real_drain = backend.tracker, backend.tracker.drain
 
-        def drain_just_after_a_request(lease_seconds: float = 120.0) -> dict[str, Any]:
+        def drain_just_after_a_request() -> dict[str, Any]:
             tracker.request_started()  # a user's request lands between the activity read and the drain
             tracker.request_finished()
-            return real_drain(lease_seconds)
+            return real_drain()
 
         time.sleep(1.5)
         tracker.drain = drain_just_after_a_request  # type: ignore[method-assign]

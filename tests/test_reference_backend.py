@@ -118,19 +118,19 @@ def test_a_drain_ends_at_once_when_the_orchestrator_says_resume(server: Referenc
 
 def test_busy_since_is_when_the_oldest_work_still_in_flight_began(server: ReferenceBackend) -> None:
     tracker = server.tracker
-    assert "busy_since" not in tracker.snapshot()  # not busy: nothing to say
+    assert "busy_since" not in tracker.report()  # not busy: nothing to say
     first = tracker.request_started()
     time.sleep(0.05)
     with tracker.job():
-        began = tracker.snapshot()["busy_since"]
+        began = tracker.report()["busy_since"]
         tracker.request_finished(first)  # the oldest ends: the job is now the oldest in flight
-        later = tracker.snapshot()["busy_since"]
+        later = tracker.report()["busy_since"]
         assert later > began
         read = activity(server)  # as the function reads it
         assert isinstance(read, bo.Activity)
         assert read.busy_since is not None
         assert read.busy_since.isoformat() == later
-    assert "busy_since" not in tracker.snapshot()
+    assert "busy_since" not in tracker.report()
 
 
 def test_a_request_finished_without_its_ticket_ends_the_oldest(server: ReferenceBackend) -> None:
@@ -138,8 +138,8 @@ def test_a_request_finished_without_its_ticket_ends_the_oldest(server: Reference
     tracker.request_started()
     time.sleep(0.05)
     second = tracker.request_started()
-    oldest = tracker.snapshot()["busy_since"]
+    oldest = tracker.report()["busy_since"]
     tracker.request_finished()  # busy_since moves later, never earlier than the truth
-    assert tracker.snapshot()["busy_since"] > oldest
+    assert tracker.report()["busy_since"] > oldest
     tracker.request_finished(second)
-    assert tracker.snapshot()["busy"] is False
+    assert tracker.report()["busy"] is False
