@@ -195,7 +195,16 @@ def instance_state(endpoint: str, instance_id: str) -> str:
 
 # --- A backend that misbehaves on purpose, and one that never answers -----------------------------
 Mode = Literal[
-    "normal", "raw", "silent", "drop", "trickle-status", "trickle-headers", "trickle-length", "trickle-close", "endless"
+    "normal",
+    "slow",
+    "raw",
+    "silent",
+    "drop",
+    "trickle-status",
+    "trickle-headers",
+    "trickle-length",
+    "trickle-close",
+    "endless",
 ]
 TRICKLE_FOR_SECONDS = 30.0  # a trickle stops by itself, so that a broken bound shows as a slow test, not a hang
 
@@ -208,7 +217,7 @@ class Answer:
     body: bytes = b"{}"
     headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "application/json"})
     mode: Mode = "normal"
-    interval: float = 0.2  # seconds between trickled bytes
+    interval: float = 0.2  # seconds between trickled bytes; before a slow answer
 
     @classmethod
     def json(cls, payload: object, status: int = 200, headers: dict[str, str] | None = None) -> Answer:
@@ -297,7 +306,9 @@ class _Handler(socketserver.BaseRequestHandler):
     def _play(self, answer: Answer) -> None:
         status_line = f"HTTP/1.1 {answer.status} Scripted\r\n".encode()
         headers = "".join(f"{name}: {value}\r\n" for name, value in answer.headers.items()).encode()
-        if answer.mode == "normal":
+        if answer.mode == "slow":
+            self.server.stopping.wait(answer.interval)
+        if answer.mode in ("normal", "slow"):
             length = f"Content-Length: {len(answer.body)}\r\nConnection: close\r\n\r\n".encode()
             self.request.sendall(status_line + headers + length + answer.body)
         elif answer.mode == "raw":  # the body is the whole answer, status line and headers included, as written

@@ -24,7 +24,9 @@ from tools import bench, lint_policy, package
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "template.yaml"
 POLICY = ROOT / "iam-policy-example.json"
+GROUP_POLICY = ROOT / "iam-policy-group-example.json"
 INSTANCE_ARN = "arn:aws:ec2:us-east-1:123456789012:instance/i-0abc123def4567890"
+GROUP_ARN = "arn:aws:autoscaling:us-east-1:123456789012:autoScalingGroup:*:autoScalingGroupName/pyelli-backend"
 EXAMPLE_TOPIC_ARN = "arn:aws:sns:us-east-1:123456789012:backend-orchestrator"
 
 
@@ -33,9 +35,15 @@ def load_template() -> dict[str, Any]:
     return loaded
 
 
-def load_policy() -> dict[str, Any]:
-    loaded: dict[str, Any] = json.loads(POLICY.read_text())
+def load_policy(path: Path = POLICY) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(path.read_text())
     return loaded
+
+
+def role_statements(template: dict[str, Any], condition: str = "IsInstance") -> list[dict[str, Any]]:
+    """The role's statements as they render for one instance (IsInstance) or for a group (IsGroup)."""
+    document = template["Resources"]["Role"]["Properties"]["Policies"][0]["PolicyDocument"]
+    return lint_policy.role_statements(document["Statement"], condition)
 
 
 def actions_by_resource(policy: dict[str, Any]) -> dict[str, set[str]]:
@@ -47,8 +55,14 @@ def actions_by_resource(policy: dict[str, Any]) -> dict[str, set[str]]:
         resource = statement["Resource"]
         if resource in ({"Ref": "Topic"}, EXAMPLE_TOPIC_ARN):
             resource = "the topic"
+        elif isinstance(resource, dict) and resource["Fn::Sub"].endswith(":instance/${InstanceId}"):
+            resource = INSTANCE_ARN
+        elif isinstance(resource, dict) and resource["Fn::Sub"].endswith(
+            ":autoScalingGroupName/${AutoScalingGroupName}"
+        ):
+            resource = GROUP_ARN
         elif isinstance(resource, dict):
-            resource = INSTANCE_ARN if resource["Fn::Sub"].endswith(":instance/${InstanceId}") else str(resource)
+            resource = str(resource)
         grants.setdefault(resource, set()).update(actions)
     return grants
 
@@ -65,16 +79,26 @@ def drift(template: dict[str, Any], policy: dict[str, Any]) -> list[str]:
     problems += [
         f"the template sets {name}, which the function does not read" for name in variables if name not in known
     ]
-    required = ("INSTANCE_ID", "BACKEND_BASE_URL")
+    required = ("INSTANCE_ID", "AUTO_SCALING_GROUP_NAME", "BACKEND_BASE_URL", "BACKEND_INSTANCE_URL")
     problems += [f"the template does not set {name}" for name in required if name not in variables]
     code_actions = {"*": {bo.IAM_ACTIONS["DescribeInstances"], bo.IAM_ACTIONS["GetMetricData"]},
                     INSTANCE_ARN: {bo.IAM_ACTIONS[name] for name in ("StartInstances", "StopInstances", "CreateTags",
                                                                      "DeleteTags")},
                     "the topic": {bo.IAM_ACTIONS["Publish"]}}  # fmt: skip
-    role = template["Resources"]["Role"]["Properties"]["Policies"][0]["PolicyDocument"]
+    role = {"Statement": role_statements(template)}
     for name, grants in (("template Role", actions_by_resource(role)), (POLICY.name, actions_by_resource(policy))):
         if grants != code_actions:
             problems.append(f"{name} grants {grants}, the code calls {code_actions}")
+    group_actions = {"*": {*(bo.IAM_ACTIONS[n] for n in ("DescribeAutoScalingGroups", "DescribePolicies",
+                                                          "DescribeInstances", "GetMetricData"))},
+                     GROUP_ARN: {*(bo.IAM_ACTIONS[n] for n in ("SetDesiredCapacity", "SetInstanceProtection",
+                                                              "CreateOrUpdateTags")), "autoscaling:DeleteTags"},
+                     "the topic": {bo.IAM_ACTIONS["Publish"]}}  # fmt: skip
+    group_role = {"Statement": role_statements(template, "IsGroup")}
+    for name, grants in (("template Role (group)", actions_by_resource(group_role)),
+                         (GROUP_POLICY.name, actions_by_resource(load_policy(GROUP_POLICY)))):  # fmt: skip
+        if grants != group_actions:
+            problems.append(f"{name} grants {grants}, the code calls {group_actions}")
     schedule = function["Events"]["CheckIdle"]["Properties"]
     if json.loads(schedule["Input"]) != {"action": bo.Action.CHECK_IDLE.value}:
         problems.append(f"the schedule's input {schedule['Input']} is not check_idle")
@@ -98,9 +122,9 @@ def rename_env_var(template: dict[str, Any], policy: dict[str, Any]) -> None:
 
 
 def rename_template_action(template: dict[str, Any], policy: dict[str, Any]) -> None:
-    template["Resources"]["Role"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"][1]["Action"][0] = (
-        "ec2:StartInstance"
-    )
+    template["Resources"]["Role"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"][1]["Fn::If"][1]["Action"][
+        0
+    ] = "ec2:StartInstance"
 
 
 def rename_policy_action(template: dict[str, Any], policy: dict[str, Any]) -> None:
@@ -146,7 +170,10 @@ def test_cfn_lint_reports_nothing() -> None:
 
 @pytest.mark.parametrize(
     ("name", "policy"),
-    [("iam-policy-example.json", load_policy()), *lint_policy.template_role_policies().items()],
+    [
+        *((name, load_policy(ROOT / name)) for name in lint_policy.EXAMPLES),
+        *lint_policy.template_role_policies().items(),
+    ],
 )
 def test_parliament_finds_nothing_above_low(name: str, policy: dict[str, Any]) -> None:
     found = lint_policy.findings(policy)
@@ -247,7 +274,7 @@ def test_the_template_sets_auth_token_only_for_a_public_url(auth_type: str, toke
 )
 def test_a_public_url_without_a_token_is_refused_by_a_rule(auth_type: str, token: str, refused: bool) -> None:
     template = load_template()
-    parameters = {"FunctionUrlAuthType": auth_type, "AuthToken": token}
+    parameters = {"FunctionUrlAuthType": auth_type, "AuthToken": token, "InstanceId": "i-0abc123def4567890"}
     failed = [
         name
         for name, rule in template["Rules"].items()
@@ -391,7 +418,7 @@ def test_the_idle_timeout_accepts_whole_numbers_only() -> None:
 
 def test_instance_ids_follow_one_rule() -> None:
     function_rule = bo.INSTANCE_ID_PATTERN.pattern.replace("(?:", "(")  # a plain group: CloudFormation's syntax
-    assert load_template()["Parameters"]["InstanceId"]["AllowedPattern"] == f"^{function_rule}$"
+    assert load_template()["Parameters"]["InstanceId"]["AllowedPattern"] == f"^$|^{function_rule}$"  # empty: a group
 
 
 def test_subnets_and_security_groups_go_together() -> None:
@@ -473,16 +500,16 @@ def test_one_topic_for_alarms_and_notices_with_an_optional_email() -> None:
     assert subscription["Properties"]["Endpoint"] == {"Ref": "AlarmEmail"}
     variables = template["Resources"]["Function"]["Properties"]["Environment"]["Variables"]
     assert variables["NOTIFY_TOPIC_ARN"] == {"Ref": "Topic"}
-    role = template["Resources"]["Role"]["Properties"]["Policies"][0]["PolicyDocument"]
-    [publish] = [statement for statement in role["Statement"] if statement["Action"] == "sns:Publish"]
+    [publish] = [statement for statement in role_statements(template) if statement["Action"] == "sns:Publish"]
     assert publish["Resource"] == {"Ref": "Topic"}  # that topic only
 
 
 def test_the_dashboard_answers_its_six_questions() -> None:
     template = load_template()
     [dashboard] = resources_of(template, "AWS::CloudWatch::Dashboard").values()
-    body = dashboard["Properties"]["DashboardBody"]["Fn::Sub"]
-    for placeholder in ("${AWS::Region}", "${InstanceId}", "${Function}"):
+    body, variables = dashboard["Properties"]["DashboardBody"]["Fn::Sub"]
+    assert set(variables) == {"Dimension", "Target"}
+    for placeholder in ("${AWS::Region}", "${Dimension}", "${Target}", "${Function}"):
         body = body.replace(placeholder, "x")
     widgets = json.loads(body.replace("${IdleTimeoutSeconds}", "900"))["widgets"]
     assert [widget["properties"]["title"] for widget in widgets] == [
@@ -534,10 +561,17 @@ def test_the_docs_link_only_to_files_and_headings_that_exist() -> None:
 
 
 def test_hold_tags_are_allowed_on_the_instance_only_and_for_the_orchestrators_keys_only() -> None:
-    role = load_template()["Resources"]["Role"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
-    for name, statements in (("template Role", role), (POLICY.name, load_policy()["Statement"])):
-        [tagging] = [s for s in statements if "ec2:CreateTags" in s["Action"]]
-        assert sorted(tagging["Action"]) == ["ec2:CreateTags", "ec2:DeleteTags"], name
+    template = load_template()
+    for name, statements, verbs in (
+        ("template Role", role_statements(template), ["ec2:CreateTags", "ec2:DeleteTags"]),
+        (POLICY.name, load_policy()["Statement"], ["ec2:CreateTags", "ec2:DeleteTags"]),
+        ("template Role (group)", role_statements(template, "IsGroup"),
+         ["autoscaling:CreateOrUpdateTags", "autoscaling:DeleteTags"]),
+        (GROUP_POLICY.name, load_policy(GROUP_POLICY)["Statement"], ["autoscaling:CreateOrUpdateTags",
+                                                                     "autoscaling:DeleteTags"]),
+    ):  # fmt: skip
+        [tagging] = [s for s in statements if verbs[0] in s["Action"]]
+        assert sorted(tagging["Action"]) == verbs, name
         keys = tagging["Condition"]["ForAllValues:StringLike"]["aws:TagKeys"]
         assert keys == ["backend-orchestrator:*"], name
         assert all(tag.startswith(keys[0].rstrip("*")) for tag in bo.HOLD_TAGS)

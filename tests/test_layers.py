@@ -16,7 +16,7 @@ PACKAGE = ROOT / "lambda" / "orchestrator"
 # Bottom up: a module may import the ones before it, never one after it.
 LAYERS = (
     "words", "values", "logs", "errors", "windows", "settings", "budget", "events", "targets", "activity", "holds",
-    "rules", "aws", "backend", "fleet", "actions", "idle", "present", "preflight", "entry",
+    "rules", "aws", "backend", "fleet", "group", "actions", "idle", "present", "preflight", "entry",
 )  # fmt: skip
 PURE = ("words", "values", "errors", "windows", "settings", "targets", "activity", "holds", "rules")
 IO_LIBRARIES = {"boto3", "botocore", "socket", "ssl", "http", "urllib.request", "requests", "urllib3"}

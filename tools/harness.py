@@ -232,3 +232,22 @@ def published_periods(now: datetime, idle_timeout_seconds: int) -> list[datetime
     last_end = last_end.replace(minute=last_end.minute - last_end.minute % 5, second=0, microsecond=0)
     count = math.ceil(idle_timeout_seconds / 300)
     return [last_end - timedelta(minutes=5 * (count - index)) for index in range(count)]
+
+
+# --- An Auto Scaling group, as DevOps would make one ---------------------------------------------------------------
+def make_group(ec2: Any, autoscaling: Any, name: str, *, desired: int, min_size: int = 0, max_size: int = 4) -> None:
+    """An Auto Scaling group of `desired` instances from a launch template, in the default VPC's first subnet."""
+    template = f"{name}-template"
+    data = {"ImageId": "ami-12c6146b", "InstanceType": "t3.medium"}
+    ec2.create_launch_template(LaunchTemplateName=template, LaunchTemplateData=data)
+    subnet = ec2.describe_subnets()["Subnets"][0]["SubnetId"]
+    autoscaling.create_auto_scaling_group(
+        AutoScalingGroupName=name, LaunchTemplate={"LaunchTemplateName": template}, MinSize=min_size,
+        MaxSize=max_size, DesiredCapacity=desired, VPCZoneIdentifier=subnet,
+    )  # fmt: skip
+
+
+def group_members(autoscaling: Any, name: str) -> list[dict[str, Any]]:
+    """The group's instances as it lists them: InstanceId, LifecycleState, ProtectedFromScaleIn."""
+    groups = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"]
+    return list(groups[0]["Instances"])

@@ -10,15 +10,16 @@ reads bottom up, each module importing only the ones below it (tests/test_layers
     settings    every environment variable, read and checked once (Config, AuthToken, Settings)
     budget      the clock, the deadline, what each step leaves for the next, each action's worst and least
     events      what an invocation asks: a Function URL, API Gateway, EventBridge or direct event
-    targets     what a Describe says of an instance, and the fleet protocol the actions use
+    targets     what a Describe says of a fleet and its instances, and the fleet protocol the actions use
     activity    the activity contract, read from the backend's answer
     holds       an operator's hold, read from the instance's tags or asked for
     rules       the pure decision: judge() holds check_idle's rules on one screen
     aws         every AWS call within the deadline, errors told apart by their code; CloudWatch and SNS
     backend     one HTTP exchange with the backend, bounded in time and bytes: activity, drain, health
     fleet       the EC2 edge: one instance, a fleet of one behind the targets protocol
+    group       the Auto Scaling edge: a group as a fleet, scaled 0 to N, its working instances protected
     actions     start, status, stop, hold, release: each takes a Run and returns a Done
-    idle        check_idle: describe, judge, carry out
+    idle        check_idle: describe, judge each instance, carry out
     present     a Done becomes the answer: body, status, metrics, log level, notices
     preflight   what is wrong with the deployment, before the first idle night
     entry       classify, authorise, configure, dispatch (one match), render, log

@@ -9,34 +9,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from orchestrator.activity import Activity, ActivityUnknown
 from orchestrator.aws import Notice
 from orchestrator.backend import probe_health
-from orchestrator.budget import HEALTH_TIMEOUT_SECONDS, STOPPING_POLL_SECONDS, Deadline, reserve
-from orchestrator.errors import (
-    RETRY_AFTER_SECONDS,
-    AwsError,
-    HeldStoppedError,
-    InstanceGoneError,
-    OrchestratorError,
-    OutOfTimeError,
-    StillStoppingError,
-)
+from orchestrator.budget import HEALTH_TIMEOUT_SECONDS, Deadline
+from orchestrator.errors import AwsError, HeldStoppedError, OrchestratorError, OutOfTimeError
 from orchestrator.holds import ENDED, Hold, hold_request, read_hold
-from orchestrator.rules import Verdict
+from orchestrator.rules import Judgement, Verdict
 from orchestrator.settings import Config
-from orchestrator.targets import Fleet, InstanceInfo, Transition
-from orchestrator.words import (
-    GONE_STATES,
-    HOLD_TAG,
-    HOLD_TAGS,
-    HOLD_UNTIL_TAG,
-    STOPPED_STATES,
-    UP_STATES,
-    Action,
-    Decision,
-    Signal,
-)
+from orchestrator.targets import Described, Fleet, InstanceInfo, Transition
+from orchestrator.values import some
+from orchestrator.words import HOLD_TAG, HOLD_TAGS, HOLD_UNTIL_TAG, STOPPED_STATES, UP_STATES, Action, Decision, Signal
 
 
 @dataclass(frozen=True)
@@ -54,41 +36,44 @@ class Run:
 
 
 class Outcome(NamedTuple):
-    """What carrying out a verdict did: the decision as it came out (a dry run's would_stop, a stop of a stopped
-    instance's skip, a refused drain's keep), and what it adds to the verdict's reason."""
+    """What carrying out a verdict did to the fleet: the decision as it came out (a dry run's would_stop, a stop of a
+    stopped instance's skip, a refused drain's keep, a group's scale_in), and what it adds to the verdict's reason."""
 
     decision: Decision
-    transition: Transition | None = None  # what StartInstances or StopInstances did
+    transition: Transition | None = None  # what a start or a stop did
     note: str = ""  # said after the verdict's reason
     signal: Signal | None = None  # what decided in the end, where not the verdict's rule: the deadline
     drained: bool = False
     failure: OrchestratorError | None = None  # what left check_idle undecided, or failed a drained stop
     warnings: tuple[str, ...] = ()
+    capacity: int | None = None  # a group's desired capacity once done
 
 
 class TargetResult(NamedTuple):
-    """One target's part of what an action did."""
+    """One instance's part of check_idle: how it was judged, and what became of it."""
 
-    info: InstanceInfo | None = None  # what DescribeInstances said
-    verdict: Verdict | None = None  # start and status decide nothing
-    outcome: Outcome | None = None
-    activity: Activity | ActivityUnknown | None = None  # what the backend said, if asked
-    health: Mapping[str, Any] | None = None  # status: the health probe, None if there was no time for it
-    stuck_busy: bool = False
-    busy_since: datetime | None = None  # check_idle: when the busy backend began to be busy, as far as it knows
-    explained_until: datetime | None = None  # check_idle: when the last hold or keep-warm window of this run ended
-    instance_id: str = ""  # where no Describe said it (an operator's stop whose Describe failed)
+    info: InstanceInfo
+    judged: Judgement  # its verdict, what its backend said, a stuck busy flag, its busy span
+    decision: Decision  # as carried out: keep, stop (would_stop in a dry run), skip (not judged)
+    note: str = ""  # said after its verdict's reason: a refused drain
+    explained_until: datetime | None = None  # when the last hold or keep-warm window of its run ended
+    drained: bool = False
+    protected: bool = False  # from scale-in, as this check leaves it
 
-    def named(self) -> str:
-        """The instance's ID: as described, or as the fleet named it."""
-        return self.info.instance_id if self.info else self.instance_id
+    @property
+    def verdict(self) -> Verdict:
+        return self.judged.verdict
 
 
 class Done(NamedTuple):
     """What an action did, in plain values: the one thing it returns. present() is where it becomes the answer."""
 
     action: Action
-    targets: tuple[TargetResult, ...] = ()  # one per target: one today
+    described: Described | None = None  # None: the Describe failed (an operator's stop goes on all the same)
+    verdict: Verdict | None = None  # start and status decide nothing
+    outcome: Outcome | None = None
+    targets: tuple[TargetResult, ...] = ()  # check_idle: each instance, judged or not
+    health: Mapping[str, Any] | None = None  # status: the health probe, None if there was no time for it
     hold: Hold | None = None  # the hold in force, or the one the hold action set
     ended: Hold | None = None  # the hold that check_idle found ended, or that release ended
     warnings: tuple[str, ...] = ()
@@ -96,154 +81,126 @@ class Done(NamedTuple):
 
 
 def start(run: Run) -> Done:
-    """Describe (its tags carry any hold), then StartInstances if the instance is stopped, without waiting for the
-    boot; a stop in progress is waited out while a Describe and a StartInstances still fit. Held stopped: a 409."""
-    [target] = run.fleet.describe()
-    reading = read_hold(target.tags, run.now(), run.config.max_hold_hours)
+    """Describe (the tags carry any hold), then wake the fleet if it is stopped, without waiting for the boot. Held
+    stopped: a 409."""
+    described = run.fleet.describe(instances=False)
+    reading = read_hold(described.tags, run.now(), run.config.max_hold_hours)
     if reading.hold is not None and reading.hold.state == "stopped":
         raise HeldStoppedError(
-            f"Instance {target.instance_id} is {reading.hold.text()}, so it is not started. It can be woken once "
-            'the hold ends, or when an operator releases it ({"action": "release"}).',
+            f"{described.kind.capitalize()} {described.id} is {reading.hold.text()}, so it is not started. It can be "
+            'woken once the hold ends, or when an operator releases it ({"action": "release"}).',
             hold=reading.hold.as_dict(),
         )
-    if target.state in UP_STATES:
-        moved = Transition(target.state, target.state)
-    elif target.state == "stopped":
-        try:
-            moved = run.fleet.start(target)
-        except AwsError as error:
-            if error.aws_error_code != "IncorrectInstanceState":
-                raise
-            moved = _start_once_stopped(run, run.fleet.describe()[0])
+    if run.config.dry_run and not run.fleet.wakes_in_dry_run and described.capacity == 0:
+        outcome = Outcome(Decision.WOULD_START)  # what start would do, nothing written
     else:
-        moved = _start_once_stopped(run, target)
-    return Done(
-        Action.START, (TargetResult(target, outcome=Outcome(Decision.START, moved)),), warnings=reading.problems
-    )
-
-
-def _start_once_stopped(run: Run, target: InstanceInfo) -> Transition:
-    # StartInstances on a stopping instance fails with IncorrectInstanceState (so do shutting-down
-    # and terminated): wait out a stop in progress, keeping room for the Describe and the StartInstances after it.
-    keep = run.deadline.keep(reserve("wait_for_stopped", run.config))
-    while target.state == "stopping":
-        if run.deadline.left() < keep:
-            raise StillStoppingError(
-                f"Instance {target.instance_id} is still stopping. Retry start after {RETRY_AFTER_SECONDS} seconds.",
-                state=target.state,
-            )
-        run.deadline.clock.sleep(STOPPING_POLL_SECONDS)
-        [target] = run.fleet.describe()
-    if target.state in GONE_STATES:
-        raise InstanceGoneError(
-            f"Instance {target.instance_id} is {target.state} and cannot be started. Point INSTANCE_ID at a live "
-            "instance.",
-            state=target.state,
-        )
-    if target.state == "stopped":
-        return run.fleet.start(target)
-    return Transition(target.state, target.state)  # someone else started it meanwhile
+        outcome = Outcome(Decision.START, run.fleet.wake(described), capacity=max(described.capacity, 1))
+    return Done(Action.START, described, outcome=outcome, warnings=reading.problems)
 
 
 def status(run: Run) -> Done:
-    """The instance's state, its hold, and, when it runs, whether the backend's health endpoint answers 2xx."""
+    """The fleet's state, its hold, and, when it runs, whether the backend's health endpoint answers 2xx."""
     url = run.config.require_backend_url(Action.STATUS) + run.config.health_path
-    [target] = run.fleet.describe()
-    reading = read_hold(target.tags, run.now(), run.config.max_hold_hours)
+    described = run.fleet.describe(instances=False)
+    reading = read_hold(described.tags, run.now(), run.config.max_hold_hours)
     health: Mapping[str, Any] | None = {"reachable": False, "healthy": False, "status_code": None}
     late: tuple[str, ...] = ()
-    if target.state == "running":
+    if described.state == "running":
         try:
             wanted = min(HEALTH_TIMEOUT_SECONDS, run.config.http_timeout_seconds)
             health = probe_health(url, run.deadline.grant_backend(f"GET {url}", wanted), run.deadline.clock)
         except OutOfTimeError as error:  # answer what is known: the state
             health, late = None, (error.message,)
-    checked = (TargetResult(target, health=health),)
-    return Done(Action.STATUS, checked, hold=reading.hold, warnings=(*reading.problems, *late))
+    warnings = (*reading.problems, *late)
+    return Done(Action.STATUS, described, health=health, hold=reading.hold, warnings=warnings)
 
 
 def stop(run: Run) -> Done:
-    """The operator's stop, now (direct invocation only): honours DRY_RUN and STOP_HIBERNATE. Described first, so that
-    a stopped instance is left alone and a running hold or an open keep-warm window, which would start it again at
-    the next check, is said; a Describe that fails does not keep an operator from stopping it."""
-    target: InstanceInfo | None = None
-    warnings: tuple[str, ...] = ()
+    """The operator's stop, now (direct invocation only): honours DRY_RUN and STOP_HIBERNATE; a group loses every
+    instance's protection and goes to zero. Described first, so that a stopped fleet is left alone and a running hold
+    or an open keep-warm window, which would start it again at the next check, is said; a Describe that fails does not
+    keep an operator from stopping it."""
+    described: Described | None = None
+    kind, warnings = run.fleet.kind, tuple[str, ...]()
     try:
-        [target] = run.fleet.describe()
+        described = run.fleet.describe(instances=False)
     except AwsError as error:
-        warnings = (f"The instance's tags could not be read, so no hold was looked for: {error.message}",)
-    unknown = InstanceInfo("unknown", run.now(), instance_id=run.config.instance_id)  # stopped all the same
-    if target is not None and target.state in STOPPED_STATES:
-        outcome = Outcome(Decision.SKIP, note=f", but the instance was already {target.state}")
+        warnings = (f"The {kind}'s tags could not be read, so no hold was looked for: {error.message}",)
+    if described is not None and described.state in STOPPED_STATES:
+        outcome = Outcome(Decision.SKIP, note=f", but the {kind} was already {described.state}")
     else:
-        outcome = stop_unless_dry_run(run, target or unknown)
+        if not run.config.dry_run:
+            run.fleet.protect(described.protected if described else (), False)
+        outcome = shrink_unless_dry_run(run, described, 0)
         was = outcome.transition.previous_state if outcome.transition else ""
-        outcome = outcome._replace(note=f", but the instance was already {was}") if was in STOPPED_STATES else outcome
+        outcome = outcome._replace(note=f", but the {kind} was already {was}") if was in STOPPED_STATES else outcome
     warnings += outcome.warnings
-    held = read_hold(target.tags, run.now(), run.config.max_hold_hours).hold if target else None
+    held = read_hold(described.tags, run.now(), run.config.max_hold_hours).hold if described else None
     if held is not None and held.state == "running":
         release = '{"action": "release"}'
-        warnings += (f"The instance is {held.text()}: the next check_idle starts it again. To keep it stopped, "
+        warnings += (f"The {kind} is {held.text()}: the next check_idle starts it again. To keep it stopped, "
                      f"release the hold first ({release}), or hold it stopped instead.",)  # fmt: skip
     elif (window := run.config.open_window(run.now())) is not None:
-        opened = f"The keep-warm window {window.text!r} is open: the next check_idle starts the instance again. "
+        opened = f"The keep-warm window {window.text!r} is open: the next check_idle starts the {kind} again. "
         warnings += (opened + "To keep it stopped, remove the window from KEEP_WARM first.",)
     verdict = Verdict(Decision.STOP, "stop requested", Signal.OPERATOR)
-    stopped = TargetResult(target, verdict, outcome, instance_id=unknown.instance_id)
-    return Done(Action.STOP, (stopped,), warnings=warnings)
+    return Done(Action.STOP, described, verdict, outcome, warnings=warnings)
 
 
 def hold(run: Run) -> Done:
-    """Hold the instance running or stopped until a time (direct invocation only): the three tags in one
-    CreateTags, then start or stop it to match (an operator's stop: STOP_HIBERNATE and DRY_RUN honoured)."""
+    """Hold the fleet running or stopped until a time (direct invocation only): the three tags in one call, then
+    start or stop it to match (an operator's stop: STOP_HIBERNATE and DRY_RUN honoured)."""
     wanted = hold_request(run.fields, run.now(), run.config.max_hold_hours)  # a 400 writes nothing
-    [target] = run.fleet.describe()
+    described = run.fleet.describe(instances=False)
     if not run.config.dry_run:
-        run.fleet.tag(target, wanted.as_tags())
+        run.fleet.tag(wanted.as_tags())
     written = " (dry run: nothing written)" if run.config.dry_run else ""
     verdict = Verdict(Decision.KEEP, f"{wanted.text()}{written}", Signal.OPERATOR)
     outcome = None
-    if wanted.state == "running" and target.state == "stopped":
-        outcome = start_unless_dry_run(run, target)
-    elif wanted.state == "stopped" and target.state in UP_STATES:
-        outcome = stop_unless_dry_run(run, target)
+    if wanted.state == "running" and described.state == "stopped":
+        outcome = wake_unless_dry_run(run, described)
+    elif wanted.state == "stopped" and described.state in UP_STATES:
+        if not run.config.dry_run:
+            run.fleet.protect(described.protected, False)
+        outcome = shrink_unless_dry_run(run, described, 0)
     warnings = outcome.warnings if outcome else ()
-    return Done(Action.HOLD, (TargetResult(target, verdict, outcome),), hold=wanted, warnings=warnings)
+    return Done(Action.HOLD, described, verdict, outcome, hold=wanted, warnings=warnings)
 
 
 def release(run: Run) -> Done:
     """End the hold now (direct invocation only), in one call (forget_hold), tags that made no hold too; the usual
     rules apply."""
-    [target] = run.fleet.describe()
-    reading = read_hold(target.tags, run.now(), run.config.max_hold_hours)
+    described = run.fleet.describe(instances=False)
+    reading = read_hold(described.tags, run.now(), run.config.max_hold_hours)
     released = reading.hold or reading.ended
-    tagged = HOLD_TAG in target.tags or HOLD_UNTIL_TAG in target.tags  # a hold, or tags that make none (still cleared)
+    tagged = HOLD_TAG in described.tags or HOLD_UNTIL_TAG in described.tags  # a hold, or tags that make none
     if tagged and reading.last_ended is None and not run.config.dry_run:
-        forget_hold(run.fleet, target, released, min(released.until, run.now()) if released else run.now())
+        forget_hold(run.fleet, released, min(released.until, run.now()) if released else run.now())
     reason = f"released from its hold ({released.text()})" if released else "released: it had no hold"
     reason += " (dry run: nothing written)" if run.config.dry_run else ""
-    verdict = Verdict(Decision.KEEP, reason, Signal.OPERATOR)
-    return Done(Action.RELEASE, (TargetResult(target, verdict),), ended=released)
+    return Done(Action.RELEASE, described, Verdict(Decision.KEEP, reason, Signal.OPERATOR), ended=released)
 
 
-def forget_hold(fleet: Fleet, target: InstanceInfo, hold: Hold | None, ended: datetime) -> None:
-    """End a hold in one call: a running one marked ended at `ended` (it explained the instance's uptime until then),
-    anything else (a stopped hold, tags that made no hold) deleted."""
+def forget_hold(fleet: Fleet, hold: Hold | None, ended: datetime) -> None:
+    """End a hold in one call: a running one marked ended at `ended` (it explained the uptime until then), anything
+    else (a stopped hold, tags that made no hold) deleted."""
     if hold is not None and hold.state == "running":
-        fleet.tag(target, {HOLD_TAG: ENDED, HOLD_UNTIL_TAG: ended.isoformat()})
+        fleet.tag({HOLD_TAG: ENDED, HOLD_UNTIL_TAG: ended.isoformat()})
     else:
-        fleet.untag(target, *HOLD_TAGS)
+        fleet.untag(*HOLD_TAGS)
 
 
-def start_unless_dry_run(run: Run, target: InstanceInfo) -> Outcome:
+def wake_unless_dry_run(run: Run, described: Described) -> Outcome:
     if run.config.dry_run:
         return Outcome(Decision.WOULD_START)
-    return Outcome(Decision.START, run.fleet.start(target))
+    return Outcome(Decision.START, run.fleet.wake(described), capacity=max(described.capacity, 1))
 
 
-def stop_unless_dry_run(run: Run, target: InstanceInfo) -> Outcome:
+def shrink_unless_dry_run(run: Run, described: Described | None, size: int) -> Outcome:
+    """Shrink the fleet to `size` instances (0: stop it), or say what that would do in a dry run."""
     if run.config.dry_run:
-        return Outcome(Decision.WOULD_STOP)
-    moved, warning = run.fleet.stop(target, run.config.stop_hibernate)
-    decision = Decision.SKIP if moved.previous_state in STOPPED_STATES else Decision.STOP
-    return Outcome(decision, moved, warnings=(warning,) if warning else ())
+        return Outcome(Decision.WOULD_STOP if size == 0 else Decision.WOULD_SCALE_IN, capacity=size)
+    moved, warning = run.fleet.shrink(described, size, run.config.stop_hibernate)
+    stopped = Decision.STOP if size == 0 else Decision.SCALE_IN
+    decision = Decision.SKIP if moved.previous_state in STOPPED_STATES else stopped
+    return Outcome(decision, moved, warnings=some(warning), capacity=size)

@@ -5,7 +5,7 @@ SNS's notices are here; EC2's calls are the fleet's (fleet.py)."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from functools import cache
 from typing import Any, Final, NamedTuple, TypeVar
@@ -28,7 +28,8 @@ from orchestrator.rules import METRIC_PERIOD_SECONDS, MetricSamples
 from orchestrator.settings import Config
 
 T = TypeVar("T")
-# The IAM action each AWS call needs, named when AWS refuses it.
+# The IAM action of each call (service:Operation, as aws_call names it when AWS refuses one); an Auto Scaling group's
+# hold is written with autoscaling:CreateOrUpdateTags and autoscaling:DeleteTags.
 IAM_ACTIONS: Final = {
     "DescribeInstances": "ec2:DescribeInstances",
     "StartInstances": "ec2:StartInstances",
@@ -37,8 +38,14 @@ IAM_ACTIONS: Final = {
     "Publish": "sns:Publish",
     "CreateTags": "ec2:CreateTags",
     "DeleteTags": "ec2:DeleteTags",
+    "DescribeAutoScalingGroups": "autoscaling:DescribeAutoScalingGroups",
+    "DescribePolicies": "autoscaling:DescribePolicies",
+    "SetDesiredCapacity": "autoscaling:SetDesiredCapacity",
+    "SetInstanceProtection": "autoscaling:SetInstanceProtection",
+    "CreateOrUpdateTags": "autoscaling:CreateOrUpdateTags",
 }
-SERVICE_NAMES: Final = {"ec2": "EC2", "cloudwatch": "CloudWatch", "sns": "SNS"}
+SERVICE_NAMES: Final = {"ec2": "EC2", "cloudwatch": "CloudWatch", "sns": "SNS", "autoscaling": "Auto Scaling"}
+METRIC_QUERIES_PER_CALL: Final = 500  # GetMetricData's limit
 # "403": what botocore names an error answered HTTP 403 with no code of its own (moto's CloudWatch does that).
 ACCESS_DENIED_CODES: Final = frozenset({"UnauthorizedOperation", "AccessDenied", "AccessDeniedException", "403"})
 
@@ -83,6 +90,8 @@ def warm_clients(environ: Mapping[str, str]) -> None:
     try:
         config = Config.from_env(environ)
         aws_client("ec2", config.region)
+        if config.auto_scaling_group_name:
+            aws_client("autoscaling", config.region)
         if config.idle_cpu_percent > 0:
             aws_client("cloudwatch", config.region)
         if config.notify_topic_arn:
@@ -112,7 +121,7 @@ def aws_call(
     except ClientError as error:
         code = str(error.response.get("Error", {}).get("Code"))
         if code in ACCESS_DENIED_CODES:
-            iam_action = IAM_ACTIONS[operation]
+            iam_action = f"{service}:{operation}"
             raise AccessDeniedError(
                 f"{name} {operation} was denied ({code}): allow {iam_action} to the Lambda's role on {about}.",
                 aws_error_code=code,
@@ -131,35 +140,46 @@ def aws_call(
 
 
 def instance_metrics(
-    region: str | None, instance_id: str, since: datetime, until: datetime, deadline: Deadline
-) -> MetricSamples:
-    """The instance's CPU and network from AWS/EC2 in one GetMetricData call, period 300 s (basic and detailed
-    monitoring alike). https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/viewing_metrics_with_cloudwatch.html"""
-    wanted = {"cpu": ("CPUUtilization", "Maximum"), "network_in": ("NetworkIn", "Sum"), "out": ("NetworkOut", "Sum")}
-    period = METRIC_PERIOD_SECONDS
-    points = metric_data(region, instance_id, "AWS/EC2", wanted, period, since=since, until=until, deadline=deadline)
-    return MetricSamples(points["cpu"], points["network_in"], points["out"])
+    region: str | None, instance_ids: Sequence[str], since: datetime, until: datetime, deadline: Deadline
+) -> dict[str, MetricSamples]:
+    """Each instance's CPU and network from AWS/EC2, period 300 s (basic and detailed monitoring alike), in one
+    GetMetricData call for up to 166 instances (500 queries). https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/
+    viewing_metrics_with_cloudwatch.html"""
+    kinds = {"cpu": ("CPUUtilization", "Maximum"), "in": ("NetworkIn", "Sum"), "out": ("NetworkOut", "Sum")}
+    samples: dict[str, MetricSamples] = {}
+    per_call = METRIC_QUERIES_PER_CALL // len(kinds)
+    for first in range(0, len(instance_ids), per_call):
+        ids = instance_ids[first : first + per_call]
+        wanted = {f"{kind}_{n}": ({"InstanceId": instance_id}, *metric) for n, instance_id in enumerate(ids)
+                  for kind, metric in kinds.items()}  # fmt: skip
+        about = f"instance {', '.join(ids)}"
+        period = METRIC_PERIOD_SECONDS
+        points = metric_data(region, "AWS/EC2", wanted, period=period, since=since, until=until, deadline=deadline,
+                             about=about)  # fmt: skip
+        for n, instance_id in enumerate(ids):
+            samples[instance_id] = MetricSamples(*(points[f"{kind}_{n}"] for kind in kinds))
+    return samples
 
 
 def metric_data(
     region: str | None,
-    instance_id: str,
     namespace: str,
-    wanted: Mapping[str, tuple[str, str]],
-    period: int,
+    wanted: Mapping[str, tuple[Mapping[str, str], str, str]],
     *,
+    period: int,
     since: datetime,
     until: datetime,
     deadline: Deadline,
+    about: str,
 ) -> dict[str, list[tuple[datetime, float]]]:
-    """One GetMetricData call for the instance: {query ID: [(timestamp, value)]}, `wanted` as {ID: (name, stat)}."""
-    dimensions = [{"Name": "InstanceId", "Value": instance_id}]
+    """One GetMetricData call: {query ID: [(timestamp, value)]}, `wanted` as {ID: (dimensions, name, statistic)}."""
     queries: list[Any] = [
-        {"Id": key, "MetricStat": {"Metric": {"Namespace": namespace, "MetricName": name, "Dimensions": dimensions},
-                                   "Period": period, "Stat": stat}}
-        for key, (name, stat) in wanted.items()
+        {"Id": key, "MetricStat": {"Metric": {"Namespace": namespace, "MetricName": name, "Dimensions": [
+            {"Name": dimension, "Value": value} for dimension, value in dimensions.items()]},
+            "Period": period, "Stat": stat}}
+        for key, (dimensions, name, stat) in wanted.items()
     ]  # fmt: skip
-    about = f'the {namespace} metrics of instance {instance_id} (GetMetricData needs Resource "*")'
+    about = f'the {namespace} metrics of {about} (GetMetricData needs Resource "*")'
 
     def call(client: Any) -> Any:
         return client.get_metric_data(MetricDataQueries=queries, StartTime=since, EndTime=until)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Final, NamedTuple, TypeVar
+from typing import Final, NamedTuple, TypeVar, cast
 
 from orchestrator.errors import OutOfTimeError
 from orchestrator.settings import Config
@@ -38,6 +38,7 @@ AWS_RETRY_AFTER_EXTRA_SECONDS: Final = 5
 MIN_BACKEND_SECONDS: Final = 1.0  # a backend request given less than this is not worth making
 MIN_UNDRAIN_SECONDS: Final = 0.1  # but "resume work" is: a backend not told waits out its whole drain lease
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -133,10 +134,18 @@ def aws_call_seconds(attempts: int) -> float:
     return attempts * (AWS_CONNECT_TIMEOUT_SECONDS + AWS_READ_TIMEOUT_SECONDS) + backoff
 
 
+def stop_calls(config: Config) -> int:
+    """The calls that remove an instance once its backend drained: StopInstances, and one more for a refused
+    hibernation; in a group, SetInstanceProtection for a refused drain and for those to remove, then
+    SetDesiredCapacity."""
+    if config.auto_scaling_group_name:
+        return 3
+    return 2 if config.stop_hibernate else 1
+
+
 def stop_seconds(config: Config, attempt: float | None = None) -> float:
-    """What a stop may take at the least: one StopInstances, and one more for a refused hibernation; each a whole
-    first attempt, or `attempt` seconds."""
-    return (aws_call_seconds(1) if attempt is None else attempt) * (2 if config.stop_hibernate else 1)
+    """What a stop may take at the least: its stop_calls(), each a whole first attempt, or `attempt` seconds."""
+    return (aws_call_seconds(1) if attempt is None else attempt) * stop_calls(config)
 
 
 def reserve(step: str, config: Config) -> Reserve:
@@ -146,7 +155,8 @@ def reserve(step: str, config: Config) -> Reserve:
     least_read = min(MIN_BACKEND_SECONDS, config.http_timeout_seconds)
     match step:
         case "activity":  # GetMetricData (fallback on) and the stop; or the shortest drain and the whole stop
-            calls = (1 if config.idle_cpu_percent > 0 else 0) + (2 if config.stop_hibernate else 1)
+            protect = 1 if config.auto_scaling_group_name else 0  # a group's kept instances, protected first
+            calls = (1 if config.idle_cpu_percent > 0 else 0) + protect + stop_calls(config)
             drain = (least_read + stop_seconds(config), least_read + stop_seconds(config, AWS_MIN_ATTEMPT_SECONDS))
             full, least = calls * aws_call_seconds(1), calls * AWS_MIN_ATTEMPT_SECONDS
             return Reserve(max(full, drain[0]), max(least, drain[1])) if config.drain_path else Reserve(full, least)
@@ -163,57 +173,103 @@ def longest_path(action: Action, config: Config, attempts: int = AWS_MAX_ATTEMPT
     attempts and every backend request takes its whole time; the deadline then cuts the sum to the function's
     timeout. For docs/deploy.md's time bounds table (make bench prints it) and preflight's timeout check."""
     call, backend = aws_call_seconds(attempts), config.http_timeout_seconds
-    stop = [("StopInstances", call)] + ([("StopInstances without hibernation", call)] if config.stop_hibernate else [])
+    calls = _calls(config)
+    stop, empty = [(name, call) for name in calls.stop], [(name, call) for name in calls.empty]
     notice = [("Publish (SNS)", call)] if config.notify_topic_arn else []
+    describe = [(calls.describe, call)]
     match action:
         case Action.START:  # a stop in progress is waited out for as long as the deadline lets it
-            waits = [("DescribeInstances", call), (f"{STOPPING_POLL_SECONDS:g} s waits and Describes", math.inf)]
-            return [*waits, ("StartInstances", call), *notice]
-        case Action.STATUS:
-            return [("DescribeInstances", call), ("GET the health path", min(HEALTH_TIMEOUT_SECONDS, backend))]
-        case Action.CHECK_IDLE:  # CreateTags for an ended hold, then CloudWatch (the backend cannot say) and the
-            # stop; or the drain, the stop, the drain's DELETE (a stop that failed) and the busy-since record; notices
-            fallback = [("GetMetricData", call), *stop] if config.idle_cpu_percent > 0 else stop
-            drained = [("POST the drain", backend), *stop, ("DELETE the drain", backend)] if config.drain_path else stop
-            said = [*drained, ("CreateTags or DeleteTags (busy-since)", call)]
-            then = said if sum(s for _, s in said) > sum(s for _, s in fallback) else fallback
-            ended = ("CreateTags or DeleteTags (a hold ended)", call)
-            read = [("DescribeInstances", call), ended, ("GET the activity path", backend)]
-            return [*read, *then, *notice, *notice]
-        case Action.STOP:
-            return (
-                [("DescribeInstances", call), *notice]
-                if config.dry_run
-                else [("DescribeInstances", call), *stop, *notice]
+            waits = (
+                []
+                if config.auto_scaling_group_name
+                else [(f"{STOPPING_POLL_SECONDS:g} s waits and Describes", math.inf)]
             )
-        case Action.HOLD:  # then starts or stops the instance to match
-            moves = stop if config.stop_hibernate else [("StartInstances or StopInstances", call)]
-            return [("DescribeInstances", call), ("CreateTags", call), *moves, *notice]
+            return [*describe, *waits, (calls.start, call), *notice]
+        case Action.STATUS:
+            return [*describe, ("GET the health path", min(HEALTH_TIMEOUT_SECONDS, backend))]
+        case Action.CHECK_IDLE:  # the hold's tags for an ended hold, then CloudWatch (the backend cannot say) and the
+            # stop; or the drain, the stop, the drain's DELETE (a stop that failed) and the busy-since records; notices
+            protect = [("SetInstanceProtection (the kept)", call)] if config.auto_scaling_group_name else []
+            fallback = [("GetMetricData", call), *protect, *stop] if config.idle_cpu_percent > 0 else [*protect, *stop]
+            drained = [("POST the drain", backend), *stop, ("DELETE the drain", backend)] if config.drain_path else stop
+            said = [*protect, *drained, *((name, call) for name in calls.records)]
+            then = said if sum(s for _, s in said) > sum(s for _, s in fallback) else fallback
+            read = [*describe, *((name, call) for name in calls.members), (f"{calls.tags} (a hold ended)", call)]
+            return [*read, ("GET the activity path", backend), *then, *notice, *notice]
+        case Action.STOP:
+            return [*describe, *notice] if config.dry_run else [*describe, *empty, *notice]
+        case Action.HOLD:  # then starts or stops the fleet to match
+            moves = empty if len(empty) > 1 else [(f"{calls.start} or {calls.empty[0]}", call)]
+            return [*describe, (calls.tag, call), *moves, *notice]
         case Action.RELEASE:
-            return [("DescribeInstances", call), ("CreateTags or DeleteTags", call), *notice]
+            return [*describe, (calls.tags, call), *notice]
         case Action.PREFLIGHT:  # with "notify": true, SNS too
             gets = [("GET the health path", min(HEALTH_TIMEOUT_SECONDS, backend)), ("GET the activity path", backend)]
-            return [("DescribeInstances", call), ("4 DryRuns", 4 * call), ("2 GetMetricData", 2 * call), *notice, *gets]
+            checks = [(name, call * count) for name, count in calls.checks]
+            return [*describe, *checks, ("2 GetMetricData", 2 * call), *notice, *gets]
+
+
+class _Calls(NamedTuple):
+    """The AWS calls of each step, by the fleet's kind."""
+
+    describe: str
+    shrink: str
+    members: tuple[str, ...]  # check_idle: the instances of a group
+    start: str
+    stop: tuple[str, ...]  # check_idle's removal
+    empty: tuple[str, ...]  # an operator's stop
+    tag: str
+    tags: str
+    records: tuple[str, ...]  # the busy-since records
+    checks: tuple[tuple[str, int], ...]  # preflight's
+
+
+def _calls(config: Config) -> _Calls:
+    if config.auto_scaling_group_name:
+        protection = "SetInstanceProtection"
+        return _Calls(
+            describe="DescribeAutoScalingGroups", shrink="SetDesiredCapacity", members=("DescribeInstances",),
+            start="SetDesiredCapacity", stop=(f"{protection} (a refused drain)", f"{protection} (the removed)",
+            "SetDesiredCapacity"), empty=(protection, "SetDesiredCapacity"), tag="CreateOrUpdateTags",
+            tags="CreateOrUpdateTags or DeleteTags",
+            records=("CreateOrUpdateTags (busy-since)", "DeleteTags (busy-since)"),
+            checks=(("DescribeInstances", 1), ("DescribePolicies", 1)),
+        )  # fmt: skip
+    stop = ("StopInstances", *(("StopInstances without hibernation",) if config.stop_hibernate else ()))
+    return _Calls(
+        describe="DescribeInstances",
+        shrink="StopInstances",
+        members=(),
+        start="StartInstances",
+        stop=stop,
+        empty=stop,
+        tag="CreateTags",
+        tags="CreateTags or DeleteTags",
+        records=("CreateTags or DeleteTags (busy-since)",),
+        checks=(("4 DryRuns", 4),),
+    )
 
 
 def least_path(action: Action, config: Config) -> list[tuple[str, float]]:
     """The steps `action` cannot do without, each at the least it is attempted with (one short attempt of an AWS call,
     the shortest backend request). An invocation whose whole time cannot hold them answers timeout_too_short."""
     call, read = AWS_MIN_ATTEMPT_SECONDS, min(MIN_BACKEND_SECONDS, config.http_timeout_seconds)
-    stop = [("StopInstances", call)] + ([("StopInstances without hibernation", call)] if config.stop_hibernate else [])
+    calls = _calls(config)
+    describe = [(calls.describe, call)]
+    empty = [(name, call) for name in calls.empty]
     match action:
         case Action.START:
-            return [("DescribeInstances", call), ("StartInstances", call)]
+            return [*describe, (calls.start, call)]
         case Action.CHECK_IDLE:  # then CloudWatch and the stop, or the drain and the stop
-            then = ("GetMetricData or the drain, and StopInstances", reserve("activity", config).least)
-            return [("DescribeInstances", call), ("GET the activity path", read), then]
+            then = (f"GetMetricData or the drain, and {calls.shrink}", reserve("activity", config).least)
+            return [*describe, *((name, call) for name in calls.members), ("GET the activity path", read), then]
         case Action.STOP:
-            return [("DescribeInstances", call)] + ([] if config.dry_run else stop)
+            return describe + ([] if config.dry_run else empty)
         case Action.HOLD:
-            return [("DescribeInstances", call), ("CreateTags", call), *stop]
+            return [*describe, (calls.tag, call), *empty]
         case Action.RELEASE:
-            return [("DescribeInstances", call), ("CreateTags or DeleteTags", call)]
-    return [("DescribeInstances", call)]  # status and preflight answer what they could not learn
+            return [*describe, (calls.tags, call)]
+    return describe  # status and preflight answer what they could not learn
 
 
 def shortest_timeout(action: Action, config: Config) -> float:
@@ -260,3 +316,27 @@ def within(seconds: float, work: Callable[[], T], what: str) -> T:
     if not result:
         raise TimeoutError(f"{what} did not end within {seconds:.0f}s")
     return result[0]
+
+
+def concurrently(work: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """work(item) for every item at once, a thread each (none for one item), in the items' order; the first failure
+    is raised once all have ended. Each work is bounded by the deadline's grants, so the wait is too."""
+    if len(items) <= 1:
+        return [work(item) for item in items]
+    results: list[R | None] = [None] * len(items)
+    failures: list[BaseException] = []
+
+    def run(index: int, item: T) -> None:
+        try:
+            results[index] = work(item)
+        except BaseException as error:  # noqa: BLE001 - handed to the caller's thread, which raises it
+            failures.append(error)
+
+    threads = [threading.Thread(target=run, args=(n, item), daemon=True) for n, item in enumerate(items)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    return cast(list[R], results)

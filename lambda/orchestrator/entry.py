@@ -17,7 +17,7 @@ from orchestrator.aws import publish
 from orchestrator.budget import Clock, Deadline, shortest_timeout
 from orchestrator.errors import AwsError, OrchestratorError, OutOfTimeError, TimeoutTooShortError
 from orchestrator.events import EventRequest, HttpRequest, http_action, is_http, parse_event
-from orchestrator.fleet import fleet_of
+from orchestrator.group import fleet_of
 from orchestrator.idle import check_idle
 from orchestrator.logs import LOG, emit_metrics, log_invocation
 from orchestrator.preflight import preflight
@@ -149,10 +149,13 @@ def handle(event: object, context: object, environ: Mapping[str, str], clock: Cl
     response = respond(event, environ, deadline)
     answer, config = response.answer, response.config
     warnings = (*answer.warnings, *some(deadline.warning))
-    instance_id = config.instance_id if config else None
-    shown_id = instance_id if response.authorized else None  # an HTTP caller without the token learns nothing
-    body = {"ok": answer.status_code < 400, "action": response.action, "instance_id": shown_id, **answer.fields}
-    logged = {"source": response.source, "caller": response.caller, **body, "instance_id": instance_id}  # names it
+    instance_id, group = (
+        (config.instance_id or None, config.auto_scaling_group_name or None) if config else (None, None)
+    )
+    named = {"instance_id": instance_id, **({"auto_scaling_group_name": group} if group else {})}
+    hidden = dict.fromkeys(named) if not response.authorized else named  # an HTTP caller without the token: nothing
+    body = {"ok": answer.status_code < 400, "action": response.action, **hidden, **answer.fields}
+    logged = {"source": response.source, "caller": response.caller, **body, **named}  # the log names them
     logged |= {"status_code": answer.status_code, "warnings": list(warnings) or None}
     logged |= {"aws_request_id": getattr(context, "aws_request_id", None)}
     log_invocation(
@@ -160,5 +163,5 @@ def handle(event: object, context: object, environ: Mapping[str, str], clock: Cl
     )
     requested = {f"{response.action.title().replace('_', '')}Requested": 1} if response.action else {}
     namespace = config.metrics_namespace if config else Config.metrics_namespace
-    emit_metrics(namespace, instance_id, {**requested, **answer.metrics}, clock.now())
+    emit_metrics(namespace, config.target if config else None, {**requested, **answer.metrics}, clock.now())
     return render(response, body)

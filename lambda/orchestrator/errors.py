@@ -79,6 +79,9 @@ class HeldStoppedError(OrchestratorError, status=409, code="held_stopped"): ... 
 class InstanceGoneError(OrchestratorError, status=409, code="instance_terminated"): ...  # shutting down, terminated
 
 
+class GroupMaxSizeZeroError(OrchestratorError, status=409, code="group_max_size_zero"): ...  # cannot be woken
+
+
 class PayloadTooLargeError(OrchestratorError, status=413, code="payload_too_large"): ...
 
 
@@ -86,6 +89,9 @@ class ConfigError(OrchestratorError, code="config_error"): ...
 
 
 class InstanceNotFoundError(ConfigError, code="instance_not_found"): ...  # INSTANCE_ID's fault: a 500, as config_error
+
+
+class GroupNotFoundError(ConfigError, code="group_not_found"): ...  # AUTO_SCALING_GROUP_NAME's fault
 
 
 class StillStoppingError(OrchestratorError, status=503, code="still_stopping", headers=RETRY_AFTER): ...

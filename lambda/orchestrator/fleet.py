@@ -1,25 +1,27 @@
 """The EC2 edge: each call takes the instances (and region, and deadline) it acts on, fits the invocation's deadline,
-and tells EC2's errors apart by their code; and Instance, a fleet of one behind the targets protocol, built once from
-the configuration (fleet_of)."""
+and tells EC2's errors apart by their code; and Instance, the fleet of one instance that INSTANCE_ID names."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from botocore import xform_name
 
 from orchestrator.aws import aws_call
-from orchestrator.budget import Deadline
+from orchestrator.budget import STOPPING_POLL_SECONDS, Deadline, reserve
 from orchestrator.errors import (
     CAPACITY_RETRY_AFTER_SECONDS,
+    RETRY_AFTER_SECONDS,
     AwsError,
+    InstanceGoneError,
     InstanceNotFoundError,
     InsufficientCapacityError,
+    StillStoppingError,
 )
 from orchestrator.settings import Config
-from orchestrator.targets import Fleet, InstanceInfo, Transition
-from orchestrator.words import TAG_PREFIX
+from orchestrator.targets import Described, InstanceInfo, Transition
+from orchestrator.words import BUSY_SINCE_TAG, GONE_STATES, TAG_PREFIX, UP_STATES
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
@@ -29,37 +31,71 @@ T = TypeVar("T")
 NOT_FOUND_CODES: Final = frozenset({"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"})
 
 
-def fleet_of(config: Config, deadline: Deadline) -> Fleet:
-    """The instances the configuration names, behind the targets protocol."""
-    return Instance(config.region, config.instance_id, deadline)
-
-
 class Instance:
-    """A fleet of one: the instance INSTANCE_ID names."""
+    """A fleet of one: the instance INSTANCE_ID names. Its holds and its busy-since record are its own tags."""
 
-    def __init__(self, region: str | None, instance_id: str, deadline: Deadline) -> None:
-        self.region, self.instance_id, self.deadline = region, instance_id, deadline
+    kind, shrink_call, wakes_in_dry_run = "instance", "StopInstances", True
 
-    def describe(self) -> list[InstanceInfo]:
-        found = describe_instances(self.region, [self.instance_id], self.deadline)
+    def __init__(self, config: Config, deadline: Deadline) -> None:
+        self.config, self.region, self.id, self.deadline = config, config.region, config.instance_id, deadline
+
+    def describe(self, instances: bool = True) -> Described:
+        found = describe_instances(self.region, [self.id], self.deadline)
         if not found:
-            raise _not_found(self.instance_id)
-        return found
+            raise _not_found(self.id)
+        [info] = found
+        return Described(self.kind, self.id, info.state, info.tags, (info,), info.launch_time)
 
-    def start(self, target: InstanceInfo) -> Transition:
-        return start_instance(self.region, target.instance_id, self.deadline)
+    def wake(self, described: Described) -> Transition:
+        """StartInstances if it is stopped, without waiting for the boot; a stop in progress is waited out while a
+        Describe and a StartInstances still fit."""
+        if described.state in UP_STATES:
+            return Transition(described.state, described.state)
+        if described.state == "stopped":
+            try:
+                return start_instance(self.region, self.id, self.deadline)
+            except AwsError as error:
+                if error.aws_error_code != "IncorrectInstanceState":
+                    raise
+                described = self.describe()
+        return self._start_once_stopped(described.state)
 
-    def stop(self, target: InstanceInfo, hibernate: bool) -> tuple[Transition, str | None]:
-        return stop_instance(self.region, target.instance_id, hibernate, self.deadline)
+    def _start_once_stopped(self, state: str) -> Transition:
+        # StartInstances on a stopping instance fails with IncorrectInstanceState (so do shutting-down
+        # and terminated): wait out a stop in progress, keeping room for the Describe and the StartInstances after it.
+        keep = self.deadline.keep(reserve("wait_for_stopped", self.config))
+        while state == "stopping":
+            if self.deadline.left() < keep:
+                raise StillStoppingError(
+                    f"Instance {self.id} is still stopping. Retry start after {RETRY_AFTER_SECONDS} seconds.",
+                    state=state,
+                )
+            self.deadline.clock.sleep(STOPPING_POLL_SECONDS)
+            state = self.describe().state
+        if state in GONE_STATES:
+            raise InstanceGoneError(
+                f"Instance {self.id} is {state} and cannot be started. Point INSTANCE_ID at a live instance.",
+                state=state,
+            )
+        if state == "stopped":
+            return start_instance(self.region, self.id, self.deadline)
+        return Transition(state, state)  # someone else started it meanwhile
 
-    def tag(self, target: InstanceInfo, values: Mapping[str, str]) -> None:
-        create_tags(self.region, target.instance_id, values, self.deadline)
+    def shrink(self, described: Described | None, size: int, hibernate: bool) -> tuple[Transition, str | None]:
+        return stop_instance(self.region, self.id, hibernate, self.deadline)
 
-    def untag(self, target: InstanceInfo, *keys: str) -> None:
-        delete_tags(self.region, target.instance_id, keys, self.deadline)
+    def protect(self, instance_ids: Sequence[str], protected: bool) -> None:
+        return  # nothing scales in one instance
 
-    def allowed(self, target: InstanceInfo, operation: str, **kwargs: Any) -> None:
-        dry_run(self.region, operation, target.instance_id, self.deadline, **kwargs)
+    def tag(self, values: Mapping[str, str]) -> None:
+        create_tags(self.region, [self.id], values, self.deadline)
+
+    def untag(self, *keys: str) -> None:
+        delete_tags(self.region, [self.id], keys, self.deadline)
+
+    def record(self, described: Described, instances: Sequence[InstanceInfo], value: str | None) -> None:
+        if instances:
+            (self.tag({BUSY_SINCE_TAG: value}) if value is not None else self.untag(BUSY_SINCE_TAG))
 
 
 def describe_instances(region: str | None, instance_ids: list[str], deadline: Deadline) -> list[InstanceInfo]:
@@ -117,19 +153,17 @@ def stop_instance(
     return stop(False), warning
 
 
-def create_tags(region: str | None, instance_id: str, values: Mapping[str, str], deadline: Deadline) -> None:
-    """Set these tags of the instance, in one CreateTags call."""
+def create_tags(region: str | None, ids: list[str], values: Mapping[str, str], deadline: Deadline) -> None:
+    """Set these tags of the instances, in one CreateTags call."""
     tags: list[Any] = [{"Key": key, "Value": value} for key, value in values.items()]
-    ids = [instance_id]
     _call("CreateTags", ids, region, deadline, lambda client: client.create_tags(Resources=ids, Tags=tags))
 
 
-def delete_tags(region: str | None, instance_id: str, keys: tuple[str, ...], deadline: Deadline) -> None:
-    """Delete these tags of the instance, in one DeleteTags call: never none (that would delete every tag)."""
+def delete_tags(region: str | None, ids: list[str], keys: tuple[str, ...], deadline: Deadline) -> None:
+    """Delete these tags of the instances, in one DeleteTags call: never none (that would delete every tag)."""
     named: list[Any] = [{"Key": key} for key in keys]
     if not named:
         raise ValueError("DeleteTags with no tag deletes every tag of the instance")
-    ids = [instance_id]
     _call("DeleteTags", ids, region, deadline, lambda client: client.delete_tags(Resources=ids, Tags=named))
 
 

@@ -57,12 +57,16 @@ METRICS: Final = frozenset({"InstanceStarted", "InstanceStopped", "IdleSeconds",
     *(f"{action.title().replace('_', '')}Requested" for action in Action)})  # fmt: skip
 
 
-def emit_metrics(namespace: str, instance_id: str | None, metrics: Mapping[str, float], now: datetime) -> None:
-    """One CloudWatch Embedded Metric Format line; CloudWatch turns it into metrics, no API call."""
-    units = [{"Name": name, "Unit": "Seconds" if name.endswith("Seconds") else "Count"} for name in metrics]
-    directive = {"Namespace": namespace, "Dimensions": [["InstanceId"]], "Metrics": units}
+def emit_metrics(
+    namespace: str, dimension: tuple[str, str] | None, metrics: Mapping[str, float], now: datetime
+) -> None:
+    """One CloudWatch Embedded Metric Format line, by the instance's ID or the group's name (`dimension`: its name and
+    value); CloudWatch turns it into metrics, no API call."""
+    name, value = dimension or ("InstanceId", "unknown")
+    units = [{"Name": metric, "Unit": "Seconds" if metric.endswith("Seconds") else "Count"} for metric in metrics]
+    directive = {"Namespace": namespace, "Dimensions": [[name]], "Metrics": units}
     document = {"_aws": {"Timestamp": int(now.timestamp() * 1000), "CloudWatchMetrics": [directive]}}
-    METRICS_LOG.info(json.dumps({**document, "InstanceId": instance_id or "unknown", **metrics}, separators=(",", ":")))
+    METRICS_LOG.info(json.dumps({**document, name: value, **metrics}, separators=(",", ":")))
 
 
 def log_invocation(fields: Mapping[str, Any], level: int, bug: Exception | None = None) -> None:

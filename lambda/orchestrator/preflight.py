@@ -13,18 +13,19 @@ from orchestrator.actions import Run
 from orchestrator.activity import ActivityUnknown
 from orchestrator.aws import IAM_ACTIONS, Notice, instance_metrics, metric_data, publish
 from orchestrator.backend import fetch_activity, probe_health
-from orchestrator.budget import HEALTH_TIMEOUT_SECONDS, Deadline, shortest_timeout, whole_attempts_timeout
-from orchestrator.errors import (
-    RECOMMENDED_TIMEOUT_SECONDS,
-    AwsError,
-    InstanceNotFoundError,
-    OrchestratorError,
-    OutOfTimeError,
+from orchestrator.budget import (
+    HEALTH_TIMEOUT_SECONDS,
+    Deadline,
+    concurrently,
+    shortest_timeout,
+    whole_attempts_timeout,
 )
-from orchestrator.fleet import fleet_of
+from orchestrator.errors import RECOMMENDED_TIMEOUT_SECONDS, AwsError, ConfigError, OrchestratorError, OutOfTimeError
+from orchestrator.fleet import dry_run
+from orchestrator.group import fleet_of, scaling_policies
 from orchestrator.present import Answer
 from orchestrator.settings import Settings
-from orchestrator.targets import InstanceInfo
+from orchestrator.targets import Described
 from orchestrator.values import duration, some
 from orchestrator.words import HOLD_TAG, Action
 
@@ -48,15 +49,19 @@ def preflight(settings: Settings, deadline: Deadline, fields: Mapping[str, Any])
     else:
         checks = [Check("config", "ok", f"every variable is valid: {', '.join(settings.shown) or 'all defaults'}")]
     if config is None:
-        skipped = "INSTANCE_ID is missing or bad: fix the configuration and run preflight again"
+        skipped = "INSTANCE_ID (or AUTO_SCALING_GROUP_NAME) is missing or bad: fix it and run preflight again"
         checks += [Check(name, "skip", skipped) for name in PREFLIGHT_CHECKS[1:]]
     else:
         run = Run(config, deadline, fleet_of(config, deadline), fields)
+        names = GROUP_CHECKS if config.auto_scaling_group_name else PREFLIGHT_CHECKS
+        described: Described | None = None
         try:
-            [info] = run.fleet.describe()
-        except (OutOfTimeError, AwsError, InstanceNotFoundError) as error:
-            info, checks = None, [*checks, _failed("instance", error)]
-        checks += [_run_check(name, run, info, whole_seconds, bad_url) for name in PREFLIGHT_CHECKS[1 if info else 2 :]]
+            described = run.fleet.describe()
+        except (OutOfTimeError, AwsError, ConfigError) as error:
+            checks = [*checks, _failed(names[1], error)]
+        checks += [
+            _run_check(name, run, described, whole_seconds, bad_url) for name in names[2 if described is None else 1 :]
+        ]
     failed = [check.check for check in checks if check.status == "fail"]
     counts = ", ".join(f"{sum(c.status == s for c in checks)} {s}" for s in ("ok", "warn", "fail", "skip"))
     return Answer(
@@ -69,24 +74,32 @@ PREFLIGHT_CHECKS: Final = (
     "config", "instance", "start_permission", "stop_permission", "tag_permission", "metrics", "schedule",
     "notifications", "backend_health", "activity_contract", "drain", "keep_warm", "timeout",
 )  # fmt: skip
-NEED_THE_INSTANCE: Final = frozenset({"start_permission", "stop_permission", "tag_permission", "metrics", "schedule"})
+GROUP_CHECKS: Final = (
+    "config", "group", "warm_pool", "scaling_policies", "permissions", "metrics", "schedule", "notifications",
+    "backend_health", "activity_contract", "drain", "keep_warm", "timeout",
+)  # fmt: skip
+NEED_THE_FLEET: Final = frozenset({"start_permission", "stop_permission", "tag_permission", "metrics", "schedule",
+                                   "warm_pool", "scaling_policies", "permissions"})  # fmt: skip
 NEED_IT_RUNNING: Final = frozenset({"backend_health", "activity_contract"})
 
 
-def _run_check(name: str, run: Run, info: InstanceInfo | None, whole: float, bad_url: str | None) -> Check:
-    """One check, given what DescribeInstances said (None: it failed) and what is wrong with BACKEND_BASE_URL, if it
-    is set but invalid; an AWS failure is that check's failure."""
-    if name in NEED_IT_RUNNING and run.config.backend_base_url is None:  # unset, or set but invalid
+def _run_check(name: str, run: Run, described: Described | None, whole: float, bad_url: str | None) -> Check:
+    """One check, given what the fleet's Describe said (None: it failed) and what is wrong with BACKEND_BASE_URL, if
+    it is set but invalid; an AWS failure is that check's failure."""
+    group = run.config.auto_scaling_group_name
+    if name in NEED_IT_RUNNING and run.config.backend_base_url is None and not (group and name == "activity_contract"):
         unset = "BACKEND_BASE_URL is not set, so the backend cannot be asked"
         fix = "set BACKEND_BASE_URL to the backend's base URL as the function reaches it, e.g. http://10.0.1.50:8000"
         return Check(name, "fail", bad_url or unset, fix)
-    if info is None and name in NEED_THE_INSTANCE | NEED_IT_RUNNING:
-        return Check(name, "skip", "the instance could not be described: see the instance check")
-    if info is not None and info.state != "running" and name in NEED_IT_RUNNING:
-        return Check(name, "skip", f"the instance is {info.state}: start it and run preflight again")
+    kind = run.fleet.kind
+    if described is None and name in NEED_THE_FLEET | NEED_IT_RUNNING:
+        return Check(name, "skip", f"the {kind} could not be described: see the {kind} check")
+    if described is not None and described.state != "running" and name in NEED_IT_RUNNING:
+        return Check(name, "skip", f"the {kind} is {described.state}: start it and run preflight again")
     try:
-        return PREFLIGHT[name](run, info, whole)
-    except (OutOfTimeError, AwsError, InstanceNotFoundError) as error:
+        check = (GROUP_PREFLIGHT if group else {}).get(name) or PREFLIGHT[name]
+        return check(run, described, whole)
+    except (OutOfTimeError, AwsError, ConfigError) as error:
         return _failed(name, error)
 
 
@@ -97,7 +110,8 @@ def _failed(name: str, error: OrchestratorError) -> Check:
     return Check(name, "fail", error.message, fix or "see the message")
 
 
-def _instance_check(run: Run, info: InstanceInfo, _: float) -> Check:
+def _instance_check(run: Run, described: Described, _: float) -> Check:
+    [info] = described.instances
     monitoring = "detailed" if info.detailed_monitoring else "basic (5-minute averages hide shorter bursts)"
     detail = f"{info.state}, {info.instance_type}, {info.vcpus or '?'} vCPUs, monitoring {monitoring}"
     if run.config.stop_hibernate and not info.hibernation_configured:
@@ -106,19 +120,25 @@ def _instance_check(run: Run, info: InstanceInfo, _: float) -> Check:
     return Check("instance", "ok", detail)
 
 
-def _allowed(name: str, run: Run, target: InstanceInfo, operations: tuple[str, ...], **kwargs: Any) -> Check:
+def _allowed(name: str, run: Run, described: Described, operations: tuple[str, ...], **kwargs: Any) -> Check:
     for operation in operations:
-        run.fleet.allowed(target, operation, **kwargs)
+        dry_run(run.config.region, operation, described.id, run.deadline, **kwargs)
     allowed = ", ".join(IAM_ACTIONS[o] for o in operations)
-    return Check(name, "ok", f"{allowed} allowed (DryRun) on {target.instance_id}")
+    return Check(name, "ok", f"{allowed} allowed (DryRun) on {described.id}")
 
 
-def _metrics_check(run: Run, info: InstanceInfo, _: float) -> Check:
+def _metrics_check(run: Run, described: Described, _: float) -> Check:
     if run.config.idle_cpu_percent == 0:
         return Check("metrics", "skip", "the CloudWatch fallback is off (IDLE_CPU_PERCENT=0)")
-    since = run.now() - timedelta(hours=1) if info.state == "running" else info.launch_time
-    samples = instance_metrics(run.config.region, info.instance_id, since, since + timedelta(hours=1), run.deadline)
-    points = len(samples.cpu)
+    if not described.instances:
+        return Check(
+            "metrics", "skip", f"the {described.kind} has no instance to read: wake it and run preflight again"
+        )
+    launched = min(info.launch_time for info in described.instances)
+    since = run.now() - timedelta(hours=1) if described.state == "running" else launched
+    ids = [info.instance_id for info in described.instances]
+    samples = instance_metrics(run.config.region, ids, since, since + timedelta(hours=1), run.deadline)
+    points = sum(len(sample.cpu) for sample in samples.values())
     span = f"{since:%Y-%m-%d %H:%M}-{since + timedelta(hours=1):%H:%M} UTC"
     if points:
         return Check("metrics", "ok", f"GetMetricData allowed; {points} CPU datapoints for {span}")
@@ -126,13 +146,12 @@ def _metrics_check(run: Run, info: InstanceInfo, _: float) -> Check:
     return Check("metrics", "warn", f"GetMetricData allowed, but no CPU datapoints for {span}", fix)
 
 
-def _schedule_check(run: Run, info: InstanceInfo, _: float) -> Check:
-    now, wanted = run.now(), {"checks": ("CheckIdleRequested", "Sum")}
-    since, namespace = now - timedelta(days=1), run.config.metrics_namespace
+def _schedule_check(run: Run, described: Described, _: float) -> Check:
+    now, wanted = run.now(), {"checks": (dict([run.config.target]), "CheckIdleRequested", "Sum")}
+    since, namespace, about = now - timedelta(days=1), run.config.metrics_namespace, described.label
     region, deadline = run.config.region, run.deadline
-    points = metric_data(region, info.instance_id, namespace, wanted, 60, since=since, until=now, deadline=deadline)[
-        "checks"
-    ]
+    found = metric_data(region, namespace, wanted, period=60, since=since, until=now, deadline=deadline, about=about)
+    points = found["checks"]
     recent = sum(value for when, value in points if when >= now - timedelta(minutes=15))
     if recent:
         return Check("schedule", "ok", f"the schedule ran {recent:.0f} times in 15 minutes")
@@ -144,13 +163,13 @@ def _schedule_check(run: Run, info: InstanceInfo, _: float) -> Check:
     return Check("schedule", "fail", "check_idle ran in the last day but not in the last 15 minutes", rule)
 
 
-def _notifications_check(run: Run, info: InstanceInfo | None, _: float) -> Check:
-    topic, instance_id = run.config.notify_topic_arn, info.instance_id if info else run.config.instance_id
+def _notifications_check(run: Run, _: Described | None, __: float) -> Check:
+    topic, kind, instance_id = run.config.notify_topic_arn, run.fleet.kind, run.fleet.id
     if not topic:
         return Check("notifications", "skip", "NOTIFY_TOPIC_ARN is not set: no start or stop notices")
     if run.fields.get("notify") is not True:
         return Check("notifications", "skip", 'send a test message with {"action": "preflight", "notify": true}')
-    text = f"A test message from the Backend Orchestrator's preflight for instance {instance_id}."
+    text = f"A test message from the Backend Orchestrator's preflight for {kind} {instance_id}."
     notice = Notice(f"Backend {instance_id} preflight", text, {"action": "preflight", "decision": "test"})
     try:
         publish(topic, notice, run.deadline)
@@ -232,15 +251,15 @@ def _timeout_check(run: Run, _: Any, whole: float) -> Check:
     return Check("timeout", worst, f"the invocation had {whole:.1f} s: {'; '.join(said)}", fix)
 
 
-# Each check after config and instance: (run, what DescribeInstances said, the invocation's whole time) -> Check.
+# Each check after config: (run, what the fleet's Describe said, the invocation's whole time) -> Check.
 PREFLIGHT: Final[dict[str, Callable[[Run, Any, float], Check]]] = {
     "instance": _instance_check,
-    "start_permission": lambda run, info, _: _allowed("start_permission", run, info, ("StartInstances",)),
-    "stop_permission": lambda run, info, _: _allowed(
-        "stop_permission", run, info, ("StopInstances",), Hibernate=run.config.stop_hibernate
+    "start_permission": lambda run, described, _: _allowed("start_permission", run, described, ("StartInstances",)),
+    "stop_permission": lambda run, described, _: _allowed(
+        "stop_permission", run, described, ("StopInstances",), Hibernate=run.config.stop_hibernate
     ),
-    "tag_permission": lambda run, info, _: _allowed(
-        "tag_permission", run, info, ("CreateTags", "DeleteTags"), Tags=[{"Key": HOLD_TAG, "Value": "running"}]
+    "tag_permission": lambda run, described, _: _allowed(
+        "tag_permission", run, described, ("CreateTags", "DeleteTags"), Tags=[{"Key": HOLD_TAG, "Value": "running"}]
     ),
     "metrics": _metrics_check,
     "schedule": _schedule_check,
@@ -250,4 +269,73 @@ PREFLIGHT: Final[dict[str, Callable[[Run, Any, float], Check]]] = {
     "drain": _drain_check,
     "keep_warm": _keep_warm_check,
     "timeout": _timeout_check,
+}
+
+
+def _group_check(run: Run, described: Described, _: float) -> Check:
+    group = described.group
+    assert group is not None  # noqa: S101 - a group's describe says it
+    detail = (f"desired capacity {group.desired_capacity} (MinSize {group.min_size}, MaxSize {group.max_size}), "
+              f"{group.in_service} in service")  # fmt: skip
+    if group.max_size < 1:
+        return Check("group", "fail", f"{detail}: with MaxSize 0 it cannot be woken", "raise its MaxSize to 1 or more")
+    if group.min_size > 0:
+        said = f"{detail}: it never goes below MinSize, so {group.min_size} instances run (and cost) whatever they do"
+        return Check("group", "warn", said, "set its MinSize to 0, and hold it running when it must stay up")
+    return Check("group", "ok", detail)
+
+
+def _warm_pool_check(run: Run, described: Described, _: float) -> Check:
+    pool = described.group.warm_pool if described.group else None
+    command = (f"aws autoscaling put-warm-pool --auto-scaling-group-name {described.id} --pool-state Stopped "
+               "--instance-reuse-policy ReuseOnScaleIn=true")  # fmt: skip
+    if not pool:
+        return Check("warm_pool", "warn", "no warm pool: a scale-in terminates an instance, and its disk", command)
+    state, reuse = pool.get("PoolState"), (pool.get("InstanceReusePolicy") or {}).get("ReuseOnScaleIn") is True
+    if state != "Stopped" or not reuse:
+        said = f"a warm pool in state {state}, ReuseOnScaleIn {reuse}: scaled-in instances are not kept stopped"
+        return Check("warm_pool", "warn", said, command)
+    return Check("warm_pool", "ok", "state Stopped, ReuseOnScaleIn: a scale-in stops an instance and keeps its disk")
+
+
+def _policies_check(run: Run, described: Described, _: float) -> Check:
+    names = scaling_policies(run.config.region, described.id, run.deadline)
+    if not names:
+        return Check("scaling_policies", "ok", "none: only the orchestrator changes the desired capacity")
+    said = f"{', '.join(names)}: they can scale out, and scale in only the instances the orchestrator left unprotected"
+    return Check("scaling_policies", "warn", said, "keep them if they are meant to; they never end a protected one")
+
+
+def _permissions_check(run: Run, *_: Any) -> Check:
+    said = ("DescribeAutoScalingGroups and DescribeInstances allowed; SetDesiredCapacity, SetInstanceProtection, "
+            "CreateOrUpdateTags and DeleteTags cannot be verified without a write (Auto Scaling has no DryRun), "
+            "and preflight writes nothing")  # fmt: skip
+    return Check("permissions", "skip", said, "grant them on the group's ARN, as iam-policy-group-example.json does")
+
+
+def _group_activity_check(run: Run, described: Described, _: float) -> Check:
+    run.config.require_backend_url(Action.CHECK_IDLE)
+    serving = [info for info in described.instances if info.serving]
+    path, seconds = run.config.last_activity_path, run.config.http_timeout_seconds
+    urls = [(i.instance_id, run.config.base_url_of(i.instance_id, i.private_ip, i.private_dns_name)) for i in serving]
+    granted = run.deadline.grant_backend(f"GET the activity path of {len(urls)} instances", seconds)
+
+    def read(url: str | None) -> str | None:
+        found = fetch_activity(url + path, granted, run.deadline.clock) if url else ActivityUnknown("no address")
+        return found.reason if isinstance(found, ActivityUnknown) else None
+
+    reasons = concurrently(read, [url for _, url in urls])
+    failed = [f"{instance_id}: {why}" for (instance_id, _), why in zip(urls, reasons, strict=True) if why]
+    if failed:
+        fix = "answer the activity contract at BACKEND_INSTANCE_URL (docs/activity-contract.md); until then none stops"
+        return Check("activity_contract", "fail", "; ".join(failed), fix)
+    return Check("activity_contract", "ok", f"each of the {len(urls)} instances in service answers the contract")
+
+
+GROUP_PREFLIGHT: Final[dict[str, Callable[[Run, Any, float], Check]]] = {
+    "group": _group_check,
+    "warm_pool": _warm_pool_check,
+    "scaling_policies": _policies_check,
+    "permissions": _permissions_check,
+    "activity_contract": _group_activity_check,
 }

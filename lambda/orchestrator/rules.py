@@ -5,7 +5,7 @@ the instance's metrics are given as readings, asked only when a rule needs them.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Final, NamedTuple
 
@@ -147,17 +147,31 @@ def judge_metrics(
 def judge(
     config: Config, info: InstanceInfo, hold: Hold | None, now: datetime, *, backend: Reading, metrics: MetricsReading
 ) -> Judgement:
-    """The README's rules, in order: the first that applies decides. `backend()` reads the activity endpoint and
-    `metrics(seconds, not_before)` the instance's CloudWatch metrics over the last `seconds` (periods that began
-    before `not_before` count as missing), each only if a rule needs it."""
+    """The README's rules, in order, for one instance: the first that applies decides (keeping, then judge_running)."""
+    kept = keeping(config, info.state, hold, now)
+    return Judgement(kept) if kept is not None else judge_running(config, info, now, backend=backend, metrics=metrics)
+
+
+def keeping(config: Config, state: str, hold: Hold | None, now: datetime) -> Verdict | None:
+    """The rules that keep a fleet up whatever its backends say: held running, or inside a keep-warm window (a group
+    keeps at least one instance then, and its other instances follow judge_running). None when neither applies."""
     if hold is not None and hold.state == "running":
-        return Judgement(kept_up(info.state, hold.text(), Signal.HOLD))
+        return kept_up(state, hold.text(), Signal.HOLD)
     window = config.open_window(now)
-    if window is not None and hold is not None and info.state == "stopped":
-        return Judgement(Verdict(Decision.SKIP, f"stopped, {hold.text()}: no keep-warm window starts it", Signal.HOLD))
+    if window is not None and hold is not None and state == "stopped":
+        return Verdict(Decision.SKIP, f"stopped, {hold.text()}: no keep-warm window starts it", Signal.HOLD)
     if window is not None:  # working hours: never stop, and start a stopped instance
         why, started = f"inside the keep-warm window {window.text!r}", "started so that it is warm when people arrive"
-        return Judgement(kept_up(info.state, why, Signal.KEEP_WARM, started))
+        return kept_up(state, why, Signal.KEEP_WARM, started)
+    return None
+
+
+def judge_running(
+    config: Config, info: InstanceInfo, now: datetime, *, backend: Reading, metrics: MetricsReading
+) -> Judgement:
+    """The rules for a running instance: `backend()` reads its activity endpoint and `metrics(seconds, not_before)`
+    its CloudWatch metrics over the last `seconds` (periods that began before `not_before` count as missing), each
+    only if a rule needs it."""
     if info.state != "running":
         return Judgement(Verdict(Decision.SKIP, f"instance is {info.state}, not running", Signal.STATE))
     activity = backend()
@@ -222,3 +236,26 @@ def _stuck_busy(
         return Judgement(stopped, activity, stuck_busy=True)
     kept = f"{reason}; kept (a busy backend is stopped only with STOP_STUCK_BUSY=true)"
     return Judgement(verdict._replace(reason=kept), activity, stuck_busy=True)
+
+
+class Plan(NamedTuple):
+    """What check_idle does with the instances it judged: each one kept or removed, with its verdict."""
+
+    kept: tuple[tuple[InstanceInfo, Verdict], ...] = ()
+    removed: tuple[tuple[InstanceInfo, Verdict], ...] = ()
+
+
+def plan(judged: Sequence[tuple[InstanceInfo, Verdict]], floor: int = 0, why: Verdict | None = None) -> Plan:
+    """Remove the instances judged stop, but keep at least `floor` of the judged ones: the most recently active of
+    those judged stop stay, for `why` (a hold, a keep-warm window, a group's MinSize)."""
+    kept = [(info, verdict) for info, verdict in judged if verdict.decision is not Decision.STOP]
+    stops = sorted(
+        ((info, verdict) for info, verdict in judged if verdict.decision is Decision.STOP),
+        key=lambda pair: math.inf if pair[1].idle_seconds is None else pair[1].idle_seconds,
+    )
+    if why is not None and floor > len(kept):
+        short = floor - len(kept)
+        kept += [(info, verdict._replace(decision=Decision.KEEP, reason=f"{verdict.reason}; kept: {why.reason}",
+                                         signal=why.signal)) for info, verdict in stops[:short]]  # fmt: skip
+        stops = stops[short:]
+    return Plan(tuple(kept), tuple(stops))

@@ -8,6 +8,7 @@ import hmac
 import ipaddress
 import math
 import re
+import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,6 +23,10 @@ MIN_TOKEN_CHARS: Final = 16
 MAX_HOLD_HOURS_LIMIT: Final = 9999  # what MAX_HOLD_HOURS may be (the template's pattern): keeps dates in range
 TOPIC_ARN_PATTERN: Final = re.compile(r"arn:aws[a-z-]*:sns:[a-z0-9-]+:[0-9]{12}:[A-Za-z0-9_-]{1,256}")
 INSTANCE_ID_PATTERN: Final = re.compile(r"i-(?:[0-9a-f]{8}|[0-9a-f]{17})")
+GROUP_NAME_PATTERN: Final = re.compile(r"[!-9;-~]{1,255}")  # ASCII 33 to 126 but the colon (CreateAutoScalingGroup)
+# What BACKEND_INSTANCE_URL may name, with an example of each to check the URL it makes.
+INSTANCE_FIELDS: Final = {"private_ip": "10.0.1.50", "private_dns_name": "ip-10-0-1-50.ec2.internal",
+                          "instance_id": "i-0abc123def4567890"}  # fmt: skip
 REGION_PATTERN: Final = re.compile(r"[a-z]{2}(?:-[a-z0-9]+)+", re.ASCII)
 BOOLEANS: Final = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -32,7 +37,9 @@ class Config:
     """Every setting but AUTH_TOKEN (see AuthToken), with its default: the one place defaults are written."""
 
     instance_id: str = ""
+    auto_scaling_group_name: str = ""
     backend_base_url: str | None = None
+    backend_instance_url: str | None = None  # in a group: each instance's own, with {private_ip} or the like
     idle_timeout_seconds: int = 900
     region: str | None = None
     http_timeout_seconds: float = 5.0
@@ -81,10 +88,37 @@ class Config:
             return None, [*problems, problem]
 
     def __post_init__(self) -> None:
-        if not self.instance_id:
+        if self.instance_id and self.auto_scaling_group_name:
             raise ConfigError(
-                "INSTANCE_ID is not set. Set it to the backend's EC2 instance ID, e.g. i-0abc123def4567890."
+                "INSTANCE_ID and AUTO_SCALING_GROUP_NAME are both set: set exactly one, INSTANCE_ID for one backend "
+                "instance or AUTO_SCALING_GROUP_NAME for an Auto Scaling group of them."
             )
+        if not self.instance_id and not self.auto_scaling_group_name:
+            raise ConfigError(
+                "INSTANCE_ID is not set. Set it to the backend's EC2 instance ID, e.g. i-0abc123def4567890 (or set "
+                "AUTO_SCALING_GROUP_NAME instead, to the name of an Auto Scaling group of backends)."
+            )
+        if self.backend_instance_url and not self.auto_scaling_group_name:
+            raise ConfigError(
+                "BACKEND_INSTANCE_URL is set without AUTO_SCALING_GROUP_NAME: it is each instance's URL in a group. "
+                "Remove it, or set AUTO_SCALING_GROUP_NAME instead of INSTANCE_ID."
+            )
+
+    @property
+    def target(self) -> tuple[str, str]:
+        """What the function looks after, as its metrics' dimension: (InstanceId, ID), (AutoScalingGroupName, name)."""
+        if self.auto_scaling_group_name:
+            return "AutoScalingGroupName", self.auto_scaling_group_name
+        return "InstanceId", self.instance_id
+
+    def base_url_of(self, instance_id: str, private_ip: str | None, private_dns_name: str | None) -> str | None:
+        """Where an instance's own backend answers: BACKEND_INSTANCE_URL filled in for it, in a group (None if the
+        instance lacks what it names); else BACKEND_BASE_URL."""
+        if self.backend_instance_url is None:
+            return self.backend_base_url
+        known = {"instance_id": instance_id, "private_ip": private_ip, "private_dns_name": private_dns_name}
+        named = {field for _, field, _, _ in string.Formatter().parse(self.backend_instance_url) if field}
+        return None if any(known[field] is None for field in named) else self.backend_instance_url.format(**known)
 
     def open_window(self, now: datetime) -> Window | None:
         """The first keep-warm window open at `now`, if any."""
@@ -95,6 +129,13 @@ class Config:
         return max((end for window in self.keep_warm if (end := window.last_end(after, before))), default=None)
 
     def require_backend_url(self, action: Action) -> str:
+        if self.auto_scaling_group_name and action is Action.CHECK_IDLE:  # each instance's backend, not the balancer
+            if self.backend_instance_url is None:
+                raise ConfigError(
+                    "BACKEND_INSTANCE_URL is not set and check_idle needs it for an Auto Scaling group: set it to each "
+                    "instance's own base URL, e.g. http://{private_ip}:8000."
+                )
+            return self.backend_instance_url
         if self.backend_base_url is None:
             raise ConfigError(
                 f"BACKEND_BASE_URL is not set and {action} needs it. Set it to the backend's "
@@ -148,13 +189,45 @@ def _parse_instance_id(name: str, raw: str) -> str:
     return raw
 
 
-def _parse_base_url(name: str, raw: str) -> str:
+def _parse_group_name(name: str, raw: str) -> str:
+    if not GROUP_NAME_PATTERN.fullmatch(raw):
+        raise ConfigError(
+            f"{name}={raw!r} is not an Auto Scaling group name: 1 to 255 printable ASCII characters without spaces or "
+            "colons, e.g. pyelli-backend (the name, not the ARN)."
+        )
+    return raw
+
+
+def _parse_instance_url(name: str, raw: str) -> str:
+    example = "e.g. http://{private_ip}:8000"
+    _no_credentials(name, raw)
+    try:
+        parts = list(string.Formatter().parse(raw))
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} has an unmatched brace: {example}.") from None
+    named = [(field, spec, conversion) for _, field, spec, conversion in parts if field is not None]
+    wrong = [field for field, spec, conversion in named if field not in INSTANCE_FIELDS or spec or conversion]
+    if not named or wrong:
+        fields = ", ".join(f"{{{field}}}" for field in INSTANCE_FIELDS)
+        raise ConfigError(f"{name}={raw!r} must name each instance with {fields} (and nothing else): {example}.")
+    try:
+        _parse_base_url(name, raw.format(**INSTANCE_FIELDS))
+    except ConfigError:
+        raise ConfigError(f"{name}={raw!r} does not make an http(s) base URL for an instance: {example}.") from None
+    return raw.rstrip("/")
+
+
+def _no_credentials(name: str, raw: str) -> None:
     shown = re.sub(r"^([^:/?#]*:)?//[^/?#]*@", r"\1//***@", raw)  # never a password, even in a broken URL
     if shown != raw:
         raise ConfigError(
             f"{name}={shown!r} carries a user name or password, which would travel in clear and reach the logs: "
             "remove them, and restrict who reaches the backend with its security group instead."
         )
+
+
+def _parse_base_url(name: str, raw: str) -> str:
+    _no_credentials(name, raw)
     try:
         parts = urlsplit(raw)
         host, port = parts.hostname or "", parts.port  # both raise ValueError: a bad [IPv6] literal, a bad port
@@ -270,7 +343,9 @@ def _parse_topic_arn(name: str, raw: str) -> str:
 # Every variable the function reads but AUTH_TOKEN (see AuthToken): the field it sets and the parser that checks it.
 VARIABLES: Final[dict[str, tuple[str, Callable[[str, str], Any]]]] = {
     "INSTANCE_ID": ("instance_id", _parse_instance_id),
+    "AUTO_SCALING_GROUP_NAME": ("auto_scaling_group_name", _parse_group_name),
     "BACKEND_BASE_URL": ("backend_base_url", _parse_base_url),
+    "BACKEND_INSTANCE_URL": ("backend_instance_url", _parse_instance_url),
     "IDLE_TIMEOUT_SECONDS": ("idle_timeout_seconds", _parse_positive_int),
     "AWS_REGION": ("region", _parse_region),
     "HTTP_TIMEOUT_SECONDS": ("http_timeout_seconds", _parse_positive_float),
@@ -299,7 +374,7 @@ class Settings(NamedTuple):
     (AuthToken), which alone decides who may learn any of it."""
 
     token: AuthToken
-    config: Config | None  # of the good variables (None without a usable INSTANCE_ID): preflight checks on with it
+    config: Config | None  # of the good variables (None without one target): preflight checks on with it
     problems: tuple[ConfigError, ...]  # every bad variable, in VARIABLES' order
     shown: tuple[str, ...]  # NAME='value' of each variable set (AUTH_TOKEN as "(set)"), for preflight
 

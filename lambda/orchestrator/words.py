@@ -33,6 +33,8 @@ class Decision(StrEnum):
     WOULD_STOP = "would_stop"
     START = "start"  # a keep-warm window or a hold found the instance stopped
     WOULD_START = "would_start"
+    SCALE_IN = "scale_in"  # a group shrinks, but not to zero
+    WOULD_SCALE_IN = "would_scale_in"
 
 
 class Signal(StrEnum):
@@ -46,6 +48,7 @@ class Signal(StrEnum):
     STATE = "state"  # not running
     DEADLINE = "deadline"  # out of time before it could decide or carry out
     OPERATOR = "operator"  # stop, hold, release
+    MIN_SIZE = "min_size"  # a group's MinSize: it keeps at least that many instances
 
 
 # What the function keeps on the instance, as tags with this prefix where the console shows them: a hold (set by the
@@ -61,3 +64,4 @@ KNOWN_TAGS: Final = (*HOLD_TAGS, BUSY_SINCE_TAG)
 GONE_STATES: Final = frozenset({"shutting-down", "terminated"})
 STOPPED_STATES: Final = frozenset({"stopping", "stopped"})
 UP_STATES: Final = frozenset({"pending", "running"})
+IN_SERVICE: Final = "InService"  # an Auto Scaling group's instance that serves: the only one judged and protected
