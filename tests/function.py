@@ -51,7 +51,7 @@ from orchestrator.errors import (
 )
 from orchestrator.holds import Hold
 from orchestrator.logs import LOG, METRICS, METRICS_LOG, JsonFormatter
-from orchestrator.preflight import PREFLIGHT_CHECKS
+from orchestrator.preflight import GROUP_CHECKS, PREFLIGHT_CHECKS
 from orchestrator.present import sns_subject
 from orchestrator.rules import MetricSamples, decide, judge, judge_metrics, metric_window
 from orchestrator.settings import INSTANCE_ID_PATTERN, MIN_TOKEN_CHARS, VARIABLES, AuthToken, Config, Settings

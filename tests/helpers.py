@@ -371,3 +371,31 @@ class SilentServer:
         for connection in self.held:
             connection.close()
         self.listener.close()
+
+
+# --- As an IAM principal (moto's IAM) ------------------------------------------------------------------------------
+def act_as(monkeypatch: Any, actions: list[str]) -> boto3.session.Session:
+    """From now on the function's calls are made by an IAM user allowed these actions, and moto enforces IAM; returns
+    a session of an administrator for the test's own calls. moto matches actions only against statements whose
+    Resource is "*" and ignores conditions, so the actions are granted on "*": the policies' own resources and
+    conditions are checked by reading them (test_deployment)."""
+    from moto import settings as moto_settings
+    from moto.core.authorization import ActionAuthenticatorMixin
+
+    iam = setup_client("iam")
+
+    def user(name: str, allowed: list[str]) -> dict[str, str]:
+        iam.create_user(UserName=name)
+        document = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": allowed, "Resource": "*"}]}
+        iam.put_user_policy(UserName=name, PolicyName="role", PolicyDocument=json.dumps(document))
+        key: dict[str, str] = iam.create_access_key(UserName=name)["AccessKey"]
+        return key
+
+    admin, key = user("test-setup", ["*"]), user("orchestrator", actions)
+    session = function_session()  # the function's clients come from the default session: one with the user's keys
+    session._session.set_credentials(key["AccessKeyId"], key["SecretAccessKey"])
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", session)
+    monkeypatch.setattr(moto_settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    monkeypatch.setattr(ActionAuthenticatorMixin, "request_count", 0)
+    bo.aws_client.cache_clear()
+    return boto3.session.Session(admin["AccessKeyId"], admin["SecretAccessKey"], region_name=REGION)

@@ -757,3 +757,110 @@ def test_every_count_of_alarms_the_docs_give_is_the_templates() -> None:
         for path, word in counts
         if NUMBERS.get(word.lower(), 0) != len(alarms) and word != str(len(alarms))
     ] == []
+
+
+# --- The template and the example policy for an Auto Scaling group -------------------------------------------------
+GROUP_PARAMETERS = {"AutoScalingGroupName": "pyelli-backend", "BackendInstanceUrl": "http://{private_ip}:8000"}
+
+
+def failed_rules(parameters: dict[str, str]) -> list[str]:
+    template = load_template()
+    return [
+        name
+        for name, rule in template["Rules"].items()
+        if render(rule.get("RuleCondition", True), template, parameters)
+        and not all(render(check["Assert"], template, parameters) for check in rule["Assertions"])
+    ]
+
+
+@pytest.mark.parametrize(
+    ("parameters", "failed"),
+    [
+        pytest.param({"InstanceId": "i-0abc123def4567890"}, [], id="an-instance"),
+        pytest.param(GROUP_PARAMETERS, [], id="a-group"),
+        pytest.param({**GROUP_PARAMETERS, "CreateWarmPool": "true"}, [], id="a-group-and-its-warm-pool"),
+        pytest.param({}, ["OneInstanceOrOneGroup"], id="neither"),
+        pytest.param({**GROUP_PARAMETERS, "InstanceId": "i-0abc123def4567890"}, ["OneInstanceOrOneGroup"], id="both"),
+        pytest.param({"AutoScalingGroupName": "pyelli-backend"}, ["GroupNeedsInstanceUrl"], id="a-group-without-urls"),
+        pytest.param(
+            {"InstanceId": "i-0abc123def4567890", "BackendInstanceUrl": "http://{private_ip}:8000"},
+            ["InstanceUrlAndWarmPoolNeedAGroup"],
+            id="an-instance-url-without-a-group",
+        ),
+        pytest.param(
+            {"InstanceId": "i-0abc123def4567890", "CreateWarmPool": "true"},
+            ["InstanceUrlAndWarmPoolNeedAGroup"],
+            id="a-warm-pool-without-a-group",
+        ),
+    ],
+)
+def test_the_rules_take_one_instance_or_one_group_with_what_it_needs(
+    parameters: dict[str, str], failed: list[str]
+) -> None:
+    assert failed_rules(parameters) == failed
+
+
+def test_for_a_group_the_template_sets_its_variables_its_dimension_and_its_warm_pool() -> None:
+    template = load_template()
+    variables = render(template["Resources"]["Function"]["Properties"]["Environment"]["Variables"], template,
+                       GROUP_PARAMETERS)  # fmt: skip
+    config = bo.Config.from_env({name: value for name, value in variables.items() if isinstance(value, str)})
+    assert (config.auto_scaling_group_name, config.instance_id) == ("pyelli-backend", "")
+    for alarm in resources_of(template, "AWS::CloudWatch::Alarm").values():
+        dimensions = render(alarm["Properties"]["Dimensions"], template, GROUP_PARAMETERS)
+        if dimensions[0]["Name"] != "FunctionName":
+            assert dimensions == [{"Name": "AutoScalingGroupName", "Value": {"Fn::Join": ["", ["", "pyelli-backend"]]}}]
+    [pool] = resources_of(template, "AWS::AutoScaling::WarmPool").values()
+    assert pool["Condition"] == "CreateTheWarmPool"
+    assert render(template["Conditions"]["CreateTheWarmPool"], template, {**GROUP_PARAMETERS, "CreateWarmPool": "true"})
+    assert not render(template["Conditions"]["CreateTheWarmPool"], template, GROUP_PARAMETERS)
+    assert pool["Properties"] == {"AutoScalingGroupName": {"Ref": "AutoScalingGroupName"}, "PoolState": "Stopped",
+                                  "InstanceReusePolicy": {"ReuseOnScaleIn": True}}  # fmt: skip
+
+
+def test_every_write_of_the_group_policy_is_granted_on_the_groups_arn_only() -> None:
+    """Read, not run: moto's IAM matches actions only (test_group runs them). Every Auto Scaling or EC2 action that
+    is not a Describe is granted on the group's ARN alone; the topic only gets Publish; nothing on an instance."""
+    for name, statements in (("template Role (group)", role_statements(load_template(), "IsGroup")),
+                             (GROUP_POLICY.name, load_policy(GROUP_POLICY)["Statement"])):  # fmt: skip
+        grants = actions_by_resource({"Statement": statements})
+        writes = {r: {a for a in actions if not a.split(":")[1].startswith(("Describe", "Get"))} for r, actions in
+                  grants.items()}  # fmt: skip
+        assert {r: w for r, w in writes.items() if w} == {
+            GROUP_ARN: {"autoscaling:SetDesiredCapacity", "autoscaling:SetInstanceProtection",
+                        "autoscaling:CreateOrUpdateTags", "autoscaling:DeleteTags"},
+            "the topic": {"sns:Publish"},
+        }, name  # fmt: skip
+
+
+def group_function_accepts(value: str) -> bool:
+    try:
+        bo.Config.from_env({"AUTO_SCALING_GROUP_NAME": "pyelli-backend", "BACKEND_INSTANCE_URL": value})
+    except bo.ConfigError:
+        return False
+    return True
+
+
+INSTANCE_URLS = [
+    "http://{private_ip}:8000", "https://{private_dns_name}/api", "http://backend.internal:8000/{instance_id}",
+    "http://{private_ip}:99999", "http://{private_ip}:0", "http://{private_ip}:{instance_id}", "http://{foo}:8000",
+    "http://{private_ip:>3}:8000", "http://{private_ip}{", "http://{private_ip}:8000/?q=1", "ftp://{private_ip}",
+    "http://user:pw@{private_ip}", "http://10.0.1.50:8000", "http://{private_ip}:8000#x", "http:///{private_ip}",
+    "http://{private_ip}:8000/a b", "http://{instance_id}.{private_dns_name}:80", "http://[{private_ip}]:80",
+]  # fmt: skip
+
+
+def test_the_instance_url_parameter_accepts_nothing_the_function_refuses() -> None:
+    accepted = [value for value in INSTANCE_URLS if template_accepts("BackendInstanceUrl", value)]
+    assert accepted[:3] == INSTANCE_URLS[:3]  # the ordinary ones deploy
+    assert [value for value in accepted if not group_function_accepts(value)] == []
+
+
+PIECES = ["{private_ip}", "{instance_id}", "{", "}", ":", "/", ".", "a", "9", "@", "?", " ", "[", "]", "-", "99999"]
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(PIECES), max_size=12).map("".join).map("http://".__add__))
+def test_any_instance_url_the_template_admits_the_function_accepts(value: str) -> None:
+    if template_accepts("BackendInstanceUrl", value):
+        assert group_function_accepts(value), value

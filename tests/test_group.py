@@ -5,9 +5,10 @@ instances in its list order when the desired capacity drops, so a busy instance 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +16,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests import function as bo
-from tests.helpers import HOOKS, REGION, Answer, FakeClock, Invoke, ScriptedBackend, body_of, http_event, setup_client
+from tests.helpers import (
+    HOOKS,
+    REGION,
+    Answer,
+    FakeClock,
+    Invoke,
+    ScriptedBackend,
+    act_as,
+    body_of,
+    http_event,
+    setup_client,
+)
 from tools.harness import RealEc2, group_members, make_group, moto_state
 
 GROUP = "pyelli-backend"
@@ -518,3 +530,138 @@ def test_no_busy_instance_is_ever_removed_whatever_the_order(
     assert busy <= set(world.ids())  # every busy instance still serves
     assert set(world.ids()) == busy
     assert world.desired() == len(busy)
+
+
+# --- As an IAM principal that holds iam-policy-group-example.json's actions (moto's IAM) ------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def group_policy_actions() -> list[str]:
+    """The example group policy's actions, as moto names them (CloudWatch is monitoring:*)."""
+    policy = json.loads((ROOT / "iam-policy-group-example.json").read_text())
+    actions = [a for s in policy["Statement"] for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])]
+    return [action.replace("cloudwatch:", "monitoring:") for action in actions]
+
+
+def as_group_principal(monkeypatch: pytest.MonkeyPatch, world: GroupWorld, actions: list[str]) -> None:
+    """The function's calls made by a user allowed `actions` only, moto enforcing IAM on every service (helpers.act_as
+    says why the actions are granted on "*"); the test's own calls by an administrator."""
+    admin = act_as(monkeypatch, actions)
+    monkeypatch.setattr(world, "ec2", admin.client("ec2"))
+    monkeypatch.setattr(world, "autoscaling", admin.client("autoscaling"))
+
+
+# Each action of the group policy, and what a function without it cannot do: (an invocation and its setup, and where
+# the answer names the missing action).
+Needed = Callable[[Invoke, GroupWorld, ScriptedBackend], dict[str, Any]]
+
+
+def _start_from_zero(invoke: Invoke, world: GroupWorld, backend: ScriptedBackend) -> dict[str, Any]:
+    world.set_desired(0)
+    return body_of(invoke(http_event()))
+
+
+def _check_a_busy_and_an_idle(invoke: Invoke, world: GroupWorld, backend: ScriptedBackend) -> dict[str, Any]:
+    world.set_desired(2)
+    first, second = world.ids()
+    say(backend, first, BUSY)
+    say(backend, second, IDLE)
+    return invoke(CHECK)
+
+
+def _check_unreachable(invoke: Invoke, world: GroupWorld, backend: ScriptedBackend) -> dict[str, Any]:
+    for instance_id in world.ids():
+        say(backend, instance_id, Answer(500, b"{}"))
+    return invoke(CHECK)
+
+
+def _release_a_stopped_hold(invoke: Invoke, world: GroupWorld, backend: ScriptedBackend) -> dict[str, Any]:
+    world.tag({bo.HOLD_TAG: "stopped", "backend-orchestrator:hold-until": (world.clock.now() + timedelta(hours=1))
+               .isoformat()})  # fmt: skip
+    return invoke({"action": "release"})
+
+
+def _preflight(invoke: Invoke, world: GroupWorld, backend: ScriptedBackend) -> dict[str, Any]:
+    return invoke({"action": "preflight"})
+
+
+HOLD_RUNNING = {"action": "hold", "state": "running", "hours": 1}
+NEEDED: dict[str, Needed] = {
+    "autoscaling:DescribeAutoScalingGroups": lambda invoke, world, backend: invoke({"action": "status"}),
+    "ec2:DescribeInstances": _check_a_busy_and_an_idle,
+    "autoscaling:SetDesiredCapacity": _start_from_zero,
+    "autoscaling:SetInstanceProtection": _check_a_busy_and_an_idle,
+    "autoscaling:CreateOrUpdateTags": lambda invoke, world, backend: invoke(HOLD_RUNNING),
+    "autoscaling:DeleteTags": _release_a_stopped_hold,
+    "monitoring:GetMetricData": _check_unreachable,
+    "autoscaling:DescribePolicies": _preflight,
+}
+
+
+def test_as_the_example_group_policy_every_group_action_goes_through(
+    invoke: Invoke, world: GroupWorld, backend: ScriptedBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert set(NEEDED) <= set(group_policy_actions())
+    as_group_principal(monkeypatch, world, group_policy_actions())
+    for name, needs in NEEDED.items():
+        said = json.dumps(needs(invoke, world, backend))
+        assert "aws_access_denied" not in said, (name, said)
+        assert "was denied" not in said, (name, said)
+    assert world.desired() == 1  # the last check_idle scaled the group in: those calls went through
+
+
+@pytest.mark.parametrize("removed", list(NEEDED))
+def test_without_one_action_of_the_example_group_policy_the_answer_names_it(
+    invoke: Invoke, world: GroupWorld, backend: ScriptedBackend, monkeypatch: pytest.MonkeyPatch, removed: str
+) -> None:
+    as_group_principal(monkeypatch, world, [action for action in group_policy_actions() if action != removed])
+    said = json.dumps(NEEDED[removed](invoke, world, backend))
+    assert removed.replace("monitoring:", "cloudwatch:") in said  # the function names the IAM action a role needs
+
+
+# --- preflight -----------------------------------------------------------------------------------------------------
+def checks_of(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {check["check"]: check for check in body["checks"]}
+
+
+def test_preflight_of_a_group_checks_what_a_group_needs_and_writes_nothing(
+    invoke: Invoke, world: GroupWorld, backend: ScriptedBackend
+) -> None:
+    from tools.preflight import render
+
+    for instance_id in world.ids():
+        say(backend, instance_id, IDLE)
+    backend.answer("/health", Answer.json({"status": "ok"}))
+    world.clear()
+    body = invoke({"action": "preflight"})
+    checks = checks_of(body)
+    assert list(checks) == list(bo.GROUP_CHECKS)
+    assert checks["group"] == {"check": "group", "status": "ok", "fix": None,
+                               "detail": "desired capacity 2 (MinSize 0, MaxSize 4), 2 in service"}  # fmt: skip
+    assert checks["warm_pool"]["status"] == "warn"
+    assert "put-warm-pool --auto-scaling-group-name pyelli-backend --pool-state Stopped" in checks["warm_pool"]["fix"]
+    assert (checks["scaling_policies"]["status"], checks["permissions"]["status"]) == ("ok", "skip")
+    assert "cannot be verified without a write" in checks["permissions"]["detail"]
+    contract = checks["activity_contract"]
+    assert (contract["status"], contract["detail"]) == ("ok", "each of the 2 instances in service answers the contract")
+    assert world.writes() == []
+    assert render(body).splitlines()[0] == f"preflight of {GROUP}"
+
+
+def test_preflight_warns_of_a_min_size_names_what_cannot_be_woken_and_a_backend_that_does_not_answer(
+    invoke: Invoke, world: GroupWorld, backend: ScriptedBackend
+) -> None:
+    world.autoscaling.update_auto_scaling_group(AutoScalingGroupName=GROUP, MinSize=1)
+    world.autoscaling.put_warm_pool(AutoScalingGroupName=GROUP, PoolState="Stopped",
+                                    InstanceReusePolicy={"ReuseOnScaleIn": True})  # fmt: skip
+    first, second = world.ids()
+    say(backend, first, IDLE)
+    body = invoke({"action": "preflight"})
+    checks = checks_of(body)
+    assert checks["group"]["status"] == "warn"
+    assert "it never goes below MinSize" in checks["group"]["detail"]
+    assert checks["warm_pool"]["status"] == "ok"
+    assert checks["activity_contract"]["status"] == "fail"
+    assert checks["activity_contract"]["detail"].startswith(f"{second}: GET ")
+    world.autoscaling.update_auto_scaling_group(AutoScalingGroupName=GROUP, MinSize=0, MaxSize=0, DesiredCapacity=0)
+    assert checks_of(invoke({"action": "preflight"}))["group"]["status"] == "fail"

@@ -8,10 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
-from moto import settings as moto_settings
-from moto.core.authorization import ActionAuthenticatorMixin
 
 from tests import function as bo
 from tests.helpers import (
@@ -23,9 +20,9 @@ from tests.helpers import (
     FakeContext,
     Invoke,
     ScriptedBackend,
+    act_as,
     body_of,
     ec2_error,
-    function_session,
     http_event,
     refused_port,
     setup_client,
@@ -241,28 +238,10 @@ def example_actions() -> list[str]:
 
 
 def as_principal(monkeypatch: pytest.MonkeyPatch, world: Ec2World, actions: list[str]) -> None:
-    """From now on, calls are made by a user allowed these actions, and moto enforces IAM. moto matches actions
-    only against statements whose Resource is "*" and ignores conditions, so the actions are granted on "*"."""
-    iam = setup_client("iam")
-
-    def user(name: str, allowed: list[str]) -> dict[str, str]:
-        iam.create_user(UserName=name)
-        document = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": allowed, "Resource": "*"}]}
-        iam.put_user_policy(UserName=name, PolicyName="role", PolicyDocument=json.dumps(document))
-        key: dict[str, str] = iam.create_access_key(UserName=name)["AccessKey"]
-        return key
-
-    admin, key = user("test-setup", ["*"]), user("orchestrator", actions)
-    # The test's own client (which the fixture's hooks use, to mimic real EC2) needs an identity moto accepts.
-    setup = boto3.session.Session(admin["AccessKeyId"], admin["SecretAccessKey"], region_name=REGION)
-    monkeypatch.setattr(world, "client", setup.client("ec2"))
-    # The function's clients come from the default session: one of this test's own, with the user's keys.
-    session = function_session()
-    session._session.set_credentials(key["AccessKeyId"], key["SecretAccessKey"])
-    monkeypatch.setattr(boto3, "DEFAULT_SESSION", session)
-    monkeypatch.setattr(moto_settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
-    monkeypatch.setattr(ActionAuthenticatorMixin, "request_count", 0)
-    bo.aws_client.cache_clear()
+    """From now on, calls are made by a user allowed these actions, and moto enforces IAM (helpers.act_as); the
+    fixture's own client (its hooks mimic real EC2) acts as an administrator."""
+    admin = act_as(monkeypatch, actions)
+    monkeypatch.setattr(world, "client", admin.client("ec2"))
 
 
 PERMISSION_CHECKS = {

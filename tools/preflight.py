@@ -25,7 +25,8 @@ def render(body: dict[str, Any]) -> str:
     """The preflight's answer as a table a person reads: one check a row, with the fix under a failure."""
     if "checks" not in body:
         return f"preflight did not run: {json.dumps(body.get('error', body))}"
-    lines = [f"preflight of {body.get('instance_id') or '(no instance)'}", ""]
+    target = body.get("instance_id") or body.get("auto_scaling_group_name") or "(no instance)"
+    lines = [f"preflight of {target}", ""]
     for check in body["checks"]:
         detail = textwrap.wrap(check["detail"], 90) or [""]
         lines.append(f"  {MARKS.get(check['status'], check['status']):4}  {check['check']:18} {detail[0]}")
