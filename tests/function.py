@@ -17,7 +17,7 @@ from orchestrator.activity import (
     ActivityUnknown,
     parse_activity,
 )
-from orchestrator.aws import IAM_ACTIONS, aws_client, warm_clients
+from orchestrator.aws import IAM_ACTIONS, aws_client, instance_metrics, warm_clients
 from orchestrator.backend import MAX_ACTIVITY_BYTES, NotDrainedError, drain, fetch_activity, probe_health
 from orchestrator.budget import (
     ANSWER_MARGIN_SECONDS,

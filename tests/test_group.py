@@ -665,3 +665,101 @@ def test_preflight_warns_of_a_min_size_names_what_cannot_be_woken_and_a_backend_
     assert checks["activity_contract"]["detail"].startswith(f"{second}: GET ")
     world.autoscaling.update_auto_scaling_group(AutoScalingGroupName=GROUP, MinSize=0, MaxSize=0, DesiredCapacity=0)
     assert checks_of(invoke({"action": "preflight"}))["group"]["status"] == "fail"
+
+
+# --- Odd answers, failures half-way, and many instances ------------------------------------------------------------
+def test_a_protection_that_fails_scales_nothing_in(invoke: Invoke, world: GroupWorld, backend: ScriptedBackend) -> None:
+    # Injected: moto has no IAM here; this is Auto Scaling's answer to a role without SetInstanceProtection.
+    first, second = world.ids()
+    say(backend, first, BUSY)
+    say(backend, second, IDLE)
+    denied = autoscaling_error("AccessDenied", "not authorized")
+    HOOKS.events.register("before-call.auto-scaling.SetInstanceProtection", lambda **_: denied)
+    body = invoke(CHECK)
+    assert (body["error"]["code"], body["iam_action"]) == ("aws_access_denied", "autoscaling:SetInstanceProtection")
+    assert (world.desired(), world.ids()) == (2, [first, second])  # nothing scaled in: the busy one was not protected
+
+
+def test_a_drained_backend_whose_scale_in_fails_is_told_to_resume(
+    invoke: Invoke, world: GroupWorld, backend: ScriptedBackend
+) -> None:
+    # Injected: moto never refuses SetDesiredCapacity; real Auto Scaling does (a ValidationError, throttling).
+    first, second = world.ids()
+    say(backend, first, BUSY)
+    say(backend, second, IDLE)
+    backend.answer(f"/{second}/api/drain", Answer.json({"drained": True}))
+    refused = autoscaling_error("ValidationError", "New SetDesiredCapacity value 1 is below min value 2")
+    HOOKS.events.register("before-call.auto-scaling.SetDesiredCapacity", lambda **_: refused)
+    body = invoke(CHECK, DRAIN_PATH="/api/drain")
+    assert (body["decision"], body["drained"]) == ("keep", True)
+    assert "drained, but SetDesiredCapacity failed" in body["reason"]
+    assert "The backend was told to resume work" in body["reason"]
+    assert [(call.method, call.path) for call in backend.calls if "drain" in call.path] == [
+        ("POST", f"/{second}/api/drain"), ("DELETE", f"/{second}/api/drain")]  # fmt: skip
+    assert world.ids() == [first, second]
+
+
+def test_an_empty_group_is_skipped_and_a_group_with_a_protected_straggler_judges_it(
+    invoke: Invoke, world: GroupWorld, backend: ScriptedBackend
+) -> None:
+    world.set_desired(0)
+    world.clear()
+    assert (invoke(CHECK)["decision"], world.writes()) == ("skip", [])
+    world.set_desired(1)
+    [straggler] = world.ids()
+    world.autoscaling.set_instance_protection(AutoScalingGroupName=GROUP, InstanceIds=[straggler],
+                                              ProtectedFromScaleIn=True)  # fmt: skip
+    world.autoscaling.set_desired_capacity(AutoScalingGroupName=GROUP, DesiredCapacity=0)  # protected: it stays
+    say(backend, straggler, IDLE)
+    world.clear()
+    body = invoke(CHECK)
+    assert (body["previous_state"], body["state"], body["decision"]) == ("running", "stopping", "stop")
+    decided = by_id(body)[straggler]
+    assert (decided["decision"], decided["protected"], decided["signal"]) == ("stop", False, "activity")
+    # Unprotected, and the group is at 0 already: Auto Scaling ends it (moto does not reconcile a group by itself).
+    assert world.writes() == ["SetInstanceProtection"]
+    assert world.protected() == set()
+
+
+def test_an_instance_without_the_address_the_url_names_is_kept_and_says_why(
+    invoke: Invoke, world: GroupWorld, backend: ScriptedBackend
+) -> None:
+    def no_dns_name(parsed: dict[str, Any], **_: Any) -> None:  # as EC2 answers for an instance in a VPC without DNS
+        for reservation in parsed["Reservations"]:
+            for instance in reservation["Instances"]:
+                instance["PrivateDnsName"] = ""
+
+    HOOKS.events.register("after-call.ec2.DescribeInstances", no_dns_name)
+    body = invoke(CHECK, BACKEND_INSTANCE_URL=backend.url + "/{private_dns_name}")
+    assert body["decision"] == "keep"
+    assert all("lacks an address BACKEND_INSTANCE_URL names" in i["reason"] for i in body["instances"])
+    assert backend.calls == []
+
+
+def test_protection_is_set_fifty_instances_a_call(invoke: Invoke, world: GroupWorld, backend: ScriptedBackend) -> None:
+    world.autoscaling.update_auto_scaling_group(AutoScalingGroupName=GROUP, MaxSize=60)
+    world.set_desired(60)
+    for instance_id in world.ids():
+        say(backend, instance_id, BUSY)
+    world.clear()
+    invoke(CHECK)
+    protections = [params["InstanceIds"] for name, params in world.sent if name == "SetInstanceProtection"]
+    assert [len(ids) for ids in protections] == [50, 10]
+    assert len(world.protected()) == 60
+
+
+def test_metrics_are_read_in_one_call_per_166_instances(world: GroupWorld, clock: FakeClock) -> None:
+    ids = [f"i-{n:017x}" for n in range(170)]
+    deadline = bo.Deadline.from_context(None, clock.as_clock())
+    samples = bo.instance_metrics(REGION, ids, clock.now() - timedelta(hours=1), clock.now(), deadline)
+    assert world.calls == ["GetMetricData", "GetMetricData"]
+    assert [len(params["MetricDataQueries"]) for _, params in world.sent] == [498, 12]
+    assert set(samples) == set(ids)
+
+
+def autoscaling_error(code: str, message: str) -> Any:
+    """What a botocore before-call hook returns to make an Auto Scaling call fail with `code`."""
+    from botocore.awsrequest import AWSResponse, HTTPHeaders
+
+    return AWSResponse("https://autoscaling.test/", 400, HTTPHeaders(), None), {
+        "Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": 400}}  # fmt: skip

@@ -98,8 +98,9 @@ class Group:
     def shrink(self, described: Described | None, size: int, hibernate: bool) -> tuple[Transition, str | None]:
         """SetDesiredCapacity(size) where that is lower; the group scales in only its unprotected instances (into its
         warm pool, stopped, with ReuseOnScaleIn)."""
-        before = described.state if described else "unknown"
-        if described is None or described.group is None or size < described.group.desired_capacity:
+        group = described.group if described else None
+        before = "running" if group and group.in_service else described.state if described else "unknown"
+        if group is None or size < group.desired_capacity:
             self._set_desired(size)
         return Transition(before, "stopping" if size == 0 else before), None
 
