@@ -43,14 +43,17 @@ def test_the_whole_life_cycle() -> None:
     lines: list[str] = []
     timeline = Timeline(out=lines.append)
     run_demo(timeline, idle_timeout_seconds=2, job_seconds=2, check_every=0.5, deadline_seconds=40)
-    checks = [result for actor, action, _, result in timeline.rows if action == "check_idle"]
+    checks = [result for actor, action, _, result in timeline.rows if action == "check_idle"][:-2]  # one instance
     assert checks[0].startswith("keep: backend is busy")
     assert any(result.startswith("keep: idle for") for result in checks)
     assert checks[-2].startswith("stop: idle for")
     assert checks[-1].startswith("stop (cloudwatch): backend unreachable")  # the crashed backend, stopped
     assert "CPU max 0.8% < 5%" in checks[-1]
-    assert [row[2] for row in timeline.rows if row[1] == "done"] == ["stopped", "stopped"]
-    assert [row[1] for row in timeline.rows if row[0] == "app"][-2:] == ["healthy", "POST /api/jobs"]
+    assert [row[2] for row in timeline.rows if row[1] == "done"] == ["stopped", "stopped", "1 in svc"]
+    group_checks = [result for actor, action, _, result in timeline.rows if action == "check_idle"][-2:]
+    assert [check.split(":")[0] for check in group_checks] == ["scale_in", "stop"]  # the group scene
+    app = [row[1] for row in timeline.rows if row[0] == "app"]
+    assert app[-6:] == ["healthy", "POST /api/jobs", "POST /api/jobs", "job done", "start", "GET /health"]
 
 
 # --- The original console recipe: Lambda's default timeout of 3 s, no token, the schedule ------------------------

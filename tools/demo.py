@@ -4,7 +4,9 @@ demo:  an operator holds the backend stopped, and the app's wake is refused with
        the app wakes the backend through the local Function URL and runs a job on it; check_idle
        runs every second with a 3 s idle timeout: keep (busy), keep (recent activity), stop. Then the
        instance is started again with its backend crashed and its metrics idle: check_idle stops it
-       on the second signal, CloudWatch.
+       on the second signal, CloudWatch. Last, an Auto Scaling group of two (tools/group_scene.py): the
+       one running a job is kept and protected, the idle one scaled in; then the group goes to zero,
+       and start wakes it.
 serve: the same pieces, left running for developing the app against them, with check_idle every
        CHECK_EVERY seconds.
 """
@@ -30,6 +32,7 @@ import requests
 
 from examples.wake_backend import Progress, WakeError, WakeHeldError, wake_backend
 from orchestrator.rules import metric_window
+from tools import group_scene
 from tools.preflight import render
 from tools.sandbox import Sandbox
 
@@ -114,6 +117,8 @@ def run_demo(
             raise DemoFailure(f"the instance ended {final}, not stopped")
         timeline.row("demo", "done", final, "the instance is stopped: woken, used, idle, stopped")
         crashed_backend(sandbox, timeline, idle_timeout_seconds, give_up_at)
+        group_scene.play(sandbox.moto_url, timeline.row, idle_timeout_seconds=idle_timeout_seconds,
+                         job_seconds=idle_timeout_seconds + 2.0, fail=DemoFailure)  # fmt: skip
 
 
 def held_stopped(sandbox: Sandbox, timeline: Timeline) -> None:
