@@ -168,6 +168,71 @@ def action_latency() -> None:
         server.server_close()
 
 
+def group_check_idle(sizes: tuple[int, ...] = (1, 4, 16), answer_seconds: float = 0.5, runs: int = 3) -> None:
+    """check_idle of an Auto Scaling group of 1, 4 and 16 instances in moto, each instance's backend answering after
+    `answer_seconds`: wall time and AWS calls, side by side (the backends are read at once, the calls are a few)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import boto3
+    from moto import mock_aws
+
+    from orchestrator.entry import handle
+    from orchestrator.logs import LOG, METRICS_LOG
+    from tools.harness import make_group
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            time.sleep(answer_seconds)
+            body = b'{"idle_seconds": 10}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    class Backends(ThreadingHTTPServer):  # every instance's backend, at /<instance id>/
+        daemon_threads = True
+        request_queue_size = 64  # the 16 reads arrive at once: the default backlog of 5 would make some retry a SYN
+
+    server = Backends(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/{{instance_id}}"
+    LOG.disabled = METRICS_LOG.disabled = True
+    calls: list[str] = []
+    print(f"check_idle of an Auto Scaling group, each backend answering after {answer_seconds:g} s (moto in-process), "
+          f"median of {runs} (the instances protected by a first, warm check):")  # fmt: skip
+    try:
+        for size in sizes:
+            with mock_aws():
+                boto3.setup_default_session()  # the function's clients come from it: its events count their calls
+                boto3.DEFAULT_SESSION.events.register(  # type: ignore[union-attr]
+                    "before-parameter-build", lambda model, **_: calls.append(model.name)
+                )
+                make_group(
+                    boto3.client("ec2"), boto3.client("autoscaling"), f"bench-{size}", desired=size, max_size=size
+                )
+                env = {
+                    "AUTO_SCALING_GROUP_NAME": f"bench-{size}",
+                    "AWS_REGION": "us-east-1",
+                    "BACKEND_INSTANCE_URL": url,
+                }
+                handle({"action": "check_idle"}, None, env)  # warm: the clients are built once per container
+                samples = []
+                for _ in range(runs):
+                    calls.clear()
+                    started = time.perf_counter()
+                    result = handle({"action": "check_idle"}, None, env)
+                    samples.append(time.perf_counter() - started)
+                    assert len(result["instances"]) == size, result
+            print(f"  {size:2d} instances   {statistics.median(samples):5.2f} s   {len(calls)} AWS calls: "
+                  f"{', '.join(calls)}")  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def wake_overshoot(boot_delays: tuple[float, ...] = (2.0, 3.3, 4.7), runs: int = 3) -> None:
     """How long wake_backend() returns after the backend turned healthy, on the local sandbox."""
     from examples.wake_backend import wake_backend
@@ -237,6 +302,8 @@ if __name__ == "__main__":
     print()
     import_cost()
     action_latency()
+    print()
+    group_check_idle()
     print()
     from tools import lambda_bench
 
