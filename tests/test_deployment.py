@@ -862,5 +862,9 @@ PIECES = ["{private_ip}", "{instance_id}", "{", "}", ":", "/", ".", "a", "9", "@
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.sampled_from(PIECES), max_size=12).map("".join).map("http://".__add__))
 def test_any_instance_url_the_template_admits_the_function_accepts(value: str) -> None:
-    if template_accepts("BackendInstanceUrl", value):
+    """But for the one listed gap: a pattern cannot count the characters of a host label once its placeholders are
+    filled in, so a label made of placeholders alone may pass the template and be refused (as over 63 characters)."""
+    filled = value.replace("{private_ip}", "10.0.1.50").replace("{instance_id}", "i-0abc123def4567890")
+    too_long = any(len(label) > 63 for label in filled.removeprefix("http://").split("/")[0].split(":")[0].split("."))
+    if template_accepts("BackendInstanceUrl", value) and not too_long:
         assert group_function_accepts(value), value
