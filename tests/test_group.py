@@ -763,3 +763,20 @@ def autoscaling_error(code: str, message: str) -> Any:
 
     return AWSResponse("https://autoscaling.test/", 400, HTTPHeaders(), None), {
         "Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": 400}}  # fmt: skip
+
+
+def test_the_desired_capacity_never_drops_below_the_instances_still_protected(
+    invoke: Invoke, world: GroupWorld, backend: ScriptedBackend
+) -> None:
+    first, second = world.ids()
+    say(backend, first, BUSY)
+    say(backend, second, BUSY)
+    invoke(CHECK)  # both protected
+    world.autoscaling.set_desired_capacity(AutoScalingGroupName=GROUP, DesiredCapacity=1)  # an operator's, or a policy
+    assert world.ids() == [first, second]  # both protected: neither ends
+    say(backend, first, IDLE)
+    world.clear()
+    body = invoke(CHECK)
+    assert world.writes() == ["SetInstanceProtection"]  # the idle one's protection ends; 1 stays the desired capacity
+    assert (world.desired(), body["group"]["desired_after"]) == (1, 1)
+    assert by_id(body)[second]["protected"] is True
