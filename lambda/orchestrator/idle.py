@@ -102,7 +102,6 @@ def _judge(
     """Each instance in service judged on its own backend (all read at once), unless the fleet keeps them all anyway
     (a hold, a keep-warm window, a group's MinSize); then which to remove (rules.plan). Instances not in service are
     not judged: those joining the group count as kept. Returns the fleet's verdict and each instance's."""
-    config, now = run.config, run.now()
     serving = [info for info in described.instances if info.serving]
     joining = [info for info in described.instances if (info.lifecycle_state or "").startswith("Pending")]
     need = max(described.min_size, 1 if floor else 0)
@@ -111,7 +110,7 @@ def _judge(
         why = Verdict(Decision.KEEP, f"the group's MinSize is {need}", Signal.MIN_SIZE)
 
     def result(info: InstanceInfo, judged: Judgement) -> TargetResult:
-        until = max((end for end in (*ends, config.last_window_end(info.launch_time, now)) if end), default=None)
+        until = _explained_until(run, info, ends)
         return TargetResult(info, judged, judged.verdict.decision, explained_until=until, protected=info.protected)
 
     others = tuple(_not_judged(info) for info in described.instances if not info.serving)
@@ -226,13 +225,11 @@ def carry_out(
         resumed = " ".join(concurrently(partial(_resume, run, error), [t for t in removed if t.drained]))
         note = f"; drained, but {step} failed: {error.message} {resumed}"
         kept_all = tuple(t._replace(decision=Decision.KEEP) for t in removed)
-        order = [t.info.instance_id for t in targets]
-        results = tuple(sorted((*kept, *refused, *kept_all), key=lambda t: order.index(t.info.instance_id)))
+        results = _in_order(targets, (*kept, *refused, *kept_all))
         return Outcome(Decision.KEEP, note=note, drained=True, failure=error), results
     gone = Decision.WOULD_STOP if outcome.decision.startswith("would") else Decision.STOP
     left = tuple(t._replace(decision=gone, protected=t.protected and dry) for t in removed)
-    order = [t.info.instance_id for t in targets]
-    results = tuple(sorted((*kept, *refused, *left), key=lambda t: order.index(t.info.instance_id)))
+    results = _in_order(targets, (*kept, *refused, *left))
     notes = [t for t in results if t.note]
     note = notes[0].note if len(results) == 1 and notes else "".join(f"; {t.info.instance_id}{t.note}" for t in notes)
     return outcome._replace(note=note, drained=any(t.drained for t in left)), results
@@ -295,13 +292,24 @@ def _undecided(
     run: Run, described: Described | None, verdict: Verdict, ends: tuple[datetime | None, ...]
 ) -> tuple[TargetResult, ...]:
     """Out of time before deciding: each instance in service kept, so that the uptime alarm still hears of it."""
-    now, instances = run.now(), described.instances if described else ()
+    serving = [info for info in (described.instances if described else ()) if info.serving]
+    return tuple(
+        TargetResult(info, Judgement(verdict), Decision.KEEP, explained_until=_explained_until(run, info, ends),
+                     protected=info.protected)
+        for info in serving
+    )  # fmt: skip
 
-    def until(info: InstanceInfo) -> datetime | None:
-        return max((e for e in (*ends, run.config.last_window_end(info.launch_time, now)) if e), default=None)
 
-    return tuple(TargetResult(i, Judgement(verdict), Decision.KEEP, explained_until=until(i), protected=i.protected)
-                 for i in instances if i.serving)  # fmt: skip
+def _explained_until(run: Run, info: InstanceInfo, ends: tuple[datetime | None, ...]) -> datetime | None:
+    """When the last hold (`ends`) or keep-warm window of the instance's run ended: its uptime is explained so far."""
+    window_end = run.config.last_window_end(info.launch_time, run.now())
+    return max((end for end in (*ends, window_end) if end), default=None)
+
+
+def _in_order(targets: Sequence[TargetResult], results: Sequence[TargetResult]) -> tuple[TargetResult, ...]:
+    """`results` in the order of `targets` (the group's own)."""
+    order = [target.info.instance_id for target in targets]
+    return tuple(sorted(results, key=lambda result: order.index(result.info.instance_id)))
 
 
 def _end_hold(run: Run, described: Described, ended: Hold) -> tuple[Hold | None, tuple[Notice, ...], tuple[str, ...]]:
