@@ -190,3 +190,41 @@ def test_the_saved_region_is_the_one_preflight_uses(tmp_path: Path) -> None:
     keys = {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}
     assert deploy.check(keys, tmp_path, saved.region) == ("AWS_ACCESS_KEY_ID", "ap-southeast-2")
     assert deploy.check({**keys, "AWS_REGION": "eu-west-1"}, tmp_path, saved.region)[1] == "eu-west-1"
+
+
+def test_a_first_deploy_of_a_group_asks_for_each_instances_url_too(tmp_path: Path) -> None:
+    terminal = Terminal("pyelli-backend", "http://{private_ip}:8000", "http://internal-lb.example.com", "", "")
+    deploy.prepare(tmp_path, KEYS, tmp_path, ask=terminal, python="3.12", arch="x86_64")
+    assert len(terminal.prompts) == 5
+    assert "Auto Scaling group" in terminal.prompts[0][0]
+    overrides = deploy.Saved.read(tmp_path).overrides
+    assert (overrides["AutoScalingGroupName"], overrides["BackendInstanceUrl"]) == (
+        "pyelli-backend",
+        "http://{private_ip}:8000",
+    )
+    assert "InstanceId" not in overrides  # the template's default, empty
+    command = deploy.sam_command(tmp_path, "sam", {}, python="3.12", arch="x86_64")
+    assert 'AutoScalingGroupName="pyelli-backend"' in command
+
+
+def test_a_deploy_that_moves_from_a_group_to_an_instance_clears_the_group(tmp_path: Path) -> None:
+    group = KEYS | {"AUTO_SCALING_GROUP_NAME": "pyelli-backend", "BACKEND_INSTANCE_URL": "http://{private_ip}:8000",
+                    "BACKEND_BASE_URL": URL}  # fmt: skip
+    deploy.prepare(tmp_path, group, tmp_path, ask=None, python="3.12", arch="x86_64")
+    deploy.prepare(tmp_path, KEYS | {"INSTANCE_ID": INSTANCE}, tmp_path, ask=None, python="3.12", arch="x86_64")
+    overrides = deploy.Saved.read(tmp_path).overrides
+    assert (overrides["InstanceId"], overrides["AutoScalingGroupName"], overrides["BackendInstanceUrl"]) == (
+        INSTANCE,
+        "",
+        "",
+    )
+
+
+def test_a_scripted_group_deploy_names_a_bad_url(tmp_path: Path) -> None:
+    group = KEYS | {"AUTO_SCALING_GROUP_NAME": "pyelli-backend", "BACKEND_INSTANCE_URL": "http://10.0.1.50:8000",
+                    "BACKEND_BASE_URL": URL}  # fmt: skip
+    with pytest.raises(deploy.DeployError, match=r"BACKEND_INSTANCE_URL='http://10.0.1.50:8000': expected an http"):
+        deploy.prepare(tmp_path, group, tmp_path, ask=None, python="3.12", arch="x86_64")
+    with pytest.raises(deploy.DeployError, match=r"AUTO_SCALING_GROUP_NAME='a:b': expected the group's name"):
+        deploy.prepare(tmp_path, {**group, "AUTO_SCALING_GROUP_NAME": "a:b"}, tmp_path, ask=None, python="3.12",
+                       arch="x86_64")  # fmt: skip

@@ -4,9 +4,10 @@
     python3 -m tools.deploy run --sam .venv-deploy/bin/sam --python 3.12 --arch x86_64
 
 `prepare` refuses at once, saying what to set, when no AWS credentials or no region can be found: nothing has been
-installed or asked by then. A first deploy asks only what has no safe default (the instance, the backend's URL,
-who may call the Function URL, an email for the alarms), or reads them from INSTANCE_ID, BACKEND_BASE_URL,
-AUTH_TYPE and ALARM_EMAIL; the answers go to samconfig.toml, which plain `sam deploy` reads too, with the stack
+installed or asked by then. A first deploy asks only what has no safe default (the instance, or an Auto Scaling
+group and each instance's URL; the backend's URL, who may call the Function URL, an email for the alarms), or
+reads them from INSTANCE_ID (or AUTO_SCALING_GROUP_NAME and BACKEND_INSTANCE_URL), BACKEND_BASE_URL, AUTH_TYPE and
+ALARM_EMAIL; the answers go to samconfig.toml, which plain `sam deploy` reads too, with the stack
 named backend-orchestrator unless STACK says otherwise. A public URL's bearer token never goes there: it is
 written to .auth-token (mode 600, ignored by git) for the app team, and a later deploy without that file keeps
 the stack's token. `run` deploys with the runtime and architecture the zip was built for.
@@ -29,7 +30,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Final, NamedTuple
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +38,8 @@ SAMCONFIG = "samconfig.toml"  # in the checkout, beside template.yaml; ignored b
 TOKEN_FILE = ".auth-token"  # noqa: S105 - a file name: the token a public URL needs is written there, mode 600
 DEFAULT_STACK = "backend-orchestrator"
 INSTANCE_ID = re.compile(r"i-(?:[0-9a-f]{8}|[0-9a-f]{17})")
+GROUP_NAME = re.compile(r"[!-9;-~]{1,255}")  # an Auto Scaling group's: printable ASCII but the colon
+INSTANCE_URL = re.compile(r"https?://[^\s\"\\]*\{(private_ip|private_dns_name|instance_id)\}[^\s\"\\]*")
 EMAIL = re.compile(r"[^@\s\"\\]+@[^@\s\"\\]+\.[^@\s\"\\]+")
 TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]{32,}")  # the template's AuthToken pattern
 AUTH_TYPES = ("AWS_IAM", "NONE")
@@ -152,9 +155,13 @@ class Saved(NamedTuple):
         )
 
 
-# The questions a first deploy asks, as {parameter: (variable that answers it, question, default; None: none)}.
+# The questions a first deploy asks after the target (target()), as {parameter: (variable that answers it, question,
+# default; None: none)}; BackendInstanceUrl only for a group.
 QUESTIONS: dict[str, tuple[str, str, str | None]] = {
-    "InstanceId": ("INSTANCE_ID", "The backend's EC2 instance ID, in this region (i-...)", None),
+    "BackendInstanceUrl": (
+        "BACKEND_INSTANCE_URL", "Each instance's own base URL as the function reaches it (e.g. http://{private_ip}:8000)",
+        None,
+    ),
     "BackendBaseUrl": (
         "BACKEND_BASE_URL", "The backend's base URL as the function reaches it (e.g. http://10.0.1.50:8000)", None
     ),
@@ -172,6 +179,10 @@ def problem(parameter: str, value: str) -> str | None:
         return "quotes and backslashes cannot be saved in samconfig.toml"
     if parameter == "InstanceId" and not INSTANCE_ID.fullmatch(value):
         return "expected i- and 8 or 17 lowercase hex digits, e.g. i-0abc123def4567890"
+    if parameter == "AutoScalingGroupName" and not GROUP_NAME.fullmatch(value):
+        return "expected the group's name (not its ARN): printable ASCII without spaces or colons"
+    if parameter == "BackendInstanceUrl" and not INSTANCE_URL.fullmatch(value):
+        return "expected an http(s) URL naming {private_ip}, {private_dns_name} or {instance_id}"
     if parameter == "BackendBaseUrl":
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc or parts.query:
@@ -183,22 +194,51 @@ def problem(parameter: str, value: str) -> str | None:
     return None
 
 
+def target(saved: Mapping[str, str], environ: Mapping[str, str], ask: Ask | None) -> dict[str, str]:
+    """The instance (InstanceId) or the Auto Scaling group (AutoScalingGroupName): from INSTANCE_ID or
+    AUTO_SCALING_GROUP_NAME, else the last deploy's, else asked (an answer that starts with i- names an instance).
+    The other one is cleared where a last deploy set it."""
+    group = environ.get("AUTO_SCALING_GROUP_NAME", "").strip()
+    value = group or environ.get("INSTANCE_ID", "").strip() or saved.get("AutoScalingGroupName") or ""
+    value = value or saved.get("InstanceId") or ""
+    question = "The backend's EC2 instance ID (i-...), or its Auto Scaling group's name: "
+    while True:
+        parameter = "AutoScalingGroupName" if group or (value and not value.startswith("i-")) else "InstanceId"
+        wrong = problem(parameter, value) if value else None
+        if value and not wrong:
+            break
+        if ask is None:
+            raise DeployError(f"{'AUTO_SCALING_GROUP_NAME' if group else 'INSTANCE_ID'}={value!r}: {wrong}." if value
+                              else NO_TARGET)  # fmt: skip
+        if value:
+            print(f"  {value!r}: {wrong}.", file=sys.stderr)
+        group, value = "", ask(question, False).strip()
+    cleared = {key: "" for key in ("InstanceId", "AutoScalingGroupName", "BackendInstanceUrl") if saved.get(key)}
+    return {**cleared, parameter: value}
+
+
+NO_TARGET: Final = (
+    "INSTANCE_ID is not set: a first deploy run outside a terminal needs INSTANCE_ID and BACKEND_BASE_URL (make "
+    "deploy INSTANCE_ID=i-0abc123def4567890 BACKEND_BASE_URL=http://10.0.1.50:8000), or AUTO_SCALING_GROUP_NAME, "
+    "BACKEND_INSTANCE_URL and BACKEND_BASE_URL for a group."
+)
+
+
 def answers(saved: Mapping[str, str], environ: Mapping[str, str], ask: Ask | None) -> dict[str, str]:
-    """Each question's answer: its variable, else the last deploy's, else asked. Without `ask` (not a terminal) a
-    default stands in, and a question without one is a DeployError that names the variables to set."""
-    found = {}
+    """The target's answer (target()), then each question's: its variable, else the last deploy's, else asked.
+    Without `ask` (not a terminal) a default stands in, and a question without one is a DeployError that names the
+    variables to set."""
+    found = target(saved, environ, ask)
     for parameter, (variable, question, default) in QUESTIONS.items():
+        if parameter == "BackendInstanceUrl" and not found.get("AutoScalingGroupName"):
+            continue  # an instance's URL is BACKEND_BASE_URL
         value = environ.get(variable, "").strip() or saved.get(parameter)
         if value is None and ask is None:
             value = default
         while value is None or (wrong := problem(parameter, value)):
             if ask is None:
-                raise DeployError(
-                    f"{variable} is not set: a first deploy run outside a terminal needs INSTANCE_ID and "
-                    "BACKEND_BASE_URL (make deploy INSTANCE_ID=i-0abc123def4567890 BACKEND_BASE_URL=http://10.0.1.50:8000)."
-                    if value is None
-                    else f"{variable}={value!r}: {wrong}."
-                )
+                raise DeployError(f"{variable} is not set: set it (make deploy {variable}=...)." if value is None
+                                  else f"{variable}={value!r}: {wrong}.")  # fmt: skip
             if value is not None:
                 print(f"  {value!r}: {wrong}.", file=sys.stderr)
             value = ask(f"{question}{f' [{default}]' if default else ''}: ", False).strip() or default
@@ -237,7 +277,8 @@ def prepare(root: Path, environ: Mapping[str, str], home: Path, *, ask: Ask | No
 def sam_command(root: Path, sam: str, environ: Mapping[str, str], *, python: str, arch: str) -> list[str]:
     """`sam deploy` with every saved answer, the packaged runtime and architecture, and a new bearer token."""
     saved = Saved.read(root)
-    if saved.stack is None or saved.region is None or "InstanceId" not in saved.overrides:
+    targets = (saved.overrides.get("InstanceId"), saved.overrides.get("AutoScalingGroupName"))
+    if saved.stack is None or saved.region is None or not any(targets):
         raise DeployError(f"{SAMCONFIG} holds no answers: run make deploy, which asks first.")
     overrides = {**saved.overrides, "Runtime": f"python{python}", "Architecture": arch}
     token_path = root / TOKEN_FILE
