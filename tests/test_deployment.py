@@ -285,8 +285,12 @@ def test_a_public_url_without_a_token_is_refused_by_a_rule(auth_type: str, token
 
 
 def test_the_deploy_doc_carries_the_worst_case_table_for_the_templates_timeout() -> None:
-    timeout = load_template()["Resources"]["Function"]["Properties"]["Timeout"]
+    template = load_template()
+    timeout = render(template["Resources"]["Function"]["Properties"]["Timeout"], template, INSTANCE)
     assert timeout == bench.TEMPLATE_TIMEOUT_SECONDS
+    group_timeout = render(template["Resources"]["Function"]["Properties"]["Timeout"], template, GROUP_PARAMETERS)
+    group = bo.Config.from_env({"AUTO_SCALING_GROUP_NAME": "pyelli-backend"})
+    assert group_timeout >= bo.whole_attempts_timeout(bo.Action.CHECK_IDLE, group)  # whole attempts, for a group too
     table = bench.worst_case_table(timeout)
     assert table in (ROOT / "docs" / "deploy.md").read_text()
     answered_within = [float(row.rsplit("|", 2)[-2].strip().removesuffix(" s")) for row in table.splitlines()[2:]]
@@ -761,6 +765,7 @@ def test_every_count_of_alarms_the_docs_give_is_the_templates() -> None:
 
 # --- The template and the example policy for an Auto Scaling group -------------------------------------------------
 GROUP_PARAMETERS = {"AutoScalingGroupName": "pyelli-backend", "BackendInstanceUrl": "http://{private_ip}:8000"}
+INSTANCE = {"InstanceId": "i-0abc123def4567890"}
 
 
 def failed_rules(parameters: dict[str, str]) -> list[str]:

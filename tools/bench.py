@@ -69,12 +69,14 @@ def timeouts_table() -> str:
     from orchestrator.settings import Config
     from orchestrator.words import Action
 
-    config = Config.from_env({"INSTANCE_ID": "i-0abc123def4567890"})
+    instance = Config.from_env({"INSTANCE_ID": "i-0abc123def4567890"})
+    group = Config.from_env({"AUTO_SCALING_GROUP_NAME": "pyelli-backend"})
     lines = ["| action | `timeout_too_short` below | whole first attempts from |", "|---|---|---|"]
-    for action in Action:
-        if action is not Action.PREFLIGHT:  # it answers what it could check, whatever the time
-            shortest, whole = times.shortest_timeout(action, config), times.whole_attempts_timeout(action, config)
-            lines.append(f"| `{action}` | {shortest:g} s | {whole:g} s |")
+    for config, of in ((instance, ""), (group, ", a group")):
+        for action in Action:
+            if action is not Action.PREFLIGHT:  # it answers what it could check, whatever the time
+                shortest, whole = times.shortest_timeout(action, config), times.whole_attempts_timeout(action, config)
+                lines.append(f"| `{action}`{of} | {shortest:g} s | {whole:g} s |")
     return "\n".join(lines)
 
 
