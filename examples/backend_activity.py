@@ -53,10 +53,11 @@ class ActivityTracker:
     """The work in flight and the last activity, safe from threads and from asyncio (its lock is never held across
     an await). What report() says is what a drain compares against."""
 
-    def __init__(self, lease_seconds: float = LEASE_SECONDS) -> None:
+    def __init__(self, lease_seconds: float = LEASE_SECONDS, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.lease_seconds = lease_seconds
+        self._clock = clock  # monotonic seconds: immune to changes of the wall clock (a test's moves when it says)
         self._lock = threading.Lock()
-        self._last = time.monotonic()  # a fresh start counts as activity
+        self._last = clock()  # a fresh start counts as activity
         self._last_wall = datetime.now(UTC)
         self._in_flight: dict[int, tuple[str, datetime]] = {}  # ticket: (request or job, when it began)
         self._tickets = itertools.count()
@@ -89,23 +90,23 @@ class ActivityTracker:
         with self._lock:
             if self._in_flight or self._arrivals != self._reported:
                 return {"drained": False, **self._activity()}
-            self._drained_until = time.monotonic() + self.lease_seconds
+            self._drained_until = self._clock() + self.lease_seconds
             return {"drained": True, "lease_seconds": self.lease_seconds}
 
     def resume(self) -> dict[str, Any]:
         """End a drain now: the stop did not happen."""
         with self._lock:
-            was_drained = self._drained_until > time.monotonic()
+            was_drained = self._drained_until > self._clock()
             self._drained_until = 0.0
             return {"drained": False, "resumed": was_drained}
 
     def draining_seconds_left(self) -> float:
         with self._lock:
-            return max(0.0, self._drained_until - time.monotonic())
+            return max(0.0, self._drained_until - self._clock())
 
     def _begin(self, kind: str) -> int:
         with self._lock:  # checked and counted at once: no drain slips between the two
-            if (left := self._drained_until - time.monotonic()) > 0:
+            if (left := self._drained_until - self._clock()) > 0:
                 raise DrainingError(left)
             ticket = next(self._tickets)
             self._in_flight[ticket] = (kind, datetime.now(UTC))
@@ -125,7 +126,7 @@ class ActivityTracker:
         kinds = [what for what, _ in self._in_flight.values()]
         began = [when for _, when in self._in_flight.values()]
         return {
-            "idle_seconds": round(time.monotonic() - self._last, 3),  # monotonic: immune to clock changes
+            "idle_seconds": round(self._clock() - self._last, 3),
             "last_activity": self._last_wall.isoformat(),
             "busy": bool(self._in_flight),
             "active_requests": kinds.count("request"),
@@ -134,7 +135,7 @@ class ActivityTracker:
         }
 
     def _touch(self) -> None:
-        self._last = time.monotonic()
+        self._last = self._clock()
         self._last_wall = datetime.now(UTC)
 
 

@@ -40,12 +40,34 @@ pytestmark = pytest.mark.integration
 WAIT_SECONDS = 10.0  # how long a condition may take to come true on a busy machine: a bound, not a timing
 
 
+class MovableClock:
+    """Monotonic time that a test moves on (later()) instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+
 class Backend:
     """A backend app with the middleware, served for real: its URL, its tracker, and a gate its open-ended work
     (a stream, a held request, a job) waits on."""
 
-    def __init__(self, url: str, tracker: ActivityTracker, gate: threading.Event, state: dict[str, Any]) -> None:
-        self.url, self.tracker, self.gate, self.state = url, tracker, gate, state
+    def __init__(
+        self, url: str, tracker: ActivityTracker, gate: threading.Event, state: dict[str, Any], clock: MovableClock
+    ) -> None:
+        self.url, self.tracker, self.gate, self.state, self.clock = url, tracker, gate, state, clock
+
+    def later(self, seconds: float) -> None:
+        """The backend's clock moves on: as if `seconds` had passed (since its last activity, among others)."""
+        self.clock.offset += seconds
+
+    def idle_for(self, seconds: float) -> None:
+        """Once every request has ended (a server may end one just after its client has read the answer), the
+        backend's clock moves on by `seconds`."""
+        self.until(lambda report: not report["busy"])
+        self.later(seconds)
 
     def report(self) -> dict[str, Any]:
         answer: dict[str, Any] = requests.get(self.url + "/api/last-activity", timeout=5).json()
@@ -182,7 +204,7 @@ def uvicorn_serving(app: Any, lifespan: str = "on") -> Iterator[str]:
 @contextmanager
 def werkzeug_serving(app: Flask) -> Iterator[str]:
     server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_port}"
@@ -194,13 +216,14 @@ def werkzeug_serving(app: Flask) -> Iterator[str]:
 
 @contextmanager
 def served(kind: str) -> Iterator[Backend]:
-    tracker, gate, state = ActivityTracker(), threading.Event(), dict[str, Any]()
+    clock = MovableClock()
+    tracker, gate, state = ActivityTracker(clock=clock), threading.Event(), dict[str, Any]()
     if kind == "asgi":
         with uvicorn_serving(fastapi_app(tracker, gate, state)) as url:
-            yield Backend(url, tracker, gate, state)
+            yield Backend(url, tracker, gate, state, clock)
     else:
         with werkzeug_serving(flask_app(tracker, gate, state)) as url:
-            yield Backend(url, tracker, gate, state)
+            yield Backend(url, tracker, gate, state, clock)
     gate.set()  # whatever still waits on it ends
 
 
@@ -224,7 +247,7 @@ def asgi() -> Iterator[Backend]:
 
 # --- The contract's rules ------------------------------------------------------------------------------------------
 def test_probes_are_never_activity_and_health_reaches_the_app(backend: Backend) -> None:
-    time.sleep(0.2)
+    backend.later(0.2)
     for _ in range(3):
         assert requests.get(backend.url + "/health", timeout=5).json() == {"status": "ok", "from": "the app"}
         backend.report()
@@ -234,7 +257,7 @@ def test_probes_are_never_activity_and_health_reaches_the_app(backend: Backend) 
 
 
 def test_a_request_is_activity(backend: Backend) -> None:
-    time.sleep(0.2)
+    backend.later(0.2)
     assert requests.get(backend.url + "/work", timeout=5).json() == {"done": True}
     report = backend.report()
     assert report["idle_seconds"] < 0.2
@@ -286,7 +309,7 @@ def test_a_disconnect_ends_the_request_even_while_the_app_works_on(monkeypatch: 
         await listening
 
     with uvicorn_serving(ActivityMiddleware(app, tracker), lifespan="off") as url:
-        backend = Backend(url, tracker, gate, {})
+        backend = Backend(url, tracker, gate, {}, MovableClock())
         try:
             host, port = url.removeprefix("http://").split(":")
             with socket.create_connection((host, int(port)), timeout=5) as client:
@@ -392,11 +415,11 @@ def test_check_idle_keeps_the_instance_during_a_stream_and_stops_it_once_idle(
     with requests.get(backend.url + "/stream", stream=True, timeout=5) as response:
         chunks = response.iter_content(1)  # kept: were it collected, requests would close the connection
         next(chunks)
-        time.sleep(1.2)  # longer than the idle timeout since the stream began
+        backend.later(1.2)  # longer than the idle timeout since the stream began
         kept = invoke({"action": "check_idle"}, **settings)
         assert (kept["decision"], kept["reason"]) == ("keep", "backend is busy (busy is true)")
         backend.gate.set()
-    time.sleep(1.2)
+    backend.idle_for(1.2)
     stopped = invoke({"action": "check_idle"}, **settings)
     assert stopped["decision"] == "stop", stopped["reason"]
     assert long_running.state() == "stopped"
@@ -405,7 +428,7 @@ def test_check_idle_keeps_the_instance_during_a_stream_and_stops_it_once_idle(
 def test_check_idle_keeps_the_instance_during_an_async_job(asgi: Backend, long_running: Ec2World, invoke: Any) -> None:
     assert requests.post(asgi.url + "/job", timeout=5).status_code == 202
     asgi.until(lambda r: r["active_jobs"] == 1)
-    time.sleep(1.2)
+    asgi.later(1.2)
     kept = invoke({"action": "check_idle"}, BACKEND_BASE_URL=asgi.url, IDLE_TIMEOUT_SECONDS="1")
     assert (kept["decision"], kept["reason"]) == ("keep", "backend is busy (busy is true)")
     assert long_running.state() == "running"
@@ -420,14 +443,14 @@ def test_check_idle_keeps_the_instance_when_a_request_lands_before_its_drain(
         assert requests.get(backend.url + "/work", timeout=5).status_code == 200  # a user's, after the function's read
         real_drain(*args, **kwargs)
 
-    time.sleep(1.2)
+    backend.idle_for(1.2)
     monkeypatch.setattr(idle, "drain", drain_after_a_request)  # the function's drain, as idle.py calls it
     kept = invoke({"action": "check_idle"}, **settings)
     assert kept["decision"] == "keep"
     assert "the backend did not drain" in kept["reason"]
     assert long_running.state() == "running"
     monkeypatch.setattr(idle, "drain", real_drain)
-    time.sleep(1.2)
+    backend.idle_for(1.2)
     stopped = invoke({"action": "check_idle"}, **settings)
     assert (stopped["decision"], stopped["drained"]) == ("stop", True)
     assert requests.get(backend.url + "/work", timeout=5).status_code == 503  # drained until the lease ends

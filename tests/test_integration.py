@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_the_whole_life_cycle() -> None:
     lines: list[str] = []
     timeline = Timeline(out=lines.append)
-    run_demo(timeline, idle_timeout_seconds=2, job_seconds=2, check_every=0.5, deadline_seconds=40)
+    run_demo(timeline, idle_timeout_seconds=2, job_seconds=2, check_every=0.5, deadline_seconds=40,
+             group_idle_timeout_seconds=1)  # fmt: skip
     checks = [result for actor, action, _, result in timeline.rows if action == "check_idle"][:-2]  # one instance
     assert checks[0].startswith("keep: backend is busy")
     assert any(result.startswith("keep: idle for") for result in checks)

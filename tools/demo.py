@@ -69,6 +69,7 @@ def run_demo(
     check_every: float = 1.0,
     deadline_seconds: float = 50.0,
     function_log: Path | None = None,
+    group_idle_timeout_seconds: int | None = None,
 ) -> None:
     """The life cycle; raises DemoFailure if any step goes wrong."""
     give_up_at = time.monotonic() + deadline_seconds
@@ -117,8 +118,9 @@ def run_demo(
             raise DemoFailure(f"the instance ended {final}, not stopped")
         timeline.row("demo", "done", final, "the instance is stopped: woken, used, idle, stopped")
         crashed_backend(sandbox, timeline, idle_timeout_seconds, give_up_at)
-        group_scene.play(sandbox.moto_url, timeline.row, idle_timeout_seconds=idle_timeout_seconds,
-                         job_seconds=idle_timeout_seconds + 2.0, fail=DemoFailure)  # fmt: skip
+        group_idle = group_idle_timeout_seconds or idle_timeout_seconds
+        group_scene.play(sandbox.moto_url, timeline.row, idle_timeout_seconds=group_idle, job_seconds=group_idle + 2.0,
+                         fail=DemoFailure)  # fmt: skip
 
 
 def held_stopped(sandbox: Sandbox, timeline: Timeline) -> None:
