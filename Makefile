@@ -26,9 +26,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# The suite on PYTEST_WORKERS processes: much of its time is spent waiting on real sockets and timeouts (more
-# workers wait better alone, but cost more CPU beside another run: 4 took 140 s of CPU, 2 take 114 s).
-PYTEST_WORKERS ?= 2
+# The suite on PYTEST_WORKERS processes: much of its time is spent waiting on real sockets and timeouts, so more
+# workers wait better, until they compete for CPU. Beside another make test on this 2-core machine (773 tests):
+# 2 workers took 147-149 s, 3 took 133-134 s, 4 took 128-132 s.
+PYTEST_WORKERS ?= 3
 unit: $(STAMP)
 	$(BIN)/pytest --numprocesses $(PYTEST_WORKERS) --dist loadgroup
 
