@@ -91,11 +91,8 @@ def start(run: Run) -> Done:
             'woken once the hold ends, or when an operator releases it ({"action": "release"}).',
             hold=reading.hold.as_dict(),
         )
-    if run.config.dry_run and not run.fleet.wakes_in_dry_run and described.capacity == 0:
-        outcome = Outcome(Decision.WOULD_START)  # what start would do, nothing written
-    else:
-        outcome = Outcome(Decision.START, run.fleet.wake(described), capacity=max(described.capacity, 1))
-    return Done(Action.START, described, outcome=outcome, warnings=reading.problems)
+    dry = run.config.dry_run and not run.fleet.wakes_in_dry_run and described.capacity == 0  # a write it would make
+    return Done(Action.START, described, outcome=wake_unless_dry_run(run, described, dry), warnings=reading.problems)
 
 
 def status(run: Run) -> Done:
@@ -190,8 +187,9 @@ def forget_hold(fleet: Fleet, hold: Hold | None, ended: datetime) -> None:
         fleet.untag(*HOLD_TAGS)
 
 
-def wake_unless_dry_run(run: Run, described: Described) -> Outcome:
-    if run.config.dry_run:
+def wake_unless_dry_run(run: Run, described: Described, dry: bool | None = None) -> Outcome:
+    """Wake the fleet, or (`dry`: DRY_RUN unless told) say that it would be woken."""
+    if run.config.dry_run if dry is None else dry:
         return Outcome(Decision.WOULD_START)
     return Outcome(Decision.START, run.fleet.wake(described), capacity=max(described.capacity, 1))
 

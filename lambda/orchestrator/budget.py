@@ -138,9 +138,7 @@ def stop_calls(config: Config) -> int:
     """The calls that remove an instance once its backend drained: StopInstances, and one more for a refused
     hibernation; in a group, SetInstanceProtection for a refused drain and for those to remove, then
     SetDesiredCapacity."""
-    if config.auto_scaling_group_name:
-        return 3
-    return 2 if config.stop_hibernate else 1
+    return len(_calls(config).stop)
 
 
 def stop_seconds(config: Config, attempt: float | None = None) -> float:

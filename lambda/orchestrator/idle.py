@@ -39,13 +39,12 @@ from orchestrator.rules import (
     plan,
 )
 from orchestrator.targets import Described, InstanceInfo
-from orchestrator.words import BUSY_SINCE_TAG, IN_SERVICE, Action, Decision, Signal
+from orchestrator.words import BUSY_SINCE_TAG, IN_SERVICE, REMOVALS, Action, Decision, Signal
 
 LEFT_DRAINED: Final = (
     "{call} got no answer and may still stop the instance, so the backend is left drained: it refuses work until its "
     "lease ends rather than take work the stop would kill."
 )
-REMOVED: Final = frozenset({Decision.STOP, Decision.WOULD_STOP})
 
 
 def check_idle(run: Run) -> Done:
@@ -91,7 +90,7 @@ def check_idle(run: Run) -> Done:
             targets = _undecided(run, described, verdict, ends)
         else:
             outcome = outcome._replace(note=f", but {late}", signal=Signal.DEADLINE)
-            targets = tuple(t._replace(decision=Decision.KEEP) if t.decision in REMOVED else t for t in targets)
+            targets = tuple(t._replace(decision=Decision.KEEP) if t.decision in REMOVALS else t for t in targets)
     return Done(Action.CHECK_IDLE, described, verdict, outcome, targets, hold=hold, ended=ended, warnings=warnings,
                 notices=notices)  # fmt: skip
 
@@ -103,7 +102,7 @@ def _judge(
     (a hold, a keep-warm window, a group's MinSize); then which to remove (rules.plan). Instances not in service are
     not judged: those joining the group count as kept. Returns the fleet's verdict and each instance's."""
     serving = [info for info in described.instances if info.serving]
-    joining = [info for info in described.instances if (info.lifecycle_state or "").startswith("Pending")]
+    joining = [info for info in described.instances if info.joining]
     need = max(described.min_size, 1 if floor else 0)
     why = floor if floor is not None and described.min_size <= 1 else None
     if why is None and need:
@@ -282,8 +281,7 @@ def _summary(targets: Sequence[TargetResult]) -> Verdict:
 
 
 def _not_judged(info: InstanceInfo) -> TargetResult:
-    joining = (info.lifecycle_state or "").startswith("Pending")
-    why = "not yet in service, counted as kept" if joining else "not in service, neither judged nor counted"
+    why = "not yet in service, counted as kept" if info.joining else "not in service, neither judged nor counted"
     verdict = Verdict(Decision.SKIP, f"{info.lifecycle_state or info.state}: {why}", Signal.STATE)
     return TargetResult(info, Judgement(verdict), Decision.SKIP, protected=info.protected)
 

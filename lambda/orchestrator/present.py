@@ -16,11 +16,10 @@ from orchestrator.errors import OutOfTimeError
 from orchestrator.rules import Verdict
 from orchestrator.settings import Config
 from orchestrator.targets import GroupInfo
-from orchestrator.words import Action, Decision, Signal
+from orchestrator.words import REMOVALS, Action, Decision, Signal
 
 CHANGES: Final = frozenset({Decision.START, Decision.STOP, Decision.WOULD_START, Decision.WOULD_STOP,
                             Decision.SCALE_IN, Decision.WOULD_SCALE_IN})  # fmt: skip
-REMOVED: Final = frozenset({Decision.STOP, Decision.WOULD_STOP})
 STARTING: Final = "Instance is starting: poll the backend's health endpoint."
 SNS_SUBJECT_LIMIT: Final = 100  # an SNS subject is "less than 100 characters" of printable ASCII
 
@@ -137,7 +136,7 @@ def _check_idle_figures(
     ]  # a hold or a keep-warm window explained the uptime until it ended
     metrics.update({"UptimeHours": round(max(unexplained), 2)} if unexplained else {})
     if decided.decision in (Decision.STOP, Decision.WOULD_STOP, Decision.SCALE_IN, Decision.WOULD_SCALE_IN):
-        uptimes = [round((now - t.info.launch_time).total_seconds()) for t in judged if t.decision in REMOVED]
+        uptimes = [round((now - t.info.launch_time).total_seconds()) for t in judged if t.decision in REMOVALS]
         fields["uptime_seconds"] = max(uptimes, default=0)
         metrics.update(
             {"UptimeSeconds": sum(uptimes)} if decided.decision in (Decision.STOP, Decision.SCALE_IN) else {}

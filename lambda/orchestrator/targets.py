@@ -32,6 +32,11 @@ class InstanceInfo(NamedTuple):
         """Running, and in service where it belongs to a group: the instances check_idle judges."""
         return self.state == "running" and self.lifecycle_state in (None, IN_SERVICE)
 
+    @property
+    def joining(self) -> bool:
+        """Launched into a group, not yet in service (Pending, Pending:Wait, ...): not judged, counted as kept."""
+        return (self.lifecycle_state or "").startswith("Pending")
+
 
 class Member(NamedTuple):
     """One instance as its Auto Scaling group lists it."""

@@ -37,6 +37,9 @@ class Decision(StrEnum):
     WOULD_SCALE_IN = "would_scale_in"
 
 
+REMOVALS: Final = frozenset({Decision.STOP, Decision.WOULD_STOP})  # an instance's, as check_idle carried it out
+
+
 class Signal(StrEnum):
     """What decided: the rule of check_idle that applied, the deadline, or an operator."""
 
