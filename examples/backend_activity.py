@@ -23,10 +23,11 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
+from wsgiref.types import WSGIApplication  # Python 3.11 and later
 
 if TYPE_CHECKING:
-    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+    from wsgiref.types import StartResponse, WSGIEnvironment
 
 ACTIVITY_PATH: Final = "/api/last-activity"
 DRAIN_PATH: Final = "/api/drain"
@@ -38,6 +39,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 AsgiApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+App = TypeVar("App")  # an ASGI or a WSGI app
 Answer = tuple[int, dict[str, Any], dict[str, str]]  # what the middleware answers itself: status, JSON body, headers
 
 
@@ -219,13 +221,12 @@ def _asgi_messages(answer: Answer, kind: str, *, head: bool = False) -> tuple[Me
     return start, {"type": f"{kind}.response.body", "body": b"" if head else body}
 
 
-class ActivityMiddleware:
-    """ASGI 3: `app.add_middleware(ActivityMiddleware)` in FastAPI or Starlette, or `ActivityMiddleware(app)` around any
-    ASGI app. Lifespan and other scopes pass through."""
+class _Middleware(Generic[App]):
+    """What both middlewares take: the app they wrap, the tracker (TRACKER unless given) and the paths they answer."""
 
     def __init__(
         self,
-        app: AsgiApp,
+        app: App,
         tracker: ActivityTracker | None = None,
         *,
         activity_path: str = ACTIVITY_PATH,
@@ -235,6 +236,11 @@ class ActivityMiddleware:
         self.app = app
         self.tracker = tracker or TRACKER
         self._paths = _Paths(self.tracker, activity_path, drain_path, health_path)
+
+
+class ActivityMiddleware(_Middleware[AsgiApp]):
+    """ASGI 3: `app.add_middleware(ActivityMiddleware)` in FastAPI or Starlette, or `ActivityMiddleware(app)` around any
+    ASGI app. Lifespan and other scopes pass through."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -290,22 +296,9 @@ class ActivityMiddleware:
             self.tracker.request_finished(ticket)
 
 
-class WsgiActivityMiddleware:
+class WsgiActivityMiddleware(_Middleware[WSGIApplication]):
     """WSGI: `app.wsgi_app = WsgiActivityMiddleware(app.wsgi_app)` in Flask, or around any WSGI app. A request is in
     flight until its response iterable is exhausted or closed (a server closes it when the client goes away)."""
-
-    def __init__(
-        self,
-        app: WSGIApplication,
-        tracker: ActivityTracker | None = None,
-        *,
-        activity_path: str = ACTIVITY_PATH,
-        drain_path: str = DRAIN_PATH,
-        health_path: str = HEALTH_PATH,
-    ) -> None:
-        self.app = app
-        self.tracker = tracker or TRACKER
-        self._paths = _Paths(self.tracker, activity_path, drain_path, health_path)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
