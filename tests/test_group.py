@@ -780,3 +780,19 @@ def test_the_desired_capacity_never_drops_below_the_instances_still_protected(
     assert world.writes() == ["SetInstanceProtection"]  # the idle one's protection ends; 1 stays the desired capacity
     assert (world.desired(), body["group"]["desired_after"]) == (1, 1)
     assert by_id(body)[second]["protected"] is True
+
+
+def test_out_of_time_before_the_scale_in_keeps_every_instance_and_says_so(
+    invoke: Invoke, world: GroupWorld, backend: ScriptedBackend, clock: FakeClock
+) -> None:
+    first, second = world.ids()
+    say(backend, first, BUSY)
+    say(backend, second, IDLE)
+    # The protection of the busy one takes what was left of the invocation's time: no time for the scale-in.
+    HOOKS.events.register("after-call.auto-scaling.SetInstanceProtection", lambda **_: clock.advance(59))
+    world.clear()
+    body = invoke(CHECK)
+    assert (body["decision"], body["signal"]) == ("keep", "deadline")
+    assert "but out of time before Auto Scaling SetDesiredCapacity" in body["reason"]
+    assert [instance["decision"] for instance in body["instances"]] == ["keep", "keep"]  # the idle one was not removed
+    assert world.writes() == ["SetInstanceProtection"]
